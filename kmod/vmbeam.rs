@@ -1,0 +1,39 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! vmbeam: zero-copy ownership transfer of KVM guest memory.
+//!
+//! The crate root only wires the modules together; `/dev/vmbeam` and its
+//! ioctls live in [`device`], the uAPI mirror in [`uapi`], counters in
+//! [`stats`].
+
+use kernel::prelude::*;
+
+mod device;
+mod stats;
+mod uapi;
+
+module! {
+    type: VmBeam,
+    name: "vmbeam",
+    author: "vmbeam developers",
+    description: "Zero-copy ownership transfer of KVM guest memory between VMs",
+    license: "GPL",
+}
+
+struct VmBeam {
+    _device: device::Registration,
+}
+
+impl kernel::Module for VmBeam {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let device = device::Registration::new()?;
+        pr_info!("loaded: /dev/vmbeam, uAPI version {}\n", uapi::VMBEAM_API_VERSION);
+        Ok(VmBeam { _device: device })
+    }
+}
+
+impl Drop for VmBeam {
+    fn drop(&mut self) {
+        pr_info!("unloading\n");
+    }
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Runs inside the test kernel (started by tests/run.sh):
+#   guest.sh --test|--demo VMBEAM_KO BINDIR
+# Loads vmbeam.ko, runs every selftest in the kselftest runner's TAP format,
+# then fails the run on any kernel error report in dmesg. Prints
+# "selftests: N passed, N failed, N skipped" and VMBEAM_GUEST_EXIT=<status>.
+set -u
+mode=$1 ko=$2 bin=$3
+
+SELFTESTS=(device_test vmbeamctl_test kvm_guest_test module_test)
+# What the harness treats as a kernel bug, whatever the tests said.
+DMESG_ERRORS='BUG:|WARNING:|Oops|lockdep|KASAN|UBSAN|kernel BUG|general protection|Call Trace:|unreferenced object'
+
+passed=0 failed=0 skipped=0 n=0
+top_fail=0
+
+report() { # status name
+	n=$((n + 1))
+	echo "$1 $n selftests: vmbeam: $2"
+}
+
+# One line per test case; one TAP line per selftest binary.
+run_selftest() { # name [args...]
+	local name=$1 out rc
+	shift
+	echo "# selftests: vmbeam: $name"
+	out=$(VMBEAM_KO=$ko "$bin/$name" "$@" 2>&1)
+	rc=$?
+	sed 's/^/# /' <<<"$out"
+	passed=$((passed + $(grep -cE '^ok [0-9]+ [^#]*$' <<<"$out")))
+	failed=$((failed + $(grep -cE '^not ok ' <<<"$out")))
+	skipped=$((skipped + $(grep -cE '^ok [0-9]+ .*# SKIP' <<<"$out")))
+	case $rc in
+	0) report ok "$name" ;;
+	4) report ok "$name # SKIP $(grep -m1 -o 'SKIP.*' <<<"$out")"; skipped=$((skipped + 1)) ;;
+	*) report "not ok" "$name (exit $rc)"; top_fail=1
+	   grep -qE '^not ok ' <<<"$out" || failed=$((failed + 1)) ;;
+	esac
+}
+
+finish() {
+	local errors
+	if [ -w /sys/kernel/debug/kmemleak ]; then
+		echo scan >/sys/kernel/debug/kmemleak
+		cat /sys/kernel/debug/kmemleak >>/dev/kmsg 2>/dev/null
+	fi
+	errors=$(dmesg | grep -E "$DMESG_ERRORS")
+	if [ -n "$errors" ]; then
+		echo "# kernel reported errors in dmesg:"
+		dmesg | sed 's/^/# dmesg: /' | tail -n 80
+		report "not ok" "dmesg_clean"
+		failed=$((failed + 1)) top_fail=1
+	else
+		report ok "dmesg_clean"
+		passed=$((passed + 1))
+	fi
+	echo "selftests: $passed passed, $failed failed, $skipped skipped"
+	echo "VMBEAM_GUEST_EXIT=$top_fail"
+	exit "$top_fail"
+}
+
+echo "TAP version 13"
+echo "# kernel $(uname -r), $(nproc) CPUs, kvm: $(ls /sys/module | grep -E '^kvm_(amd|intel)$' | tr '\n' ' ')"
+
+if insmod "$ko" 2>/tmp/insmod.err; then
+	report ok "insmod_vmbeam"; passed=$((passed + 1))
+else
+	echo "# insmod $ko: $(cat /tmp/insmod.err)"
+	report "not ok" "insmod_vmbeam"; failed=$((failed + 1)) top_fail=1
+	finish
+fi
+
+case $mode in
+--test)
+	for t in "${SELFTESTS[@]}"; do
+		run_selftest "$t"
+	done
+	;;
+--demo)
+	"$bin/vmbeamctl" status || top_fail=1
+	;;
+esac
+
+if rmmod vmbeam 2>/tmp/rmmod.err; then
+	report ok "rmmod_vmbeam"; passed=$((passed + 1))
+else
+	echo "# rmmod: $(cat /tmp/rmmod.err)"
+	report "not ok" "rmmod_vmbeam"; failed=$((failed + 1)) top_fail=1
+fi
+finish

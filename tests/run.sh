@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Boots the test kernel under QEMU TCG with virtme-ng (-cpu max: SVM is
+# emulated, so kvm_amd and /dev/kvm work inside) and runs tests/guest.sh there.
+#
+#   tests/run.sh            the selftests (make test)
+#   tests/run.sh --demo     the demo (make demo)
+#
+# Exits with the guest's status; fails if the guest's status never arrives.
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+
+mode=${1:---test}
+kdir=$("$VMBEAM_ROOT/scripts/kernel.sh")
+bin="$VMBEAM_ROOT/target/debug"
+out=$(mktemp /tmp/vmbeam-guest.XXXXXX)
+trap 'rm -f "$out"' EXIT
+
+# vng writes stdout and stderr through two truncating opens of one file:
+# pipe through cat, never redirect both to a file.
+set +e
+vng --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
+	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
+	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+	--cwd "$VMBEAM_ROOT" \
+	--exec "$VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+set -e
+
+rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)
+[ -n "$rc" ] || die "the test kernel did not report an exit status (crash or hang? output above)"
+# The summary last, where CI reads it.
+grep -E '^selftests: [0-9]+ passed, [0-9]+ failed' "$out" | tail -n1
+exit "$rc"

@@ -1,0 +1,9 @@
+//! Shared helpers of the vmbeam selftests (the `lib/` of KVM's selftests).
+//!
+//! Each selftest binary prints TAP 13, exits 0 when every test passed, 1
+//! when one failed, and 4 (the kselftest skip code) when it cannot run here.
+
+pub mod guest;
+pub mod tap;
+
+pub use tap::{check, Tap, TestResult};

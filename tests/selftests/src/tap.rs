@@ -1,0 +1,67 @@
+//! TAP 13 output in the kselftest style.
+
+use std::process::exit;
+
+/// What a test returns: `Err` carries what was expected and what came.
+pub type TestResult = Result<(), String>;
+
+/// kselftest exit code for "skipped".
+pub const KSFT_SKIP: i32 = 4;
+
+/// Fails the current test with `msg` unless `cond` holds.
+pub fn check(cond: bool, msg: impl FnOnce() -> String) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+/// A TAP 13 stream with a fixed plan.
+pub struct Tap {
+    next: usize,
+    failed: usize,
+}
+
+impl Tap {
+    /// Prints the header and the plan.
+    pub fn new(planned: usize) -> Self {
+        println!("TAP version 13");
+        println!("1..{planned}");
+        Self { next: 1, failed: 0 }
+    }
+
+    /// Skips the whole program: `1..0 # SKIP reason`, exit 4.
+    pub fn skip_all(reason: &str) -> ! {
+        println!("TAP version 13");
+        println!("1..0 # SKIP {reason}");
+        exit(KSFT_SKIP)
+    }
+
+    /// Runs one test and prints its line.
+    pub fn test(&mut self, name: &str, f: impl FnOnce() -> TestResult) {
+        let n = self.next;
+        self.next += 1;
+        match f() {
+            Ok(()) => println!("ok {n} {name}"),
+            Err(msg) => {
+                self.failed += 1;
+                for line in msg.lines() {
+                    println!("# {line}");
+                }
+                println!("not ok {n} {name}");
+            }
+        }
+    }
+
+    /// Prints a skipped test line.
+    pub fn skip(&mut self, name: &str, reason: &str) {
+        println!("ok {} {name} # SKIP {reason}", self.next);
+        self.next += 1;
+    }
+
+    /// Exits 0 if all passed, 1 otherwise.
+    pub fn finish(self) -> ! {
+        exit(i32::from(self.failed > 0))
+    }
+}

@@ -1,0 +1,46 @@
+//! Errors with the errno and its meaning for the call that failed.
+
+use nix::errno::Errno;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/vmbeam` does not exist.
+    #[error("{path} not found: vmbeam.ko is not loaded (load it with `insmod vmbeam.ko` as root; `make module` builds it)")]
+    NotLoaded { path: &'static str },
+    /// Opening `/dev/vmbeam` failed.
+    #[error("cannot open {path}: {errno} ({}): {}", errno.desc(), open_meaning(*errno))]
+    Open { path: &'static str, errno: Errno },
+    /// An ioctl failed.
+    #[error("{op}: {errno} ({}): {}", errno.desc(), ioctl_meaning(*errno))]
+    Ioctl { op: &'static str, errno: Errno },
+}
+
+impl Error {
+    /// The errno behind this error, if any.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Error::NotLoaded { .. } => Some(Errno::ENOENT),
+            Error::Open { errno, .. } | Error::Ioctl { errno, .. } => Some(*errno),
+        }
+    }
+}
+
+fn open_meaning(errno: Errno) -> &'static str {
+    match errno {
+        Errno::EACCES => "the device is mode 0600, owned by root: run as root",
+        Errno::EPERM => "vmbeam needs CAP_SYS_ADMIN",
+        _ => "unexpected error opening the device",
+    }
+}
+
+fn ioctl_meaning(errno: Errno) -> &'static str {
+    match errno {
+        Errno::ENOTTY => "the module does not know this command (module and vmbeamctl from different versions?)",
+        Errno::EINVAL => "the module rejected the argument (unknown flags, nonzero reserved words, or a size mismatch between this program's uAPI header and the module's)",
+        Errno::EFAULT => "the argument is not accessible memory",
+        Errno::EBUSY => "the region is in use or already moving",
+        Errno::ENOMEM => "out of memory",
+        Errno::EPERM | Errno::EACCES => "not permitted for this caller",
+        _ => "unexpected error from the module",
+    }
+}

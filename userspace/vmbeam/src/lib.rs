@@ -1,0 +1,20 @@
+//! Safe Rust API over `/dev/vmbeam`.
+//!
+//! Types and ioctl numbers come from `kmod/include/uapi/vmbeam.h` through
+//! bindgen ([`uapi`]); this crate adds safe wrappers whose errors carry the
+//! errno and what it means for that call.
+//!
+//! ```no_run
+//! let dev = vmbeam::Device::open()?;
+//! let stats = dev.stats()?;
+//! println!("uAPI {}, {} regions", dev.api_version()?, stats.regions);
+//! # Ok::<(), vmbeam::Error>(())
+//! ```
+
+mod device;
+mod error;
+pub mod uapi;
+
+pub use device::{Device, DEVICE_PATH};
+pub use error::Error;
+pub use uapi::vmbeam_stats as Stats;
