@@ -51,7 +51,7 @@ use kernel::{
     uaccess::UserSlice,
 };
 
-use crate::{stats::STATS, uapi};
+use crate::{region::Region, stats::STATS, transfer, uapi};
 
 /// The registered misc device.
 ///
@@ -82,36 +82,59 @@ impl Drop for Registration {
     }
 }
 
-/// Every command this module knows. A command with a known type and number
-/// but another size or direction is a vmbeam command misused: `EINVAL`.
-const COMMANDS: [u32; 2] = [uapi::VMBEAM_IOCTL_GET_VERSION, uapi::VMBEAM_IOCTL_GET_STATS];
+/// A table of the commands one kind of fd knows.
+pub(crate) type Commands = &'static [u32];
+
+/// Commands on `/dev/vmbeam`.
+const DEVICE_COMMANDS: Commands = &[
+    uapi::VMBEAM_IOCTL_GET_VERSION,
+    uapi::VMBEAM_IOCTL_GET_STATS,
+    uapi::VMBEAM_IOCTL_CREATE_REGION,
+    uapi::VMBEAM_IOCTL_TRANSFER,
+    uapi::VMBEAM_IOCTL_TRANSFER_BATCH,
+    uapi::VMBEAM_IOCTL_GATHER,
+];
+
+/// The error for a command not in `known`: a command with a known type and
+/// number but another size or direction is a vmbeam command misused
+/// (`EINVAL`); anything else is not ours (`ENOTTY`).
+pub(crate) fn unknown_command(known: Commands, cmd: u32) -> Error {
+    let misused = known
+        .iter()
+        .any(|&k| _IOC_TYPE(k) == _IOC_TYPE(cmd) && _IOC_NR(k) == _IOC_NR(cmd));
+    if misused {
+        EINVAL
+    } else {
+        ENOTTY
+    }
+}
 
 /// `unlocked_ioctl` of `/dev/vmbeam`, called by `glue.c`.
 #[no_mangle]
 extern "C" fn vmbeam_rs_ioctl(cmd: u32, arg: usize) -> c_long {
-    match ioctl(cmd, arg) {
-        Ok(ret) => ret,
-        Err(err) => err.to_errno() as c_long,
-    }
+    ioctl(cmd, arg).unwrap_or_else(|err| err.to_errno() as c_long)
 }
 
 fn ioctl(cmd: u32, arg: usize) -> Result<c_long> {
     match cmd {
         uapi::VMBEAM_IOCTL_GET_VERSION => with_arg(arg, get_version),
         uapi::VMBEAM_IOCTL_GET_STATS => with_arg(arg, get_stats),
-        _ if is_misused_command(cmd) => Err(EINVAL),
-        _ => Err(ENOTTY),
+        uapi::VMBEAM_IOCTL_CREATE_REGION => create_region(&read_arg(arg)?),
+        uapi::VMBEAM_IOCTL_TRANSFER => transfer::transfer(core::slice::from_ref(&read_arg(arg)?)),
+        uapi::VMBEAM_IOCTL_TRANSFER_BATCH => transfer::transfer_batch(&read_arg(arg)?),
+        uapi::VMBEAM_IOCTL_GATHER => transfer::gather(&read_arg(arg)?),
+        _ => Err(unknown_command(DEVICE_COMMANDS, cmd)),
     }
 }
 
-fn is_misused_command(cmd: u32) -> bool {
-    COMMANDS
-        .iter()
-        .any(|&known| _IOC_TYPE(known) == _IOC_TYPE(cmd) && _IOC_NR(known) == _IOC_NR(cmd))
+/// Reads an `_IOW` command's struct from `arg`.
+pub(crate) fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
+    UserSlice::new(arg, core::mem::size_of::<T>()).reader().read()
 }
 
-/// Reads the command's struct from `arg`, runs `f` on it and writes it back.
-fn with_arg<T: FromBytes + AsBytes>(arg: usize, f: impl FnOnce(&mut T) -> Result<c_long>) -> Result<c_long> {
+/// Reads an `_IOWR` command's struct from `arg`, runs `f` on it and, if `f`
+/// succeeded, writes it back.
+pub(crate) fn with_arg<T: FromBytes + AsBytes>(arg: usize, f: impl FnOnce(&mut T) -> Result<c_long>) -> Result<c_long> {
     let (mut reader, mut writer) = UserSlice::new(arg, core::mem::size_of::<T>()).reader_writer();
     let mut val: T = reader.read()?;
     let ret = f(&mut val)?;
@@ -133,4 +156,12 @@ fn get_stats(st: &mut uapi::vmbeam_stats) -> Result<c_long> {
     }
     STATS.snapshot(st);
     Ok(0)
+}
+
+fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
+    if arg.flags != 0 || arg.pad != 0 || arg.reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    let fd = Region::create(arg.size)?.pending_fd()?;
+    Ok(fd.install() as c_long)
 }

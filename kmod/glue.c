@@ -1,15 +1,23 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The C half of vmbeam.ko: only what Rust on 6.12 cannot express (misc
- * device and file_operations registration). Everything it receives goes
- * straight to the Rust side, which validates and decides.
+ * device and file_operations registration, vm_operations, static inlines,
+ * fields of struct kvm/file/vma). Everything it receives goes straight to
+ * the Rust side, which validates and decides.
  */
+#include <linux/anon_inodes.h>
 #include <linux/capability.h>
+#include <linux/file.h>
 #include <linux/fs.h>
+#include <linux/kvm_host.h>
 #include <linux/miscdevice.h>
+#include <linux/mm.h>
 #include <linux/module.h>
+#include <linux/sched/signal.h>
 
 #include "glue.h"
+
+/* ---- /dev/vmbeam ---- */
 
 static int vmbeam_open(struct inode *inode, struct file *file)
 {
@@ -47,4 +55,192 @@ int vmbeam_misc_register(void)
 void vmbeam_misc_deregister(void)
 {
 	misc_deregister(&vmbeam_misc);
+}
+
+/* ---- region files ---- */
+
+static vm_fault_t vmbeam_region_fault(struct vm_fault *vmf)
+{
+	struct vm_area_struct *vma = vmf->vma;
+
+	switch (vmbeam_rs_region_fault(vma->vm_file->private_data, vma, vma->vm_mm,
+				       vmf->pgoff, vmf->address)) {
+	case 0:
+		return VM_FAULT_NOPAGE;
+	case -ENOMEM:
+		return VM_FAULT_OOM;
+	default:
+		return VM_FAULT_SIGBUS;
+	}
+}
+
+static const struct vm_operations_struct vmbeam_region_vm_ops = {
+	.fault = vmbeam_region_fault,
+};
+
+static int vmbeam_region_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	int ret;
+
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL; /* a private COW copy would escape revocation */
+	ret = vmbeam_rs_region_mmap(file->private_data, vma->vm_mm, vma->vm_pgoff,
+				    vma_pages(vma));
+	if (ret)
+		return ret;
+	/*
+	 * Normal refcounted pages (GUP and so KVM can map them) inserted by the
+	 * fault handler under the region lock; no fork copies, no growth.
+	 */
+	vm_flags_set(vma, VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
+	vma->vm_ops = &vmbeam_region_vm_ops;
+	return 0;
+}
+
+static int vmbeam_region_release(struct inode *inode, struct file *file)
+{
+	vmbeam_rs_region_release(file->private_data);
+	return 0;
+}
+
+static long vmbeam_region_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	return vmbeam_rs_region_ioctl(file->private_data, cmd, arg);
+}
+
+static const struct file_operations vmbeam_region_fops = {
+	.owner = THIS_MODULE, /* a region pins the module */
+	.mmap = vmbeam_region_mmap,
+	.release = vmbeam_region_release,
+	.unlocked_ioctl = vmbeam_region_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+	.llseek = noop_llseek,
+};
+
+/* A new file owning @region, or ERR_PTR (then the caller still owns it). */
+struct file *vmbeam_region_file(void *region)
+{
+	/* An inode of its own, as guest_memfd does: unmap_mapping_range() on
+	 * the shared anon inode would reach every anon-inode file. */
+	return anon_inode_create_getfile("[vmbeam-region]", &vmbeam_region_fops, region,
+					 O_RDWR, NULL);
+}
+
+int vmbeam_fd_reserve(void)
+{
+	return get_unused_fd_flags(O_CLOEXEC);
+}
+
+void vmbeam_fd_unreserve(int fd)
+{
+	put_unused_fd(fd);
+}
+
+void vmbeam_fd_install(int fd, struct file *file)
+{
+	fd_install(fd, file);
+}
+
+/* The region behind @fd with a file reference in *@filep, or ERR_PTR. */
+void *vmbeam_region_fget(int fd, struct file **filep)
+{
+	struct file *file = fget(fd);
+
+	if (!file)
+		return ERR_PTR(-EBADF);
+	if (file->f_op != &vmbeam_region_fops) {
+		fput(file);
+		return ERR_PTR(-EINVAL);
+	}
+	*filep = file;
+	return file->private_data;
+}
+
+void vmbeam_fput(struct file *file)
+{
+	fput(file);
+}
+
+/* Zaps every user mapping of pages [first, first + count) of the region: the
+ * MMU notifiers then drop KVM's stage-2 entries for them. */
+void vmbeam_revoke(struct file *file, unsigned long first, unsigned long count)
+{
+	unmap_mapping_range(file->f_mapping, (loff_t)first << PAGE_SHIFT,
+			    (loff_t)count << PAGE_SHIFT, 1);
+}
+
+/* ---- KVM VMs ---- */
+
+int vmbeam_kvm_get(int fd, struct kvm **kvmp)
+{
+	struct file *file = fget(fd);
+	int ret = 0;
+
+	if (!file)
+		return -EBADF;
+	if (!file_is_kvm(file))
+		ret = -EINVAL;
+	else if (!kvm_get_kvm_safe(file->private_data))
+		ret = -ESRCH; /* being destroyed */
+	else
+		*kvmp = file->private_data;
+	fput(file);
+	return ret;
+}
+
+void vmbeam_kvm_put(struct kvm *kvm)
+{
+	kvm_put_kvm(kvm);
+}
+
+struct mm_struct *vmbeam_kvm_mm(struct kvm *kvm)
+{
+	return kvm->mm;
+}
+
+/* Whether the process that created @kvm still runs (its mm has users). */
+int vmbeam_kvm_creator_alive(struct kvm *kvm)
+{
+	return atomic_read(&kvm->mm->mm_users) > 0;
+}
+
+struct mm_struct *vmbeam_current_mm(void)
+{
+	return current->mm;
+}
+
+/* ---- pages ---- */
+
+struct page *vmbeam_page_alloc(void)
+{
+	/* Charged to the caller's memcg; zeroed; no warning on failure
+	 * (userspace asked for too much: -ENOMEM, not a splat). */
+	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN);
+}
+
+void vmbeam_page_free(struct page *page)
+{
+	__free_page(page);
+}
+
+unsigned long vmbeam_page_to_pfn(struct page *page)
+{
+	return page_to_pfn(page);
+}
+
+unsigned long vmbeam_totalram_pages(void)
+{
+	return totalram_pages();
+}
+
+/* For long loops: yields the CPU, and says whether the caller is dying. */
+int vmbeam_should_stop(void)
+{
+	cond_resched();
+	return fatal_signal_pending(current);
+}
+
+int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page)
+{
+	return vm_insert_page(vma, addr, page);
 }

@@ -1,16 +1,52 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The contract between vmbeam's C helper (glue.c) and its Rust crate.
- * C owns registration and struct fields; Rust owns every decision.
+ * C owns registration, static inlines and struct fields; Rust owns every
+ * decision. Pointers cross as opaque handles.
  */
 #ifndef VMBEAM_GLUE_H
 #define VMBEAM_GLUE_H
 
-/* C, called from Rust. */
+struct file;
+struct kvm;
+struct mm_struct;
+struct page;
+struct vm_area_struct;
+
+/* --- C, called from Rust --- */
 int vmbeam_misc_register(void);
 void vmbeam_misc_deregister(void);
 
-/* Rust (device.rs), called from C. Returns >= 0 or a negative errno. */
+/* Region files: one anon inode each, so revoking reaches only its views. */
+struct file *vmbeam_region_file(void *region);
+int vmbeam_fd_reserve(void);
+void vmbeam_fd_unreserve(int fd);
+void vmbeam_fd_install(int fd, struct file *file);
+void *vmbeam_region_fget(int fd, struct file **filep);
+void vmbeam_fput(struct file *file);
+void vmbeam_revoke(struct file *file, unsigned long first, unsigned long count);
+
+/* KVM VMs: a counted reference from a VM fd, and the VM's creator. */
+int vmbeam_kvm_get(int fd, struct kvm **kvmp);
+void vmbeam_kvm_put(struct kvm *kvm);
+struct mm_struct *vmbeam_kvm_mm(struct kvm *kvm);
+int vmbeam_kvm_creator_alive(struct kvm *kvm);
+struct mm_struct *vmbeam_current_mm(void);
+
+/* Pages. */
+struct page *vmbeam_page_alloc(void);
+void vmbeam_page_free(struct page *page);
+unsigned long vmbeam_page_to_pfn(struct page *page);
+unsigned long vmbeam_totalram_pages(void);
+int vmbeam_should_stop(void);
+int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page);
+
+/* --- Rust, called from C. Return 0 or a negative errno unless noted. --- */
 long vmbeam_rs_ioctl(unsigned int cmd, unsigned long arg);
+long vmbeam_rs_region_ioctl(void *region, unsigned int cmd, unsigned long arg);
+int vmbeam_rs_region_mmap(void *region, struct mm_struct *mm, unsigned long pgoff, unsigned long npages);
+int vmbeam_rs_region_fault(void *region, struct vm_area_struct *vma, struct mm_struct *mm,
+			   unsigned long pgoff, unsigned long addr);
+void vmbeam_rs_region_release(void *region);
 
 #endif /* VMBEAM_GLUE_H */

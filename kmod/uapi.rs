@@ -18,3 +18,17 @@ unsafe impl AsBytes for vmbeam_version {}
 unsafe impl FromBytes for vmbeam_stats {}
 // SAFETY: as above.
 unsafe impl AsBytes for vmbeam_stats {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_region_create {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_region_bind {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_region_info {}
+// SAFETY: as above.
+unsafe impl AsBytes for vmbeam_region_info {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_transfer {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_transfer_batch {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_gather {}

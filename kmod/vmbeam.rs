@@ -3,13 +3,17 @@
 //! vmbeam: zero-copy ownership transfer of KVM guest memory.
 //!
 //! The crate root only wires the modules together; `/dev/vmbeam` and its
-//! ioctls live in [`device`], the uAPI mirror in [`uapi`], counters in
-//! [`stats`].
+//! ioctls live in [`device`], regions in [`region`], their owners in
+//! [`owner`], transfer and gather in [`transfer`], the uAPI mirror in
+//! [`uapi`], counters in [`stats`].
 
 use kernel::prelude::*;
 
 mod device;
+mod owner;
+mod region;
 mod stats;
+mod transfer;
 mod uapi;
 
 module! {

@@ -7,7 +7,7 @@
 set -u
 mode=$1 ko=$2 bin=$3
 
-SELFTESTS=(device_test vmbeamctl_test kvm_guest_test module_test)
+SELFTESTS=(device_test vmbeamctl_test kvm_guest_test transfer_test module_test)
 # What the harness treats as a kernel bug, whatever the tests said.
 DMESG_ERRORS='BUG:|WARNING:|Oops|lockdep|KASAN|UBSAN|kernel BUG|general protection|Call Trace:|unreferenced object'
 

@@ -60,6 +60,18 @@ impl TestVm {
         Ok(this)
     }
 
+    /// A duplicate of the VM fd (to send to another process).
+    pub fn vm_fd(&self) -> Result<std::os::fd::OwnedFd, String> {
+        self.vm_borrowed().try_clone_to_owned().map_err(|e| format!("dup VM fd: {e}"))
+    }
+
+    /// The VM fd, borrowed.
+    pub fn vm_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the VmFd stays open as long as `self`.
+        unsafe { BorrowedFd::borrow_raw(self.vm.as_raw_fd()) }
+    }
+
     /// Registers `size` bytes at host address `hva` as memslot `slot` at `gpa`.
     ///
     /// # Safety
@@ -136,4 +148,44 @@ pub mod programs {
     pub const HELLO: &[u8] = &[0xb8, 0x42, 0x00, 0x57, 0x7e, 0xe7, super::PORT as u8, 0xf4];
     /// The value [`HELLO`] reports.
     pub const HELLO_VALUE: u32 = 0x7e57_0042;
+
+    /// Writes `ecx` dwords from address `edi`, one every `esi` bytes, a
+    /// pseudo-random sequence from seed `eax`; reports the sum of what it
+    /// wrote.
+    pub const FILL: &[u8] = &[
+        0x31, 0xdb, //                       xor ebx, ebx
+        0x89, 0x07, //                 loop: mov [edi], eax
+        0x01, 0xc3, //                       add ebx, eax
+        0x69, 0xc0, 0x0d, 0x66, 0x19, 0x00, // imul eax, eax, 1664525
+        0x05, 0x5f, 0xf3, 0x6e, 0x3c, //     add eax, 1013904223
+        0x01, 0xf7, //                       add edi, esi
+        0x49, //                             dec ecx
+        0x75, 0xec, //                       jnz loop
+        0x89, 0xd8, //                       mov eax, ebx
+        0xe7, super::PORT as u8, //          out PORT, eax
+        0xf4, //                             hlt
+    ];
+
+    /// Reads `ecx` dwords from address `edi`, one every `esi` bytes;
+    /// reports their sum.
+    pub const SUM: &[u8] = &[
+        0x31, 0xdb, //              xor ebx, ebx
+        0x03, 0x1f, //        loop: add ebx, [edi]
+        0x01, 0xf7, //              add edi, esi
+        0x49, //                    dec ecx
+        0x75, 0xf9, //              jnz loop
+        0x89, 0xd8, //              mov eax, ebx
+        0xe7, super::PORT as u8, // out PORT, eax
+        0xf4, //                    hlt
+    ];
+
+    /// What [`FILL`] reports: the same sequence, summed on the host.
+    pub fn fill_sum(seed: u32, count: u32) -> u32 {
+        let (mut value, mut sum) = (seed, 0u32);
+        for _ in 0..count {
+            sum = sum.wrapping_add(value);
+            value = value.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        }
+        sum
+    }
 }

@@ -5,5 +5,6 @@
 
 pub mod guest;
 pub mod tap;
+pub mod vmm;
 
 pub use tap::{check, Tap, TestResult};

@@ -2,12 +2,12 @@
 
 use std::{
     fs::{File, OpenOptions},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, BorrowedFd},
 };
 
 use nix::errno::Errno;
 
-use crate::{uapi, Error};
+use crate::{uapi, Error, Region, Transfer};
 
 pub const DEVICE_PATH: &str = "/dev/vmbeam";
 
@@ -15,6 +15,10 @@ pub const DEVICE_PATH: &str = "/dev/vmbeam";
 // Each needs an open /dev/vmbeam, i.e. root with CAP_SYS_ADMIN.
 nix::ioctl_readwrite_bad!(ioctl_get_version, uapi::VMBEAM_IOCTL_GET_VERSION, uapi::vmbeam_version);
 nix::ioctl_readwrite_bad!(ioctl_get_stats, uapi::VMBEAM_IOCTL_GET_STATS, uapi::vmbeam_stats);
+nix::ioctl_write_ptr_bad!(ioctl_create_region, uapi::VMBEAM_IOCTL_CREATE_REGION, uapi::vmbeam_region_create);
+nix::ioctl_write_ptr_bad!(ioctl_transfer, uapi::VMBEAM_IOCTL_TRANSFER, uapi::vmbeam_transfer);
+nix::ioctl_write_ptr_bad!(ioctl_transfer_batch, uapi::VMBEAM_IOCTL_TRANSFER_BATCH, uapi::vmbeam_transfer_batch);
+nix::ioctl_write_ptr_bad!(ioctl_gather, uapi::VMBEAM_IOCTL_GATHER, uapi::vmbeam_gather);
 
 /// An open `/dev/vmbeam`.
 #[derive(Debug)]
@@ -51,6 +55,56 @@ impl Device {
         unsafe { ioctl_get_stats(self.file.as_raw_fd(), &mut st) }
             .map_err(|errno| Error::Ioctl { op: "VMBEAM_GET_STATS", errno })?;
         Ok(st)
+    }
+
+    /// A new region of `size` zeroed bytes (a multiple of the page size),
+    /// with no owner yet.
+    pub fn create_region(&self, size: u64) -> Result<Region, Error> {
+        let arg = uapi::vmbeam_region_create { size, ..Default::default() };
+        // SAFETY: /dev/vmbeam and the struct this command takes.
+        let fd = unsafe { ioctl_create_region(self.file.as_raw_fd(), &arg) }
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_CREATE_REGION", errno })?;
+        Ok(Region::from_raw_ioctl_result(fd))
+    }
+
+    /// Moves one region to another VM (`VMBEAM_TRANSFER`).
+    pub fn transfer(&self, t: Transfer<'_>) -> Result<(), Error> {
+        let arg = t.to_uapi();
+        // SAFETY: /dev/vmbeam and the struct this command takes.
+        unsafe { ioctl_transfer(self.file.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_TRANSFER", errno })
+    }
+
+    /// Moves every region, all or nothing: one revoke phase, one grant phase.
+    pub fn transfer_batch(&self, transfers: &[Transfer<'_>]) -> Result<(), Error> {
+        let entries: Vec<_> = transfers.iter().map(|t| t.to_uapi()).collect();
+        let arg = uapi::vmbeam_transfer_batch {
+            transfers: entries.as_ptr() as u64,
+            count: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        // SAFETY: /dev/vmbeam, the struct this command takes, and `entries`
+        // (alive across the call) holds `count` transfers.
+        unsafe { ioctl_transfer_batch(self.file.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_TRANSFER_BATCH", errno })
+    }
+
+    /// A new region made of the pages of `src` at byte `offsets` (moved,
+    /// not copied); `src` loses exactly those pages.
+    pub fn gather(&self, src: BorrowedFd<'_>, offsets: &[u64]) -> Result<Region, Error> {
+        let arg = uapi::vmbeam_gather {
+            offsets: offsets.as_ptr() as u64,
+            count: offsets.len() as u64,
+            src_fd: src.as_raw_fd(),
+            ..Default::default()
+        };
+        // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
+        // (alive across the call) holds `count` offsets.
+        let fd = unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER", errno })?;
+        Ok(Region::from_raw_ioctl_result(fd))
     }
 
     /// Issues a raw ioctl on the device; for tests of the module's argument

@@ -36,11 +36,15 @@ fn open_meaning(errno: Errno) -> &'static str {
 fn ioctl_meaning(errno: Errno) -> &'static str {
     match errno {
         Errno::ENOTTY => "the module does not know this command (module and vmbeamctl from different versions?)",
-        Errno::EINVAL => "the module rejected the argument (unknown flags, nonzero reserved words, or a size mismatch between this program's uAPI header and the module's)",
+        Errno::EINVAL => "the module rejected the argument (a fd that is not a region or KVM VM, a bad size or offset, unknown flags, nonzero reserved words, or a uAPI mismatch)",
         Errno::EFAULT => "the argument is not accessible memory",
-        Errno::EBUSY => "the region is in use or already moving",
+        Errno::EBUSY => "the region is owned by a live VM or already moving",
+        Errno::EBADF => "a file descriptor in the request is not open",
+        Errno::ESRCH => "the KVM VM is being destroyed",
+        Errno::EINTR => "interrupted by a fatal signal",
         Errno::ENOMEM => "out of memory",
-        Errno::EPERM | Errno::EACCES => "not permitted for this caller",
+        Errno::EPERM => "not permitted: the VM is not the region's owner, or the caller did not create it",
+        Errno::EACCES => "not permitted for this caller",
         _ => "unexpected error from the module",
     }
 }

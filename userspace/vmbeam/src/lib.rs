@@ -13,8 +13,10 @@
 
 mod device;
 mod error;
+mod region;
 pub mod uapi;
 
 pub use device::{Device, DEVICE_PATH};
 pub use error::Error;
+pub use region::{Region, RegionInfo, Transfer};
 pub use uapi::vmbeam_stats as Stats;

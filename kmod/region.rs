@@ -1,0 +1,433 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Regions: guest memory the module owns, mapped by one owner VM at a time.
+//!
+//! A region is a set of pages allocated by the module and a file (an anon
+//! inode of its own) through which the owner's VMM maps them. The owner's
+//! faults insert the region's own pages; anyone else's get SIGBUS. The
+//! transfer path ([`crate::transfer`]) changes the owner and zaps the old
+//! owner's mappings under the region lock, so no fault can slip a stale
+//! mapping in between.
+
+use core::{
+    ffi::{c_int, c_long, c_ulong, c_void},
+    ptr::{self, NonNull},
+    sync::atomic::Ordering::Relaxed,
+};
+
+use kernel::{
+    alloc::{flags::GFP_KERNEL, KVVec},
+    error::{from_err_ptr, to_result},
+    new_mutex,
+    prelude::*,
+    sync::{
+        lock::{mutex::MutexBackend, Guard},
+        Arc, Mutex,
+    },
+};
+
+use crate::{
+    device::{read_arg, with_arg, Commands},
+    owner::{Mm, Owner},
+    stats::STATS,
+    uapi,
+};
+
+/// Opaque `struct page`.
+#[repr(C)]
+pub(crate) struct Page {
+    _private: [u8; 0],
+}
+
+/// Opaque `struct file`.
+#[repr(C)]
+pub(crate) struct File {
+    _private: [u8; 0],
+}
+
+/// Opaque `struct vm_area_struct`.
+#[repr(C)]
+pub(crate) struct Vma {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn vmbeam_page_alloc() -> *mut Page;
+    fn vmbeam_page_free(page: *mut Page);
+    fn vmbeam_totalram_pages() -> c_ulong;
+    fn vmbeam_should_stop() -> c_int;
+    fn vmbeam_vma_insert_page(vma: *mut Vma, addr: c_ulong, page: *mut Page) -> c_int;
+    fn vmbeam_region_file(region: *const c_void) -> *mut File;
+    fn vmbeam_fd_reserve() -> c_int;
+    fn vmbeam_fd_unreserve(fd: c_int);
+    fn vmbeam_fd_install(fd: c_int, file: *mut File);
+    fn vmbeam_region_fget(fd: c_int, filep: *mut *mut File) -> *mut c_void;
+    fn vmbeam_fput(file: *mut File);
+    fn vmbeam_revoke(file: *mut File, first: c_ulong, count: c_ulong);
+}
+
+pub(crate) const PAGE_SIZE: u64 = 4096;
+
+/// The pages of a region, by page offset. A null entry is a page that was
+/// gathered away into another region.
+///
+/// # Invariants
+///
+/// Every non-null entry is an order-0 page allocated by `vmbeam_page_alloc`
+/// and referenced by no other `Pages`; it is freed only by `Drop`.
+pub(crate) struct Pages(KVVec<*mut Page>);
+
+impl Pages {
+    /// `n` missing pages.
+    pub(crate) fn empty(n: usize) -> Result<Self> {
+        // INVARIANT: no non-null entry.
+        Ok(Self(KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?))
+    }
+
+    /// `n` fresh zeroed pages, charged to the caller's memcg.
+    fn alloc(n: usize) -> Result<Self> {
+        let mut pages = Self::empty(n)?;
+        for (i, slot) in pages.0.iter_mut().enumerate() {
+            // SAFETY: no preconditions; process context.
+            if i % 512 == 0 && unsafe { vmbeam_should_stop() } != 0 {
+                return Err(EINTR); // `pages` frees what was allocated
+            }
+            // SAFETY: no preconditions.
+            let page = unsafe { vmbeam_page_alloc() };
+            if page.is_null() {
+                return Err(ENOMEM);
+            }
+            // INVARIANT: a fresh page, in this slot only.
+            *slot = page;
+        }
+        Ok(pages)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn get(&self, index: usize) -> Option<*mut Page> {
+        self.0.get(index).copied().filter(|p| !p.is_null())
+    }
+
+    pub(crate) fn present(&self) -> usize {
+        self.0.iter().filter(|p| !p.is_null()).count()
+    }
+
+    /// Moves page `from` of `src` into slot `to` of `self`. Both slots must be
+    /// in range, `from` present and `to` empty.
+    pub(crate) fn take_from(&mut self, to: usize, src: &mut Pages, from: usize) {
+        // INVARIANT: the page moves; exactly one `Pages` refers to it.
+        self.0[to] = core::mem::replace(&mut src.0[from], ptr::null_mut());
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        for &page in self.0.iter().filter(|p| !p.is_null()) {
+            // SAFETY: ours alone, by the type invariant; freed once.
+            unsafe { vmbeam_page_free(page) };
+        }
+    }
+}
+
+/// The region lock, held.
+pub(crate) type RegionGuard<'a> = Guard<'a, RegionState, MutexBackend>;
+
+/// What the region lock protects.
+pub(crate) struct RegionState {
+    pub(crate) pages: Pages,
+    /// The VM whose creator process may map the region.
+    pub(crate) owner: Option<Owner>,
+    /// A transfer took the region and has not finished: nobody may map it.
+    pub(crate) moving: bool,
+}
+
+// SAFETY: the raw page pointers are owned (see `Pages`) and only touched
+// under the region lock.
+unsafe impl Send for RegionState {}
+
+impl RegionState {
+    /// Whether a process with address space `mm` may map the region now.
+    fn may_map(&self, mm: *mut Mm) -> bool {
+        !self.moving && self.owner.as_ref().is_some_and(|o| o.mm() == mm)
+    }
+}
+
+/// A region of guest memory.
+///
+/// # Invariants
+///
+/// `size == state.pages.len() * PAGE_SIZE` and never changes.
+#[pin_data(PinnedDrop)]
+pub(crate) struct Region {
+    size: u64,
+    #[pin]
+    state: Mutex<RegionState>,
+}
+
+impl Region {
+    /// A region of `pages`, counted in the module's statistics.
+    pub(crate) fn new(pages: Pages) -> Result<Arc<Self>> {
+        let npages = pages.len() as u64;
+        let present = pages.present() as u64;
+        let region = Arc::pin_init(
+            pin_init!(Self {
+                size: npages * PAGE_SIZE,
+                state <- new_mutex!(RegionState { pages, owner: None, moving: false }),
+            }),
+            GFP_KERNEL,
+        )?;
+        STATS.regions.fetch_add(1, Relaxed);
+        STATS.pages_owned.fetch_add(present, Relaxed);
+        Ok(region)
+    }
+
+    /// `VMBEAM_CREATE_REGION`: a region of `size` zeroed bytes.
+    pub(crate) fn create(size: u64) -> Result<Arc<Self>> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(EINVAL);
+        }
+        let npages = size / PAGE_SIZE;
+        // SAFETY: no preconditions.
+        if npages > unsafe { vmbeam_totalram_pages() } as u64 {
+            return Err(ENOMEM);
+        }
+        Self::new(Pages::alloc(usize::try_from(npages).map_err(|_| ENOMEM)?)?)
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub(crate) fn npages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    pub(crate) fn lock(&self) -> RegionGuard<'_> {
+        self.state.lock()
+    }
+
+    /// A file and a reserved fd for the region; the fd becomes visible to
+    /// userspace only through [`PendingFd::install`].
+    pub(crate) fn pending_fd(self: Arc<Self>) -> Result<PendingFd> {
+        // SAFETY: no preconditions.
+        let fd = unsafe { vmbeam_fd_reserve() };
+        to_result(fd)?;
+        let raw = Arc::into_raw(self);
+        // SAFETY: `raw` is a live region; on success the file owns that
+        // reference and gives it back in `vmbeam_rs_region_release`.
+        match from_err_ptr(unsafe { vmbeam_region_file(raw.cast()) }) {
+            Ok(file) => Ok(PendingFd { fd, file }),
+            Err(err) => {
+                // SAFETY: the file was not created: the reference is still
+                // ours, taken back once; the fd was reserved above.
+                unsafe {
+                    drop(Arc::from_raw(raw));
+                    vmbeam_fd_unreserve(fd);
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Region {
+    fn drop(self: Pin<&mut Self>) {
+        let present = self.state.lock().pages.present() as u64;
+        STATS.regions.fetch_sub(1, Relaxed);
+        STATS.pages_owned.fetch_sub(present, Relaxed);
+    }
+}
+
+/// A region file whose fd is reserved but not yet installed.
+///
+/// # Invariants
+///
+/// `fd` is reserved and `file` holds one reference until `install` or drop.
+pub(crate) struct PendingFd {
+    fd: c_int,
+    file: *mut File,
+}
+
+impl PendingFd {
+    /// Publishes the fd to userspace; returns it.
+    pub(crate) fn install(self) -> c_int {
+        let fd = self.fd;
+        // SAFETY: by the type invariant; the fd table takes the reference.
+        unsafe { vmbeam_fd_install(fd, self.file) };
+        core::mem::forget(self);
+        fd
+    }
+}
+
+impl Drop for PendingFd {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant; never installed.
+        unsafe {
+            vmbeam_fd_unreserve(self.fd);
+            vmbeam_fput(self.file);
+        }
+    }
+}
+
+/// A region looked up from a userspace fd.
+///
+/// # Invariants
+///
+/// `file` is a region file we hold a reference to; `region` is its region,
+/// alive at least as long as the file.
+pub(crate) struct RegionFile {
+    file: NonNull<File>,
+    region: NonNull<Region>,
+}
+
+impl RegionFile {
+    /// `EBADF` if `fd` is not open, `EINVAL` if it is not a region.
+    pub(crate) fn get(fd: i32) -> Result<Self> {
+        let mut file = ptr::null_mut();
+        // SAFETY: `file` is a valid out pointer; the C side checks the fd.
+        let region = from_err_ptr(unsafe { vmbeam_region_fget(fd, &mut file) })?;
+        // INVARIANT: on success C took a file reference and returned the
+        // region that file owns.
+        Ok(Self { file: NonNull::new(file).ok_or(EBADF)?, region: NonNull::new(region.cast()).ok_or(EBADF)? })
+    }
+
+    pub(crate) fn region(&self) -> &Region {
+        // SAFETY: alive while we hold the file, by the type invariant.
+        unsafe { self.region.as_ref() }
+    }
+
+    /// Zaps every user mapping of `count` pages from page `first`. Callers
+    /// hold the region lock, so no fault maps them again before the state
+    /// says who may.
+    pub(crate) fn revoke(&self, _state: &RegionGuard<'_>, first: u64, count: u64) {
+        // SAFETY: a live region file, by the type invariant.
+        unsafe { vmbeam_revoke(self.file.as_ptr(), first as c_ulong, count as c_ulong) };
+    }
+}
+
+impl Drop for RegionFile {
+    fn drop(&mut self) {
+        // SAFETY: the reference taken in `get`, dropped once.
+        unsafe { vmbeam_fput(self.file.as_ptr()) };
+    }
+}
+
+/// # Safety
+///
+/// `region` must be the `private_data` of a live region file.
+unsafe fn region_of<'a>(region: *mut c_void) -> &'a Region {
+    // SAFETY: the caller's guarantee; the file holds an `Arc` reference.
+    unsafe { &*region.cast::<Region>() }
+}
+
+/// `mmap` of a region file (after C checked `MAP_SHARED`).
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_mmap(region: *mut c_void, mm: *mut Mm, pgoff: c_ulong, npages: c_ulong) -> c_int {
+    // SAFETY: called from the region file's mmap, so the file is live.
+    let region = unsafe { region_of(region) };
+    let in_range = (pgoff as u64).checked_add(npages as u64).is_some_and(|end| end <= region.npages());
+    if !in_range {
+        return EINVAL.to_errno();
+    }
+    if !region.lock().may_map(mm) {
+        return EACCES.to_errno();
+    }
+    0
+}
+
+/// Page fault in a mapping of a region: maps the region's own page if `mm`
+/// belongs to the owner; otherwise (old owner, gathered page) SIGBUS.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_fault(
+    region: *mut c_void,
+    vma: *mut Vma,
+    mm: *mut Mm,
+    pgoff: c_ulong,
+    addr: c_ulong,
+) -> c_int {
+    // SAFETY: the faulting VMA holds a reference to the region file.
+    let region = unsafe { region_of(region) };
+    let state = region.lock();
+    if !state.may_map(mm) {
+        return EFAULT.to_errno();
+    }
+    let Some(page) = usize::try_from(pgoff).ok().and_then(|i| state.pages.get(i)) else {
+        return EFAULT.to_errno();
+    };
+    // SAFETY: `vma` is the faulting VMA (mmap_lock held by the fault path);
+    // the page stays in the region while we hold its lock, and the mapping
+    // takes its own page reference.
+    match unsafe { vmbeam_vma_insert_page(vma, addr, page) } {
+        0 => 0,
+        e if e == EBUSY.to_errno() => 0, // a racing fault mapped it already
+        e if e == ENOMEM.to_errno() => e,
+        _ => EFAULT.to_errno(),
+    }
+}
+
+/// Last close of a region file: drops the file's region reference.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_release(region: *mut c_void) {
+    // SAFETY: `region` came from `Arc::into_raw` in `pending_fd`; the file
+    // owned that reference and gives it back exactly once, here.
+    drop(unsafe { Arc::from_raw(region.cast::<Region>().cast_const()) });
+}
+
+/// Commands on a region fd.
+const REGION_COMMANDS: Commands = &[uapi::VMBEAM_IOCTL_REGION_BIND, uapi::VMBEAM_IOCTL_REGION_INFO];
+
+/// `unlocked_ioctl` of a region file.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) -> c_long {
+    // SAFETY: called from the region file's ioctl, so the file is live.
+    let region = unsafe { region_of(region) };
+    let ret = match cmd {
+        uapi::VMBEAM_IOCTL_REGION_BIND => read_arg(arg).and_then(|a| bind(region, &a)),
+        uapi::VMBEAM_IOCTL_REGION_INFO => with_arg(arg, |a| info(region, a)),
+        _ => Err(crate::device::unknown_command(REGION_COMMANDS, cmd)),
+    };
+    ret.unwrap_or_else(|err| err.to_errno() as c_long)
+}
+
+fn bind(region: &Region, arg: &uapi::vmbeam_region_bind) -> Result<c_long> {
+    if arg.flags != 0 || arg.reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    let owner = Owner::from_vm_fd(arg.vm_fd)?;
+    if !owner.created_by_current() {
+        return Err(EPERM);
+    }
+    let mut state = region.lock();
+    if state.moving || state.owner.as_ref().is_some_and(Owner::is_alive) {
+        return Err(EBUSY);
+    }
+    let dead = state.owner.replace(owner);
+    drop(state);
+    drop(dead); // may destroy a VM: outside the lock
+    Ok(0)
+}
+
+fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {
+    if arg.flags != 0 || arg.reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    let state = region.lock();
+    let mut flags = 0;
+    if let Some(owner) = state.owner.as_ref().filter(|o| o.is_alive()) {
+        flags |= uapi::VMBEAM_REGION_OWNED;
+        if owner.created_by_current() {
+            flags |= uapi::VMBEAM_REGION_MINE;
+        }
+    }
+    if state.moving {
+        flags |= uapi::VMBEAM_REGION_MOVING;
+    }
+    arg.state = flags;
+    arg.size = region.size();
+    arg.pages_present = state.pages.present() as u64;
+    Ok(0)
+}

@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Transfer of regions between VMs, and gather.
+//!
+//! A batch runs in three phases. *Check*: every entry is validated and its
+//! region marked moving; any failure unmarks them all and returns, so no
+//! region changed owner or lost a mapping. *Revoke*: each region loses its
+//! owner and every mapping of it is zapped (KVM's MMU notifier drops the old
+//! VM's stage-2 entries with them). *Grant*: each region gets its new owner,
+//! whose VMM maps the same pages. Revoke and grant cannot fail: everything
+//! that could was done in the check phase.
+
+use core::{ffi::c_long, sync::atomic::Ordering::Relaxed};
+
+use kernel::{
+    alloc::{flags::GFP_KERNEL, KVVec, KVec},
+    prelude::*,
+    uaccess::UserSlice,
+};
+
+use crate::{
+    owner::Owner,
+    region::{Pages, Region, RegionFile, PAGE_SIZE},
+    stats::STATS,
+    uapi,
+};
+
+/// One checked transfer: its region is marked moving.
+struct Move {
+    file: RegionFile,
+    to: Option<Owner>,
+    /// The previous owner, kept to be dropped after all locks are released.
+    from: Option<Owner>,
+}
+
+impl Move {
+    fn check(t: &uapi::vmbeam_transfer) -> Result<Self> {
+        if t.flags != 0 || t.reserved.iter().any(|&r| r != 0) {
+            return Err(EINVAL);
+        }
+        let file = RegionFile::get(t.region_fd)?;
+        let from = Owner::from_vm_fd(t.from_vm_fd)?;
+        let to = Owner::from_vm_fd(t.to_vm_fd)?;
+        if from.same_vm(&to) {
+            return Err(EINVAL);
+        }
+        let mut state = file.region().lock();
+        if state.moving {
+            return Err(EBUSY);
+        }
+        if !state.owner.as_ref().is_some_and(|owner| owner.same_vm(&from)) {
+            return Err(EPERM);
+        }
+        state.moving = true;
+        drop(state);
+        Ok(Self { file, to: Some(to), from: None })
+    }
+
+    /// Undoes `check`.
+    fn abort(&self) {
+        self.file.region().lock().moving = false;
+    }
+
+    fn revoke(&mut self) {
+        let region = self.file.region();
+        let mut state = region.lock();
+        self.from = state.owner.take();
+        self.file.revoke(&state, 0, region.npages());
+        drop(state);
+        STATS.revocations.fetch_add(1, Relaxed);
+    }
+
+    fn grant(&mut self) {
+        let mut state = self.file.region().lock();
+        state.owner = self.to.take();
+        state.moving = false;
+        let pages = state.pages.present() as u64;
+        drop(state);
+        STATS.transfers.fetch_add(1, Relaxed);
+        STATS.pages_transferred.fetch_add(pages, Relaxed);
+    }
+}
+
+/// Transfers every entry, all or nothing (see the module doc).
+pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
+    let mut moves = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
+    for entry in entries {
+        let checked = Move::check(entry).and_then(|m| moves.push(m, GFP_KERNEL).map_err(Into::into));
+        if let Err(err) = checked {
+            moves.iter().for_each(Move::abort);
+            return Err(err);
+        }
+    }
+    moves.iter_mut().for_each(Move::revoke);
+    moves.iter_mut().for_each(Move::grant);
+    drop(moves); // drops old owners (may destroy VMs) and file references
+    Ok(0)
+}
+
+/// `VMBEAM_TRANSFER_BATCH`: reads the entries and transfers them.
+pub(crate) fn transfer_batch(batch: &uapi::vmbeam_transfer_batch) -> Result<c_long> {
+    if batch.flags != 0 || batch.reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    let count = batch.count as usize;
+    if count == 0 || count > uapi::VMBEAM_TRANSFER_BATCH_MAX as usize {
+        return Err(EINVAL);
+    }
+    let mut entries = KVVec::with_capacity(count, GFP_KERNEL)?;
+    let mut reader =
+        UserSlice::new(batch.transfers as usize, count * core::mem::size_of::<uapi::vmbeam_transfer>()).reader();
+    for _ in 0..count {
+        entries.push(reader.read::<uapi::vmbeam_transfer>()?, GFP_KERNEL)?;
+    }
+    transfer(&entries)
+}
+
+/// `VMBEAM_GATHER`: a new region made of pages of the source; returns its fd.
+pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
+    if g.flags != 0 || g.reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    let count = usize::try_from(g.count).map_err(|_| EINVAL)?;
+    if count == 0 || count > uapi::VMBEAM_GATHER_MAX as usize {
+        return Err(EINVAL);
+    }
+    let src = RegionFile::get(g.src_fd)?;
+
+    // Page indexes, checked for range and alignment now, for repeats sorted.
+    let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
+    let mut reader = UserSlice::new(g.offsets as usize, count * core::mem::size_of::<u64>()).reader();
+    for _ in 0..count {
+        let offset = reader.read::<u64>()?;
+        if offset % PAGE_SIZE != 0 || offset >= src.region().size() {
+            return Err(EINVAL);
+        }
+        indexes.push((offset / PAGE_SIZE) as usize, GFP_KERNEL)?;
+    }
+    let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
+    for &i in indexes.iter() {
+        sorted.push(i, GFP_KERNEL)?;
+    }
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(EINVAL);
+    }
+
+    // Everything that can fail happens before a page moves.
+    let mut moved = Pages::empty(count)?;
+    let dst = Region::new(Pages::empty(count)?)?;
+    let fd = dst.clone().pending_fd()?;
+
+    let mut state = src.region().lock();
+    if state.moving {
+        return Err(EBUSY);
+    }
+    if sorted.iter().any(|&i| state.pages.get(i).is_none()) {
+        return Err(EINVAL); // gathered away before
+    }
+    for (to, &from) in indexes.iter().enumerate() {
+        moved.take_from(to, &mut state.pages, from);
+    }
+    // Zap the source's mappings of the moved pages, one call per run.
+    let mut run_start = 0;
+    for k in 1..=sorted.len() {
+        if k == sorted.len() || sorted[k] != sorted[k - 1] + 1 {
+            src.revoke(&state, sorted[run_start] as u64, (k - run_start) as u64);
+            run_start = k;
+        }
+    }
+    drop(state);
+    STATS.revocations.fetch_add(1, Relaxed);
+    // The new region is not published yet: only we can lock it.
+    core::mem::swap(&mut dst.lock().pages, &mut moved);
+    Ok(fd.install() as c_long)
+}
