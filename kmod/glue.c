@@ -17,6 +17,22 @@
 
 #include "glue.h"
 
+#define CREATE_TRACE_POINTS
+#include "vmbeam_trace.h"
+
+/* ---- tracepoints (static inlines: Rust calls these) ---- */
+
+void vmbeam_trace_transfer_start(unsigned int regions)
+{
+	trace_transfer_start(regions);
+}
+
+void vmbeam_trace_transfer_done(unsigned int regions, unsigned long pages, int ret)
+{
+	trace_transfer_done(regions, pages, ret);
+}
+
+
 /* ---- /dev/vmbeam ---- */
 
 static int vmbeam_open(struct inode *inode, struct file *file)
@@ -62,9 +78,11 @@ void vmbeam_misc_deregister(void)
 static vm_fault_t vmbeam_region_fault(struct vm_fault *vmf)
 {
 	struct vm_area_struct *vma = vmf->vma;
+	int ret = vmbeam_rs_region_fault(vma->vm_file->private_data, vma, vma->vm_mm,
+					 vmf->pgoff, vmf->address);
 
-	switch (vmbeam_rs_region_fault(vma->vm_file->private_data, vma, vma->vm_mm,
-				       vmf->pgoff, vmf->address)) {
+	trace_fault(file_inode(vma->vm_file)->i_ino, vmf->pgoff, ret);
+	switch (ret) {
 	case 0:
 		return VM_FAULT_NOPAGE;
 	case -ENOMEM:
@@ -165,6 +183,7 @@ void vmbeam_fput(struct file *file)
  * MMU notifiers then drop KVM's stage-2 entries for them. */
 void vmbeam_revoke(struct file *file, unsigned long first, unsigned long count)
 {
+	trace_revoke(file_inode(file)->i_ino, first, count);
 	unmap_mapping_range(file->f_mapping, (loff_t)first << PAGE_SHIFT,
 			    (loff_t)count << PAGE_SHIFT, 1);
 }

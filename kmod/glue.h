@@ -33,6 +33,10 @@ struct mm_struct *vmbeam_kvm_mm(struct kvm *kvm);
 int vmbeam_kvm_creator_alive(struct kvm *kvm);
 struct mm_struct *vmbeam_current_mm(void);
 
+/* Tracepoints (vmbeam:revoke and vmbeam:fault fire inside glue.c). */
+void vmbeam_trace_transfer_start(unsigned int regions);
+void vmbeam_trace_transfer_done(unsigned int regions, unsigned long pages, int ret);
+
 /* Pages. */
 struct page *vmbeam_page_alloc(void);
 void vmbeam_page_free(struct page *page);

@@ -22,7 +22,7 @@ use crate::{
     owner::Owner,
     region::{Pages, Region, RegionFile, PAGE_SIZE},
     stats::STATS,
-    uapi,
+    trace, uapi,
 };
 
 /// One checked transfer: its region is marked moving.
@@ -70,7 +70,8 @@ impl Move {
         STATS.revocations.fetch_add(1, Relaxed);
     }
 
-    fn grant(&mut self) {
+    /// Returns the pages granted.
+    fn grant(&mut self) -> u64 {
         let mut state = self.file.region().lock();
         state.owner = self.to.take();
         state.moving = false;
@@ -78,11 +79,21 @@ impl Move {
         drop(state);
         STATS.transfers.fetch_add(1, Relaxed);
         STATS.pages_transferred.fetch_add(pages, Relaxed);
+        pages
     }
 }
 
 /// Transfers every entry, all or nothing (see the module doc).
 pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
+    trace::transfer_start(entries.len());
+    let ret = transfer_all(entries);
+    let pages = ret.as_ref().map_or(0, |&pages| pages);
+    trace::transfer_done(entries.len(), pages, ret.as_ref().err().map_or(0, |e| e.to_errno()));
+    ret.map(|_| 0)
+}
+
+/// Returns the number of pages transferred.
+fn transfer_all(entries: &[uapi::vmbeam_transfer]) -> Result<u64> {
     let mut moves = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
     for entry in entries {
         let checked = Move::check(entry).and_then(|m| moves.push(m, GFP_KERNEL).map_err(Into::into));
@@ -92,9 +103,9 @@ pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
         }
     }
     moves.iter_mut().for_each(Move::revoke);
-    moves.iter_mut().for_each(Move::grant);
+    let pages = moves.iter_mut().map(Move::grant).sum();
     drop(moves); // drops old owners (may destroy VMs) and file references
-    Ok(0)
+    Ok(pages)
 }
 
 /// `VMBEAM_TRANSFER_BATCH`: reads the entries and transfers them.

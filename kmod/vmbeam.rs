@@ -13,6 +13,7 @@ mod device;
 mod owner;
 mod region;
 mod stats;
+mod trace;
 mod transfer;
 mod uapi;
 

@@ -101,8 +101,9 @@ fn main() {
     if !std::path::Path::new("/dev/kvm").exists() {
         Tap::skip_all("/dev/kvm missing");
     }
-    let mut tap = Tap::new(18);
+    let mut tap = Tap::new(19);
     let stats0 = dev.stats().expect("stats");
+    let tracing = enable_tracepoints();
 
     // --- the main path, in steps that each assert one thing ---
     let mut pair = Pair::new(16 * MIB, 64, 0x1234_5678).map_err(|e| panic!("set-up: {e}")).unwrap();
@@ -176,6 +177,16 @@ fn main() {
     });
     pair.finish();
 
+    tap.test("tracepoints_fire", || {
+        let dir = tracing.clone()?;
+        let trace = std::fs::read_to_string(format!("{dir}/trace")).map_err(|e| format!("read trace: {e}"))?;
+        let _ = std::fs::write(format!("{dir}/events/vmbeam/enable"), "0");
+        for event in ["transfer_start: regions=1", "transfer_done: regions=1", "revoke: region=", "fault: region="] {
+            check(trace.contains(event), || format!("no '{event}' in the trace:\n{}", trace.lines().rev().take(20).collect::<Vec<_>>().join("\n")))?;
+        }
+        Ok(())
+    });
+
     tap.test("bad_arguments_get_their_errno", || bad_arguments(&dev));
     tap.test("failed_batch_leaves_everything_with_old_owner", || failed_batch(&dev));
     tap.test("gather_moves_exactly_those_pages", || gather(&dev));
@@ -190,6 +201,19 @@ fn main() {
         check(st.regions == 0 && st.pages_owned == 0 && st.bytes_copied == 0, || format!("after all fds closed: {st:?}"))
     });
     tap.finish()
+}
+
+/// Enables the vmbeam:* tracepoints (mounting tracefs if needed); returns
+/// the tracefs directory.
+fn enable_tracepoints() -> Result<String, String> {
+    let dir = "/sys/kernel/tracing";
+    if !std::path::Path::new(&format!("{dir}/events")).exists() {
+        let status = std::process::Command::new("mount").args(["-t", "tracefs", "nodev", dir]).status();
+        check(matches!(status, Ok(s) if s.success()), || format!("mount tracefs: {status:?}"))?;
+    }
+    std::fs::write(format!("{dir}/trace"), "").map_err(|e| format!("clear trace: {e}"))?;
+    std::fs::write(format!("{dir}/events/vmbeam/enable"), "1").map_err(|e| format!("enable vmbeam events: {e}"))?;
+    Ok(dir.to_string())
 }
 
 fn bad_arguments(dev: &Device) -> TestResult {
