@@ -2,7 +2,7 @@
 # (make -C $KDIR M=$PWD), driven from scripts/module.sh.
 #
 #   make demo      boot the test kernel, run the main job, print the report
-#   make test      every test: cargo test + selftests in the test kernel
+#   make test      every test: lint, cargo test, selftests in the test kernel
 #   make kernel    build (or find cached) the test kernel
 #   make module    build vmbeam.ko          (CLIPPY=1 to lint it)
 #   make lint      clippy + rustfmt on everything
@@ -29,7 +29,7 @@ module: kernel
 userspace: deps
 	$(CARGO) build --workspace --all-targets
 
-test: module userspace
+test: lint module userspace
 	$(CARGO) test --workspace
 	@tests/run.sh
 
@@ -40,7 +40,7 @@ lint: deps
 	@scripts/module.sh CLIPPY=1
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) fmt --all --check
-	rustfmt --check --edition 2021 kmod/*.rs
+	rustfmt --check --edition 2021 kmod/*.rs  # kmod/.rustfmt.toml: the kernel tree's style
 
 clean:
 	-@scripts/module.sh clean

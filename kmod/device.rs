@@ -129,12 +129,17 @@ fn ioctl(cmd: u32, arg: usize) -> Result<c_long> {
 
 /// Reads an `_IOW` command's struct from `arg`.
 pub(crate) fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
-    UserSlice::new(arg, core::mem::size_of::<T>()).reader().read()
+    UserSlice::new(arg, core::mem::size_of::<T>())
+        .reader()
+        .read()
 }
 
 /// Reads an `_IOWR` command's struct from `arg`, runs `f` on it and, if `f`
 /// succeeded, writes it back.
-pub(crate) fn with_arg<T: FromBytes + AsBytes>(arg: usize, f: impl FnOnce(&mut T) -> Result<c_long>) -> Result<c_long> {
+pub(crate) fn with_arg<T: FromBytes + AsBytes>(
+    arg: usize,
+    f: impl FnOnce(&mut T) -> Result<c_long>,
+) -> Result<c_long> {
     let (mut reader, mut writer) = UserSlice::new(arg, core::mem::size_of::<T>()).reader_writer();
     let mut val: T = reader.read()?;
     let ret = f(&mut val)?;

@@ -119,7 +119,7 @@ impl Pages {
     /// in range, `from` present and `to` empty.
     pub(crate) fn take_from(&mut self, to: usize, src: &mut Pages, from: usize) {
         // INVARIANT: the page moves; exactly one `Pages` refers to it.
-        self.0[to] = core::mem::replace(&mut src.0[from], ptr::null_mut());
+        self.0[to] = core::mem::take(&mut src.0[from]);
     }
 }
 
@@ -292,7 +292,10 @@ impl RegionFile {
         let region = from_err_ptr(unsafe { vmbeam_region_fget(fd, &mut file) })?;
         // INVARIANT: on success C took a file reference and returned the
         // region that file owns.
-        Ok(Self { file: NonNull::new(file).ok_or(EBADF)?, region: NonNull::new(region.cast()).ok_or(EBADF)? })
+        Ok(Self {
+            file: NonNull::new(file).ok_or(EBADF)?,
+            region: NonNull::new(region.cast()).ok_or(EBADF)?,
+        })
     }
 
     pub(crate) fn region(&self) -> &Region {
@@ -326,10 +329,17 @@ unsafe fn region_of<'a>(region: *mut c_void) -> &'a Region {
 
 /// `mmap` of a region file (after C checked `MAP_SHARED`).
 #[no_mangle]
-extern "C" fn vmbeam_rs_region_mmap(region: *mut c_void, mm: *mut Mm, pgoff: c_ulong, npages: c_ulong) -> c_int {
+extern "C" fn vmbeam_rs_region_mmap(
+    region: *mut c_void,
+    mm: *mut Mm,
+    pgoff: c_ulong,
+    npages: c_ulong,
+) -> c_int {
     // SAFETY: called from the region file's mmap, so the file is live.
     let region = unsafe { region_of(region) };
-    let in_range = (pgoff as u64).checked_add(npages as u64).is_some_and(|end| end <= region.npages());
+    let in_range = pgoff
+        .checked_add(npages)
+        .is_some_and(|end| end <= region.npages());
     if !in_range {
         return EINVAL.to_errno();
     }
@@ -378,7 +388,10 @@ extern "C" fn vmbeam_rs_region_release(region: *mut c_void) {
 }
 
 /// Commands on a region fd.
-const REGION_COMMANDS: Commands = &[uapi::VMBEAM_IOCTL_REGION_BIND, uapi::VMBEAM_IOCTL_REGION_INFO];
+const REGION_COMMANDS: Commands = &[
+    uapi::VMBEAM_IOCTL_REGION_BIND,
+    uapi::VMBEAM_IOCTL_REGION_INFO,
+];
 
 /// `unlocked_ioctl` of a region file.
 #[no_mangle]

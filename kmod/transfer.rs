@@ -48,12 +48,20 @@ impl Move {
         if state.moving {
             return Err(EBUSY);
         }
-        if !state.owner.as_ref().is_some_and(|owner| owner.same_vm(&from)) {
+        if !state
+            .owner
+            .as_ref()
+            .is_some_and(|owner| owner.same_vm(&from))
+        {
             return Err(EPERM);
         }
         state.moving = true;
         drop(state);
-        Ok(Self { file, to: Some(to), from: None })
+        Ok(Self {
+            file,
+            to: Some(to),
+            from: None,
+        })
     }
 
     /// Undoes `check`.
@@ -88,7 +96,11 @@ pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
     trace::transfer_start(entries.len());
     let ret = transfer_all(entries);
     let pages = ret.as_ref().map_or(0, |&pages| pages);
-    trace::transfer_done(entries.len(), pages, ret.as_ref().err().map_or(0, |e| e.to_errno()));
+    trace::transfer_done(
+        entries.len(),
+        pages,
+        ret.as_ref().err().map_or(0, |e| e.to_errno()),
+    );
     ret.map(|_| 0)
 }
 
@@ -96,7 +108,8 @@ pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
 fn transfer_all(entries: &[uapi::vmbeam_transfer]) -> Result<u64> {
     let mut moves = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
     for entry in entries {
-        let checked = Move::check(entry).and_then(|m| moves.push(m, GFP_KERNEL).map_err(Into::into));
+        let checked =
+            Move::check(entry).and_then(|m| moves.push(m, GFP_KERNEL).map_err(Into::into));
         if let Err(err) = checked {
             moves.iter().for_each(Move::abort);
             return Err(err);
@@ -118,8 +131,11 @@ pub(crate) fn transfer_batch(batch: &uapi::vmbeam_transfer_batch) -> Result<c_lo
         return Err(EINVAL);
     }
     let mut entries = KVVec::with_capacity(count, GFP_KERNEL)?;
-    let mut reader =
-        UserSlice::new(batch.transfers as usize, count * core::mem::size_of::<uapi::vmbeam_transfer>()).reader();
+    let mut reader = UserSlice::new(
+        batch.transfers as usize,
+        count * core::mem::size_of::<uapi::vmbeam_transfer>(),
+    )
+    .reader();
     for _ in 0..count {
         entries.push(reader.read::<uapi::vmbeam_transfer>()?, GFP_KERNEL)?;
     }
@@ -139,7 +155,8 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
 
     // Page indexes, checked for range and alignment now, for repeats sorted.
     let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-    let mut reader = UserSlice::new(g.offsets as usize, count * core::mem::size_of::<u64>()).reader();
+    let mut reader =
+        UserSlice::new(g.offsets as usize, count * core::mem::size_of::<u64>()).reader();
     for _ in 0..count {
         let offset = reader.read::<u64>()?;
         if offset % PAGE_SIZE != 0 || offset >= src.region().size() {

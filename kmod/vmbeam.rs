@@ -32,7 +32,10 @@ struct VmBeam {
 impl kernel::Module for VmBeam {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let device = device::Registration::new()?;
-        pr_info!("loaded: /dev/vmbeam, uAPI version {}\n", uapi::VMBEAM_API_VERSION);
+        pr_info!(
+            "loaded: /dev/vmbeam, uAPI version {}\n",
+            uapi::VMBEAM_API_VERSION
+        );
         Ok(VmBeam { _device: device })
     }
 }

@@ -21,7 +21,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # Make flags shared by the kernel build and every M= module build.
 kmake_flags() {
 	echo LLVM=1 RUSTC=$KRUSTC HOSTRUSTC=$KRUSTC RUSTDOC=$KRUSTDOC \
-		BINDGEN=$CARGO_HOME/bin/bindgen
+		BINDGEN=$CARGO_HOME/bin/bindgen CLIPPY_DRIVER=/usr/bin/clippy-driver
 }
 
 # Fragments merged over tinyconfig for a KCONFIG variant.

@@ -5,5 +5,12 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 kdir=$("$VMBEAM_ROOT/scripts/kernel.sh")
+# Objects built against another kernel (default vs debug) must not be reused.
+stamp="$VMBEAM_ROOT/.vmbeam-kdir"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$kdir" ]; then
+	# shellcheck disable=SC2046
+	make -C "$kdir" M="$VMBEAM_ROOT" $(kmake_flags) clean >/dev/null
+	echo "$kdir" >"$stamp"
+fi
 # shellcheck disable=SC2046
 make -C "$kdir" M="$VMBEAM_ROOT" $(kmake_flags) -j"$(nproc)" "$@"

@@ -43,15 +43,16 @@ impl TestVm {
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         // SAFETY: a fresh private anonymous mapping; nothing else uses it.
         let code = unsafe {
-            mmap_anonymous(None, CODE_SIZE.try_into().unwrap(), ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
+            mmap_anonymous(
+                None,
+                CODE_SIZE.try_into().unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
         }
         .map_err(|e| format!("mmap code page: {e}"))?;
         let code = code.cast::<u8>();
-        let mut this = Self {
-            vcpu: vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?,
-            vm,
-            code,
-        };
+        let mut this = Self { vcpu: vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?, vm, code };
         // SAFETY: `code` is a live mapping of CODE_SIZE bytes owned by this VM
         // for its whole life (never unmapped).
         unsafe { this.add_memslot(0, CODE_GPA, code.as_ptr() as u64, CODE_SIZE as u64) }
@@ -79,7 +80,13 @@ impl TestVm {
     /// `hva..hva+size` must stay mapped (or be removed from the VM) while the
     /// guest may touch it.
     pub unsafe fn add_memslot(&self, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+        };
         // SAFETY: the caller keeps the memory valid.
         unsafe { self.vm.set_user_memory_region(region) }
     }
@@ -153,30 +160,52 @@ pub mod programs {
     /// pseudo-random sequence from seed `eax`; reports the sum of what it
     /// wrote.
     pub const FILL: &[u8] = &[
-        0x31, 0xdb, //                       xor ebx, ebx
-        0x89, 0x07, //                 loop: mov [edi], eax
-        0x01, 0xc3, //                       add ebx, eax
-        0x69, 0xc0, 0x0d, 0x66, 0x19, 0x00, // imul eax, eax, 1664525
-        0x05, 0x5f, 0xf3, 0x6e, 0x3c, //     add eax, 1013904223
-        0x01, 0xf7, //                       add edi, esi
+        0x31,
+        0xdb, //                       xor ebx, ebx
+        0x89,
+        0x07, //                 loop: mov [edi], eax
+        0x01,
+        0xc3, //                       add ebx, eax
+        0x69,
+        0xc0,
+        0x0d,
+        0x66,
+        0x19,
+        0x00, // imul eax, eax, 1664525
+        0x05,
+        0x5f,
+        0xf3,
+        0x6e,
+        0x3c, //     add eax, 1013904223
+        0x01,
+        0xf7, //                       add edi, esi
         0x49, //                             dec ecx
-        0x75, 0xec, //                       jnz loop
-        0x89, 0xd8, //                       mov eax, ebx
-        0xe7, super::PORT as u8, //          out PORT, eax
-        0xf4, //                             hlt
+        0x75,
+        0xec, //                       jnz loop
+        0x89,
+        0xd8, //                       mov eax, ebx
+        0xe7,
+        super::PORT as u8, //          out PORT, eax
+        0xf4,              //                             hlt
     ];
 
     /// Reads `ecx` dwords from address `edi`, one every `esi` bytes;
     /// reports their sum.
     pub const SUM: &[u8] = &[
-        0x31, 0xdb, //              xor ebx, ebx
-        0x03, 0x1f, //        loop: add ebx, [edi]
-        0x01, 0xf7, //              add edi, esi
+        0x31,
+        0xdb, //              xor ebx, ebx
+        0x03,
+        0x1f, //        loop: add ebx, [edi]
+        0x01,
+        0xf7, //              add edi, esi
         0x49, //                    dec ecx
-        0x75, 0xf9, //              jnz loop
-        0x89, 0xd8, //              mov eax, ebx
-        0xe7, super::PORT as u8, // out PORT, eax
-        0xf4, //                    hlt
+        0x75,
+        0xf9, //              jnz loop
+        0x89,
+        0xd8, //              mov eax, ebx
+        0xe7,
+        super::PORT as u8, // out PORT, eax
+        0xf4,              //                    hlt
     ];
 
     /// What [`FILL`] reports: the same sequence, summed on the host.

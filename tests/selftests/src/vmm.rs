@@ -191,7 +191,14 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // syscall, safe in a handler.
     // SAFETY: replaces exactly the faulting page of a mapping being probed.
     unsafe {
-        libc::mmap(addr as *mut _, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED, -1, 0);
+        libc::mmap(
+            addr as *mut _,
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        );
     }
 }
 
@@ -306,7 +313,8 @@ fn handle(
                 Program::Sum => (programs::SUM, 0),
             };
             let vm = vm.as_mut().unwrap();
-            vm.load(code, [u64::from(seed), 0, u64::from(count), 0, u64::from(stride), s.gpa + offset]).map_err(|e| (0, e))?;
+            vm.load(code, [u64::from(seed), 0, u64::from(count), 0, u64::from(stride), s.gpa + offset])
+                .map_err(|e| (0, e))?;
             match vm.run() {
                 Ok(Exit::Out(v)) => Ok(u64::from(v)),
                 Ok(other) => Err((0, format!("guest exit {other:?}"))),
@@ -342,7 +350,8 @@ fn attach(vm: &TestVm, slots: &mut BTreeMap<u32, Slot>, region: OwnedFd, slot: u
         .size;
     let hva = map_region(&region, size)?;
     // SAFETY: the mapping lives as long as this process (never unmapped).
-    unsafe { vm.add_memslot(slot, gpa, hva, size) }.map_err(|e| (e.errno(), format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+    unsafe { vm.add_memslot(slot, gpa, hva, size) }
+        .map_err(|e| (e.errno(), format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
     slots.insert(slot, Slot { region, hva, size, gpa });
     Ok(hva)
 }

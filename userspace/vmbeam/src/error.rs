@@ -5,7 +5,9 @@ use nix::errno::Errno;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/vmbeam` does not exist.
-    #[error("{path} not found: vmbeam.ko is not loaded (load it with `insmod vmbeam.ko` as root; `make module` builds it)")]
+    #[error(
+        "{path} not found: vmbeam.ko is not loaded (load it with `insmod vmbeam.ko` as root; `make module` builds it)"
+    )]
     NotLoaded { path: &'static str },
     /// Opening `/dev/vmbeam` failed.
     #[error("cannot open {path}: {errno} ({}): {}", errno.desc(), open_meaning(*errno))]

@@ -58,14 +58,16 @@ fn main() {
     tap.test("unknown_vmbeam_command_is_enotty", || {
         let mut buf = [0u8; 64];
         let cmd = (uapi::VMBEAM_IOCTL_GET_STATS & !0xff) | 0x7f; // our magic, unused nr
-        // SAFETY: as above.
+                                                                 // SAFETY: as above.
         let got = unsafe { dev.raw_ioctl(cmd, buf.as_mut_ptr().cast()) };
         expect_errno("nr 0x7f", got, Errno::ENOTTY)
     });
 
     tap.test("wrong_size_is_einval", || {
         let mut buf = [0u8; 256];
-        for (name, cmd) in [("GET_VERSION", uapi::VMBEAM_IOCTL_GET_VERSION), ("GET_STATS", uapi::VMBEAM_IOCTL_GET_STATS)] {
+        for (name, cmd) in
+            [("GET_VERSION", uapi::VMBEAM_IOCTL_GET_VERSION), ("GET_STATS", uapi::VMBEAM_IOCTL_GET_STATS)]
+        {
             for size in [0, 8, 200] {
                 // SAFETY: buf is 256 writable bytes >= any size here.
                 let got = unsafe { dev.raw_ioctl(with_size(cmd, size), buf.as_mut_ptr().cast()) };
@@ -78,7 +80,7 @@ fn main() {
     tap.test("wrong_direction_is_einval", || {
         let mut buf = [0u8; 256];
         let read_only = uapi::VMBEAM_IOCTL_GET_STATS & !(1 << 30); // drop _IOC_WRITE
-        // SAFETY: as above.
+                                                                   // SAFETY: as above.
         let got = unsafe { dev.raw_ioctl(read_only, buf.as_mut_ptr().cast()) };
         expect_errno("GET_STATS as _IOR", got, Errno::EINVAL)
     });

@@ -125,19 +125,29 @@ fn main() {
     tap.test("same_page_frames_before_and_after", || {
         let after = pfns(pair.clean.pid, clean_hva, pair.size)?;
         check(before.len() as u64 == pair.size / 4096 && before.iter().all(|&p| p != 0), || {
-            format!("aged mapping not fully present before: {} of {} pages", before.iter().filter(|&&p| p != 0).count(), before.len())
+            format!(
+                "aged mapping not fully present before: {} of {} pages",
+                before.iter().filter(|&&p| p != 0).count(),
+                before.len()
+            )
         })?;
         let same = before.iter().zip(&after).filter(|(a, b)| a == b).count();
-        check(same == before.len(), || format!("{same} of {} PFNs equal; first: {:#x} vs {:#x}", before.len(), before[0], after[0]))
+        check(same == before.len(), || {
+            format!("{same} of {} PFNs equal; first: {:#x} vs {:#x}", before.len(), before[0], after[0])
+        })
     });
 
     tap.test("bytes_copied_stays_zero_and_counters_follow", || {
         let st = dev.stats().map_err(|e| e.to_string())?;
         check(st.bytes_copied == 0, || format!("bytes_copied = {}", st.bytes_copied))?;
         check(st.transfers == stats0.transfers + 1, || format!("transfers {} -> {}", stats0.transfers, st.transfers))?;
-        check(st.pages_transferred == stats0.pages_transferred + pair.size / 4096, || format!("pages_transferred {}", st.pages_transferred))?;
+        check(st.pages_transferred == stats0.pages_transferred + pair.size / 4096, || {
+            format!("pages_transferred {}", st.pages_transferred)
+        })?;
         check(st.revocations == stats0.revocations + 1, || format!("revocations {}", st.revocations))?;
-        check(st.regions == stats0.regions + 1 && st.pages_owned == stats0.pages_owned + pair.size / 4096, || format!("{st:?}"))
+        check(st.regions == stats0.regions + 1 && st.pages_owned == stats0.pages_owned + pair.size / 4096, || {
+            format!("{st:?}")
+        })
     });
 
     tap.test("old_owner_vmm_access_gets_sigbus", || {
@@ -148,32 +158,42 @@ fn main() {
     });
 
     tap.test("old_owner_kvm_run_fails_with_efault", || {
-        match pair.aged.call(&Request::Run { slot: SLOT, program: Program::Sum, offset: 0, count: 16, stride: 4096 }, &[]) {
+        match pair
+            .aged
+            .call(&Request::Run { slot: SLOT, program: Program::Sum, offset: 0, count: 16, stride: 4096 }, &[])
+        {
             Err((errno, _)) if errno == libc::EFAULT => Ok(()),
             other => Err(format!("aged KVM_RUN over revoked memory: expected EFAULT, got {other:?}")),
         }
     });
 
-    tap.test("old_owner_remap_is_eacces", || {
-        match pair.aged.call(&Request::Remap { slot: SLOT }, &[]) {
-            Err((errno, _)) if errno == libc::EACCES => Ok(()),
-            other => Err(format!("aged re-mmap: expected EACCES, got {other:?}")),
-        }
+    tap.test("old_owner_remap_is_eacces", || match pair.aged.call(&Request::Remap { slot: SLOT }, &[]) {
+        Err((errno, _)) if errno == libc::EACCES => Ok(()),
+        other => Err(format!("aged re-mmap: expected EACCES, got {other:?}")),
     });
 
     tap.test("transfer_back_with_single_ioctl", || {
-        let back = Transfer { region: pair.region.as_fd(), from_vm: pair.clean_vm.as_fd(), to_vm: pair.aged_vm.as_fd() };
+        let back =
+            Transfer { region: pair.region.as_fd(), from_vm: pair.clean_vm.as_fd(), to_vm: pair.aged_vm.as_fd() };
         dev.transfer(back).map_err(|e| e.to_string())?;
         // The owner again, it may map the region anew (its old mapping had
         // a page replaced by the SIGBUS probe above).
         let fd = pair.region.as_raw_fd();
         pair.aged.ok(&Request::Attach { slot: SLOT + 1, gpa: CLEAN_GPA }, &[fd])?;
         let (sum, _) = pair.aged.ok(
-            &Request::Run { slot: SLOT + 1, program: Program::Sum, offset: 0, count: count(pair.size, pair.stride), stride: pair.stride },
+            &Request::Run {
+                slot: SLOT + 1,
+                program: Program::Sum,
+                offset: 0,
+                count: count(pair.size, pair.stride),
+                stride: pair.stride,
+            },
             &[],
         )?;
         let sum = sum as u32;
-        check(sum == pair.written, || format!("aged guest summed {sum:#x} after the return, expected {:#x}", pair.written))
+        check(sum == pair.written, || {
+            format!("aged guest summed {sum:#x} after the return, expected {:#x}", pair.written)
+        })
     });
     pair.finish();
 
@@ -182,7 +202,9 @@ fn main() {
         let trace = std::fs::read_to_string(format!("{dir}/trace")).map_err(|e| format!("read trace: {e}"))?;
         let _ = std::fs::write(format!("{dir}/events/vmbeam/enable"), "0");
         for event in ["transfer_start: regions=1", "transfer_done: regions=1", "revoke: region=", "fault: region="] {
-            check(trace.contains(event), || format!("no '{event}' in the trace:\n{}", trace.lines().rev().take(20).collect::<Vec<_>>().join("\n")))?;
+            check(trace.contains(event), || {
+                format!("no '{event}' in the trace:\n{}", trace.lines().rev().take(20).collect::<Vec<_>>().join("\n"))
+            })?;
         }
         Ok(())
     });
@@ -198,7 +220,9 @@ fn main() {
     tap.test("vmm_killed_mid_migration_loses_nothing", || killed(&dev));
     tap.test("counters_return_to_zero", || {
         let st = dev.stats().map_err(|e| e.to_string())?;
-        check(st.regions == 0 && st.pages_owned == 0 && st.bytes_copied == 0, || format!("after all fds closed: {st:?}"))
+        check(st.regions == 0 && st.pages_owned == 0 && st.bytes_copied == 0, || {
+            format!("after all fds closed: {st:?}")
+        })
     });
     tap.finish()
 }
@@ -281,10 +305,8 @@ fn failed_batch(dev: &Device) -> TestResult {
 fn gather(dev: &Device) -> TestResult {
     let mut src = Pair::new(MIB, 4, 33)?; // every dword written
     let picks = [5u64, 2, 9, 255];
-    let page_sums: Vec<u32> = picks
-        .iter()
-        .map(|&p| run(&mut src.aged, Program::Sum, p * 4096, 1024, 4))
-        .collect::<Result<_, _>>()?;
+    let page_sums: Vec<u32> =
+        picks.iter().map(|&p| run(&mut src.aged, Program::Sum, p * 4096, 1024, 4)).collect::<Result<_, _>>()?;
     let src_pfns = pfns(src.aged.pid, src.aged_hva, src.size)?;
     let offsets: Vec<u64> = picks.iter().map(|p| p * 4096).collect();
     let gathered = dev.gather(src.region.as_fd(), &offsets).map_err(|e| e.to_string())?;
@@ -300,7 +322,9 @@ fn gather(dev: &Device) -> TestResult {
         }
     }
     for p in [0u64, 3, 4, 6, 254] {
-        src.aged.ok(&Request::Touch { slot: SLOT, offset: p * 4096 }, &[]).map_err(|e| format!("source page {p}: {e}"))?;
+        src.aged
+            .ok(&Request::Touch { slot: SLOT, offset: p * 4096 }, &[])
+            .map_err(|e| format!("source page {p}: {e}"))?;
     }
     // The clean VM binds the gathered region: same data, same frames.
     let fd: OwnedFd = gathered.into_fd();
@@ -311,7 +335,9 @@ fn gather(dev: &Device) -> TestResult {
     }
     let dst_pfns = pfns(src.clean.pid, hva, 4 * 4096)?;
     for (i, &p) in picks.iter().enumerate() {
-        check(dst_pfns[i] == src_pfns[p as usize], || format!("page {p}: PFN {:#x} became {:#x}", src_pfns[p as usize], dst_pfns[i]))?;
+        check(dst_pfns[i] == src_pfns[p as usize], || {
+            format!("page {p}: PFN {:#x} became {:#x}", src_pfns[p as usize], dst_pfns[i])
+        })?;
     }
     src.finish();
     Ok(())
@@ -431,9 +457,22 @@ fn killed(dev: &Device) -> TestResult {
     clean.kill();
     let info = Region::from_fd(region.try_clone().unwrap()).info().map_err(|e| e.to_string())?;
     check(!info.owned && info.pages_present == size / 4096, || format!("after the clean VMM died: {info:?}"))?;
-    pair = Pair { aged, clean: Vmm::spawn(), region, written, size, stride, aged_vm: pair.aged_vm, clean_vm: pair.clean_vm, aged_hva: 0 };
+    pair = Pair {
+        aged,
+        clean: Vmm::spawn(),
+        region,
+        written,
+        size,
+        stride,
+        aged_vm: pair.aged_vm,
+        clean_vm: pair.clean_vm,
+        aged_hva: 0,
+    };
     pair.aged.ok(&Request::Bind { slot: SLOT + 1, gpa: CLEAN_GPA }, &[pair.region.as_raw_fd()])?;
-    let (v, _) = pair.aged.ok(&Request::Run { slot: SLOT + 1, program: Program::Sum, offset: 0, count: count(size, stride), stride }, &[])?;
+    let (v, _) = pair.aged.ok(
+        &Request::Run { slot: SLOT + 1, program: Program::Sum, offset: 0, count: count(size, stride), stride },
+        &[],
+    )?;
     check(v as u32 == written, || format!("aged took it back: {:#x} != {written:#x}", v as u32))?;
     pair.finish();
     Ok(())

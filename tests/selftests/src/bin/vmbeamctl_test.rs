@@ -20,7 +20,9 @@ fn main() {
     tap.test("status_text", || {
         let out = vmbeamctl(&["status"])?;
         let text = String::from_utf8_lossy(&out.stdout);
-        check(out.status.success(), || format!("exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr)))?;
+        check(out.status.success(), || {
+            format!("exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr))
+        })?;
         let version = dev.api_version().map_err(|e| e.to_string())?;
         check(text.contains(&format!("uAPI version {version}")), || format!("no version in:\n{text}"))?;
         for row in ["regions", "pages owned", "transfers", "pages transferred", "revocations", "bytes copied"] {
