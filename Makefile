@@ -43,5 +43,6 @@ lint: deps
 	rustfmt --check --edition 2021 kmod/*.rs  # kmod/.rustfmt.toml: the kernel tree's style
 
 clean:
-	-@scripts/module.sh clean
+	rm -f -- *.o *.ko *.mod *.mod.c .*.cmd Module.symvers modules.order .vmbeam-kdir \
+		kmod/*.o kmod/.*.cmd kmod/*.d kmod/uapi_generated.rs
 	$(CARGO) clean

@@ -8,8 +8,10 @@ kdir=$("$VMBEAM_ROOT/scripts/kernel.sh")
 # Objects built against another kernel (default vs debug) must not be reused.
 stamp="$VMBEAM_ROOT/.vmbeam-kdir"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$kdir" ]; then
-	# shellcheck disable=SC2046
-	make -C "$kdir" M="$VMBEAM_ROOT" $(kmake_flags) clean >/dev/null
+	# Only the module's own objects: Kbuild's M= clean would also delete
+	# every *.o under target/.
+	(cd "$VMBEAM_ROOT" && rm -f -- *.o *.ko *.mod *.mod.c .*.cmd Module.symvers modules.order \
+		kmod/*.o kmod/.*.cmd kmod/*.d kmod/uapi_generated.rs)
 	echo "$kdir" >"$stamp"
 fi
 # shellcheck disable=SC2046

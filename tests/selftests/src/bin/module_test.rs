@@ -52,7 +52,7 @@ fn main() {
     if !module_loaded() {
         Tap::skip_all("vmbeam.ko is not loaded");
     }
-    let mut tap = Tap::new(6);
+    let mut tap = Tap::new(7);
 
     tap.test("rmmod_refused_while_fd_open", || {
         let dev = Device::open().map_err(|e| e.to_string())?;
@@ -61,6 +61,14 @@ fn main() {
         // delete_module says EWOULDBLOCK (== EAGAIN) for a module in use.
         check(got == Err(Errno::EWOULDBLOCK), || format!("expected EWOULDBLOCK, got {got:?}"))?;
         check(module_loaded(), || "module vanished".into())
+    });
+
+    tap.test("rmmod_refused_while_a_region_exists", || {
+        let region = Device::open().and_then(|dev| dev.create_region(4096)).map_err(|e| e.to_string())?;
+        // /dev/vmbeam is closed now; only the region fd pins the module.
+        let got = delete_module();
+        drop(region);
+        check(got == Err(Errno::EWOULDBLOCK), || format!("expected EWOULDBLOCK with a region alive, got {got:?}"))
     });
 
     let before = kmsg_lines().len();
