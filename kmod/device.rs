@@ -127,6 +127,15 @@ fn ioctl(cmd: u32, arg: usize) -> Result<c_long> {
     }
 }
 
+/// Every argument's input-only words: unknown `flags`, a nonzero `pad` or
+/// `reserved` word get `EINVAL`, so later versions can give them meaning.
+pub(crate) fn check_unused(flags: u32, pad: u64, reserved: &[u64]) -> Result {
+    if flags != 0 || pad != 0 || reserved.iter().any(|&r| r != 0) {
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
 /// Reads an `_IOW` command's struct from `arg`.
 pub(crate) fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
     UserSlice::new(arg, core::mem::size_of::<T>())
@@ -148,25 +157,19 @@ pub(crate) fn with_arg<T: FromBytes + AsBytes>(
 }
 
 fn get_version(ver: &mut uapi::vmbeam_version) -> Result<c_long> {
-    if ver.flags != 0 || ver.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(ver.flags, 0, &ver.reserved)?;
     ver.api_version = uapi::VMBEAM_API_VERSION;
     Ok(0)
 }
 
 fn get_stats(st: &mut uapi::vmbeam_stats) -> Result<c_long> {
-    if st.flags != 0 || st.pad != 0 || st.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(st.flags, u64::from(st.pad), &st.reserved)?;
     STATS.snapshot(st);
     Ok(0)
 }
 
 fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
-    if arg.flags != 0 || arg.pad != 0 || arg.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(arg.flags, u64::from(arg.pad), &arg.reserved)?;
     let fd = Region::create(arg.size)?.pending_fd()?;
     Ok(fd.install() as c_long)
 }

@@ -27,7 +27,7 @@ use kernel::{
 };
 
 use crate::{
-    device::{read_arg, with_arg, Commands},
+    device::{check_unused, read_arg, with_arg, Commands},
     owner::{Mm, Owner},
     stats::STATS,
     uapi,
@@ -407,9 +407,7 @@ extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) 
 }
 
 fn bind(region: &Region, arg: &uapi::vmbeam_region_bind) -> Result<c_long> {
-    if arg.flags != 0 || arg.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(arg.flags, 0, &arg.reserved)?;
     let owner = Owner::from_vm_fd(arg.vm_fd)?;
     if !owner.created_by_current() {
         return Err(EPERM);
@@ -425,9 +423,7 @@ fn bind(region: &Region, arg: &uapi::vmbeam_region_bind) -> Result<c_long> {
 }
 
 fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {
-    if arg.flags != 0 || arg.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(arg.flags, 0, &arg.reserved)?;
     let state = region.lock();
     let mut flags = 0;
     if let Some(owner) = state.owner.as_ref().filter(|o| o.is_alive()) {

@@ -19,6 +19,7 @@ use kernel::{
 };
 
 use crate::{
+    device::check_unused,
     owner::Owner,
     region::{Pages, Region, RegionFile, PAGE_SIZE},
     stats::STATS,
@@ -35,9 +36,7 @@ struct Move {
 
 impl Move {
     fn check(t: &uapi::vmbeam_transfer) -> Result<Self> {
-        if t.flags != 0 || t.reserved.iter().any(|&r| r != 0) {
-            return Err(EINVAL);
-        }
+        check_unused(t.flags, 0, &t.reserved)?;
         let file = RegionFile::get(t.region_fd)?;
         let from = Owner::from_vm_fd(t.from_vm_fd)?;
         let to = Owner::from_vm_fd(t.to_vm_fd)?;
@@ -123,9 +122,7 @@ fn transfer_all(entries: &[uapi::vmbeam_transfer]) -> Result<u64> {
 
 /// `VMBEAM_TRANSFER_BATCH`: reads the entries and transfers them.
 pub(crate) fn transfer_batch(batch: &uapi::vmbeam_transfer_batch) -> Result<c_long> {
-    if batch.flags != 0 || batch.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(batch.flags, 0, &batch.reserved)?;
     let count = batch.count as usize;
     if count == 0 || count > uapi::VMBEAM_TRANSFER_BATCH_MAX as usize {
         return Err(EINVAL);
@@ -144,9 +141,7 @@ pub(crate) fn transfer_batch(batch: &uapi::vmbeam_transfer_batch) -> Result<c_lo
 
 /// `VMBEAM_GATHER`: a new region made of pages of the source; returns its fd.
 pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
-    if g.flags != 0 || g.reserved.iter().any(|&r| r != 0) {
-        return Err(EINVAL);
-    }
+    check_unused(g.flags, 0, &g.reserved)?;
     let count = usize::try_from(g.count).map_err(|_| EINVAL)?;
     if count == 0 || count > uapi::VMBEAM_GATHER_MAX as usize {
         return Err(EINVAL);
