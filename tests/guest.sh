@@ -8,8 +8,11 @@ set -u
 mode=$1 ko=$2 bin=$3
 
 SELFTESTS=(device_test vmbeamctl_test kvm_guest_test transfer_test module_test)
-# What the harness treats as a kernel bug, whatever the tests said.
-DMESG_ERRORS='BUG:|WARNING:|Oops|lockdep|KASAN|UBSAN|kernel BUG|general protection|Call Trace:|unreferenced object'
+# What the harness treats as a kernel bug, whatever the tests said. Lockdep
+# reports by their headers (the boot banner "RCU lockdep checking is
+# enabled" is not one); "lockdep is turned off" means one was printed.
+DMESG_ERRORS='BUG:|WARNING:|Oops|KASAN|UBSAN|kernel BUG|general protection|Call Trace:|unreferenced object'
+DMESG_ERRORS+='|possible (circular|recursive) locking|inconsistent lock state|suspicious RCU usage|lockdep is turned off'
 
 passed=0 failed=0 skipped=0 n=0
 top_fail=0
@@ -47,6 +50,7 @@ finish() {
 	errors=$(dmesg | grep -E "$DMESG_ERRORS")
 	if [ -n "$errors" ]; then
 		echo "# kernel reported errors in dmesg:"
+		sed 's/^/# dmesg error: /' <<<"$errors" | head -n 20
 		dmesg | sed 's/^/# dmesg: /' | tail -n 80
 		report "not ok" "dmesg_clean"
 		failed=$((failed + 1)) top_fail=1
