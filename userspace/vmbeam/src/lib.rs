@@ -11,6 +11,7 @@
 //! # Ok::<(), vmbeam::Error>(())
 //! ```
 
+pub mod control;
 mod device;
 mod error;
 mod region;

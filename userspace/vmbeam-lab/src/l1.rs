@@ -1,0 +1,269 @@
+//! The lab L1: one KVM VM whose RAM is a vmbeam region (holding the
+//! workload code) and whose L2 windows are vmbeam regions mapped at
+//! guest-physical windows above the RAM.
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
+use vmbeam::{
+    control::{Handoff, L1Status, Regs, Window},
+    Device, Region,
+};
+
+use crate::{cpu, l2::L2, workload};
+
+/// L2 windows start here (above the L1's RAM) and end below 4 GiB: the
+/// workload runs in 32-bit flat mode.
+pub const WINDOW_BASE: u64 = 0x1000_0000;
+pub const WINDOW_LIMIT: u64 = 0xf000_0000;
+/// Window sizes and addresses are multiples of this.
+pub const PAGE: u64 = 4096;
+
+pub struct L1 {
+    pub name: String,
+    vm: VmFd,
+    dev: Device,
+    ram: GuestRegionMmap<()>,
+    _ram_region: Region,
+    pub l2s: Vec<L2>,
+    next_slot: u32,
+    next_vcpu: u64,
+    seed: u32,
+}
+
+impl L1 {
+    pub fn new(name: String, ram_bytes: u64) -> Result<Self> {
+        ensure!(ram_bytes >= 2 * PAGE && ram_bytes <= WINDOW_BASE, "RAM must be 8 KiB .. 256 MiB");
+        let kvm = Kvm::new().context("opening /dev/kvm")?;
+        let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+        let dev = Device::open()?;
+        let ram_region = dev.create_region(ram_bytes).context("creating the L1 RAM region")?;
+        ram_region.bind(borrow(&vm)).context("binding the L1 RAM region")?;
+        let ram = map(&ram_region, 0, ram_bytes)?;
+        ram.write_slice(workload::CODE, MemoryRegionAddress(workload::CODE_GPA))
+            .context("loading the workload")?;
+        let mut l1 = Self {
+            name,
+            vm,
+            dev,
+            ram,
+            _ram_region: ram_region,
+            l2s: Vec::new(),
+            next_slot: 0,
+            next_vcpu: 0,
+            seed: cpu::monotonic_ns() as u32 | 1,
+        };
+        let ram_ptr = l1.ram.as_ptr() as u64;
+        // SAFETY: the RAM mapping lives as long as the VM (both in `l1`).
+        unsafe { l1.set_memslot(0, 0, ram_ptr, ram_bytes) }.context("RAM memslot")?;
+        l1.next_slot = 1;
+        Ok(l1)
+    }
+
+    pub fn vm_fd(&self) -> BorrowedFd<'_> {
+        borrow(&self.vm)
+    }
+
+    pub fn status(&self) -> L1Status {
+        L1Status {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            api_version: self.dev.api_version().unwrap_or(0),
+            ram_bytes: self.ram.len(),
+            l2_vms: self.l2s.len(),
+            running: self.l2s.iter().filter(|l| l.is_running()).count(),
+            windows: self.l2s.iter().map(|l| l.window).collect(),
+            window_base: WINDOW_BASE,
+            window_limit: WINDOW_LIMIT,
+        }
+    }
+
+    pub fn find(&mut self, name: &str) -> Option<&mut L2> {
+        self.l2s.iter_mut().find(|l| l.name == name)
+    }
+
+    /// The lowest free window of `size` bytes.
+    pub fn free_window(&self, size: u64) -> Option<Window> {
+        let mut used: Vec<Window> = self.l2s.iter().map(|l| l.window).collect();
+        used.sort_by_key(|w| w.gpa);
+        let mut gpa = WINDOW_BASE;
+        for w in used {
+            if gpa + size <= w.gpa {
+                break;
+            }
+            gpa = gpa.max(w.end().next_multiple_of(2 << 20));
+        }
+        (gpa + size <= WINDOW_LIMIT).then_some(Window { gpa, size })
+    }
+
+    /// Why `w` cannot be a new window here, if it cannot.
+    pub fn check_window(&self, w: &Window) -> Result<()> {
+        ensure!(w.size >= 2 * PAGE && w.size % PAGE == 0, "window size {:#x}: a multiple of 4 KiB, at least 8 KiB", w.size);
+        ensure!(w.gpa % PAGE == 0, "window GPA {:#x} is not 4 KiB aligned", w.gpa);
+        ensure!(
+            w.gpa >= WINDOW_BASE && w.end() <= WINDOW_LIMIT,
+            "window {:#x}+{:#x} is outside {WINDOW_BASE:#x}..{WINDOW_LIMIT:#x}",
+            w.gpa,
+            w.size
+        );
+        if let Some(other) = self.l2s.iter().find(|l| l.window.overlaps(w)) {
+            bail!("window {:#x}+{:#x} overlaps {}'s", w.gpa, w.size, other.name);
+        }
+        Ok(())
+    }
+
+    /// A new L2 with a fresh region of `size` bytes, running its workload.
+    pub fn add_l2(&mut self, name: String, size: u64) -> Result<()> {
+        ensure!(size >= 2 * PAGE && size % PAGE == 0, "L2 size must be a multiple of 4 KiB, at least 8 KiB");
+        let window = self.free_window(size).ok_or_else(|| anyhow!("no free window of {size} bytes below 4 GiB"))?;
+        let region = self.dev.create_region(size).context("VMBEAM_CREATE_REGION")?;
+        region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
+        self.seed = self.seed.wrapping_mul(0x2c9277b5).wrapping_add(0xac564b05);
+        let regs = Regs { rsi: window.gpa, rip: workload::CODE_GPA + workload::INIT, ..Default::default() };
+        let l2 = self.attach(name, window, region, Some(self.seed))?;
+        l2.start(&regs, false).context("starting the workload")?;
+        self.l2s.push(l2);
+        Ok(())
+    }
+
+    /// Maps `region` at `window`, registers it, and makes a paused vCPU for
+    /// it. With `seed`, writes a fresh workload header first.
+    fn attach(&mut self, name: String, window: Window, region: Region, seed: Option<u32>) -> Result<L2> {
+        let memory = map(&region, window.gpa, window.size)?;
+        if let Some(seed) = seed {
+            workload::Header::new(seed, window.size).write(&memory).context("writing the workload header")?;
+        }
+        let slot = self.next_slot;
+        // SAFETY: the mapping is owned by the L2 built below, which removes
+        // the memslot before it is dropped (see `detach`), or lives as long
+        // as the VM.
+        unsafe { self.set_memslot(slot, window.gpa, memory.as_ptr() as u64, window.size) }
+            .with_context(|| format!("memslot for {name}"))?;
+        self.next_slot += 1;
+        let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU");
+        let vcpu = match vcpu {
+            Ok(v) => v,
+            Err(e) => {
+                self.remove_memslot(slot, window.gpa);
+                return Err(e);
+            }
+        };
+        self.next_vcpu += 1;
+        cpu::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
+        Ok(L2::new(name, window, slot, region, memory, vcpu))
+    }
+
+    fn remove_memslot(&self, slot: u32, gpa: u64) {
+        // SAFETY: size 0 deletes the slot; no memory is referenced.
+        let _ = unsafe { self.set_memslot(slot, gpa, 0, 0) };
+    }
+
+    /// Takes in L2s sent by another L1 (their regions already transferred
+    /// to this VM, or ownerless), all or none: every check runs before any
+    /// L2 is set up, and none starts before all are. Returns their windows.
+    pub fn receive(&mut self, handoffs: &[Handoff], fds: Vec<OwnedFd>) -> Result<Vec<Window>> {
+        ensure!(!handoffs.is_empty(), "no L2 to receive");
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let mut planned: Vec<(Window, Region)> = Vec::new();
+        for h in handoffs {
+            ensure!(self.l2s.iter().all(|l| l.name != h.name), "an L2 named {} is already here", h.name);
+            ensure!(handoffs.iter().filter(|o| o.name == h.name).count() == 1, "{} is listed twice", h.name);
+            let fd = fds
+                .get_mut(h.fd)
+                .and_then(Option::take)
+                .ok_or_else(|| anyhow!("{}: fd index {} is missing or used twice", h.name, h.fd))?;
+            let region = Region::from_fd(fd);
+            let info = region.info().with_context(|| format!("{}: fd {} is not a vmbeam region", h.name, h.fd))?;
+            ensure!(info.size == h.window.size, "{}: region is {} bytes, window {}", h.name, info.size, h.window.size);
+            ensure!(
+                info.mine || !info.owned,
+                "{}: the region belongs to another VM (transfer it to this L1 first)",
+                h.name
+            );
+            ensure!(!info.moving, "{}: the region is in the middle of a transfer", h.name);
+            let window = Window { gpa: h.target_gpa.unwrap_or(h.window.gpa), size: h.window.size };
+            self.check_window(&window).with_context(|| h.name.clone())?;
+            if let Some((_, _)) = planned.iter().find(|(w, _)| w.overlaps(&window)) {
+                bail!("{}: its window overlaps another L2 received with it", h.name);
+            }
+            let code = workload::CODE_GPA..workload::CODE_GPA + workload::CODE.len() as u64;
+            ensure!(code.contains(&h.regs.rip), "{}: rip {:#x} is not in the workload", h.name, h.regs.rip);
+            ensure!(h.regs.rsi == h.window.gpa, "{}: rsi is not its window (not a lab workload?)", h.name);
+            planned.push((window, region));
+        }
+
+        let mut ready = Vec::new();
+        for (h, (window, region)) in handoffs.iter().zip(planned) {
+            let set_up = (|| -> Result<L2> {
+                if !region.info()?.owned {
+                    region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
+                }
+                self.attach(h.name.clone(), window, region, None)
+            })();
+            match set_up {
+                Ok(l2) => ready.push((l2, relocate(&h.regs, h.window.gpa, window.gpa))),
+                Err(e) => {
+                    for (l2, _) in ready {
+                        self.remove_memslot(l2.slot, l2.window.gpa);
+                    }
+                    return Err(e.context(format!("setting up {}", h.name)));
+                }
+            }
+        }
+        let windows = ready.iter().map(|(l2, _)| l2.window).collect();
+        for (l2, regs) in ready {
+            l2.start(&regs, true).with_context(|| format!("starting {}", l2.name))?;
+            self.l2s.push(l2);
+        }
+        Ok(windows)
+    }
+
+    /// # Safety
+    ///
+    /// `hva..hva+size` must stay mapped while the slot exists.
+    unsafe fn set_memslot(&self, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva };
+        // SAFETY: the caller keeps the memory mapped.
+        unsafe { self.vm.set_user_memory_region(region) }
+    }
+}
+
+/// Moves the workload's window pointers (rsi: header, rdi: cursor) from
+/// `from` to `to`; everything else in the registers is position-free.
+fn relocate(regs: &Regs, from: u64, to: u64) -> Regs {
+    let mut r = *regs;
+    r.rsi = r.rsi.wrapping_sub(from).wrapping_add(to) & 0xffff_ffff;
+    r.rdi = r.rdi.wrapping_sub(from).wrapping_add(to) & 0xffff_ffff;
+    r
+}
+
+fn borrow(vm: &VmFd) -> BorrowedFd<'_> {
+    // SAFETY: the VmFd outlives the borrow.
+    unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) }
+}
+
+/// Maps a region (MAP_SHARED) as guest memory at `gpa`.
+fn map(region: &Region, gpa: u64, size: u64) -> Result<GuestRegionMmap<()>> {
+    let file = File::from(region.as_fd().try_clone_to_owned().context("dup region fd")?);
+    let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, 0), size as usize)
+        .map_err(|e| anyhow!("mmap of the region: {e}"))?;
+    GuestRegionMmap::new(mapping, GuestAddress(gpa)).map_err(|e| anyhow!("guest region: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relocation_moves_only_window_pointers() {
+        let r = Regs { rsi: 0x1000_0000, rdi: 0x1000_2000, rbx: 7, rip: 0x1043, ..Default::default() };
+        let moved = relocate(&r, 0x1000_0000, 0x3000_0000);
+        assert_eq!((moved.rsi, moved.rdi, moved.rbx, moved.rip), (0x3000_0000, 0x3000_2000, 7, 0x1043));
+    }
+}

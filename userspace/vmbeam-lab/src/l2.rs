@@ -1,0 +1,376 @@
+//! One L2 VM on a lab L1: a window (a vmbeam region mapped into the L1 at a
+//! guest-physical address) and a vCPU of the L1 that runs the workload over
+//! it in a thread of its own.
+//!
+//! Pausing kicks the vCPU thread out of KVM_RUN with SIGUSR1 (installed
+//! without SA_RESTART, so KVM_RUN returns EINTR) until it reports that it
+//! stopped; the time it stopped is the start of the L2's downtime.
+
+use std::{
+    os::unix::thread::JoinHandleExt,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestRegionMmap;
+use vmbeam::{
+    control::{L2Info, L2State, RegionState, Regs, Window},
+    Region,
+};
+
+use crate::{
+    cpu,
+    probe,
+    workload::{self, Header},
+};
+
+/// The longest a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VcpuState {
+    Running,
+    Paused,
+    Corrupt,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    want: Want,
+    state: VcpuState,
+    paused_at_ns: Option<u64>,
+    resumed_at_ns: Option<u64>,
+    /// Where the workload continues after the resume stub (see `start`).
+    resume_rip: Option<u64>,
+    detail: Option<String>,
+}
+
+struct Shared {
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    /// Held by the vCPU thread while it is in KVM_RUN; others take it only
+    /// while the vCPU is paused. Never taken while holding `ctl`.
+    vcpu: Mutex<VcpuFd>,
+}
+
+impl Shared {
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vcpu(&self) -> MutexGuard<'_, VcpuFd> {
+        self.vcpu.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stop_with(&self, state: VcpuState, detail: String) {
+        tracing::warn!(?state, "{detail}");
+        let mut ctl = self.ctl();
+        ctl.state = state;
+        ctl.detail = Some(detail);
+        if ctl.want == Want::Run {
+            ctl.want = Want::Pause;
+        }
+        self.cv.notify_all();
+    }
+}
+
+pub struct L2 {
+    pub name: String,
+    pub window: Window,
+    pub slot: u32,
+    pub region: Region,
+    pub memory: GuestRegionMmap<()>,
+    /// Its region fds went out with `send-regions`.
+    pub sent: bool,
+    /// The header as last read (kept for when the window is not ours).
+    last: Header,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl L2 {
+    /// Wraps a set-up vCPU; its thread starts paused.
+    pub fn new(name: String, window: Window, slot: u32, region: Region, memory: GuestRegionMmap<()>, vcpu: VcpuFd) -> Self {
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                want: Want::Pause,
+                state: VcpuState::Paused,
+                paused_at_ns: None,
+                resumed_at_ns: None,
+                resume_rip: None,
+                detail: None,
+            }),
+            cv: Condvar::new(),
+            vcpu: Mutex::new(vcpu),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu-{name}"))
+            .spawn(move || vcpu_loop(&worker))
+            .expect("spawning a vCPU thread");
+        let last = Header::read(&memory).unwrap_or_default();
+        Self { name, window, slot, region, memory, sent: false, last, shared, thread: Some(thread) }
+    }
+
+    /// Loads `regs` and runs. With `via_resume_stub`, the first guest
+    /// instruction is the workload's resume stub (`out PORT_RESUMED`), whose
+    /// exit stamps the first instruction after the move; the vCPU then
+    /// continues at `regs.rip`.
+    pub fn start(&self, regs: &Regs, via_resume_stub: bool) -> Result<(), kvm_ioctls::Error> {
+        let mut kvm_regs = cpu::to_kvm(regs);
+        if via_resume_stub {
+            kvm_regs.rip = workload::CODE_GPA + workload::RESUME;
+        }
+        self.shared.vcpu().set_regs(&kvm_regs)?;
+        let mut ctl = self.shared.ctl();
+        ctl.resume_rip = via_resume_stub.then_some(regs.rip);
+        ctl.want = Want::Run;
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// Stops the vCPU; returns when it stopped (CLOCK_MONOTONIC ns).
+    pub fn pause(&self) -> Result<u64, String> {
+        let mut ctl = self.shared.ctl();
+        match ctl.state {
+            VcpuState::Paused => return ctl.paused_at_ns.ok_or_else(|| "never ran".to_string()),
+            VcpuState::Corrupt | VcpuState::Failed => return Err(format!("{:?}: {:?}", ctl.state, ctl.detail)),
+            VcpuState::Running => {}
+        }
+        ctl.want = Want::Pause;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while ctl.state == VcpuState::Running {
+            self.kick();
+            ctl = self.shared.cv.wait_timeout(ctl, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            if Instant::now() > deadline {
+                return Err(format!("the vCPU did not stop within {PAUSE_TIMEOUT:?}"));
+            }
+        }
+        match ctl.state {
+            VcpuState::Paused => ctl.paused_at_ns.ok_or_else(|| "paused without a time".to_string()),
+            state => Err(format!("{state:?}: {:?}", ctl.detail)),
+        }
+    }
+
+    /// Lets a paused vCPU run again where it stopped.
+    pub fn resume(&mut self) -> Result<(), String> {
+        let mut ctl = self.shared.ctl();
+        match ctl.state {
+            VcpuState::Running => Ok(()),
+            VcpuState::Paused => {
+                ctl.want = Want::Run;
+                self.shared.cv.notify_all();
+                self.sent = false;
+                Ok(())
+            }
+            state => Err(format!("cannot resume a vCPU that is {state:?}: {:?}", ctl.detail)),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.shared.ctl().state == VcpuState::Running
+    }
+
+    /// The paused vCPU's registers.
+    pub fn regs(&self) -> Result<Regs, String> {
+        if self.is_running() {
+            return Err("the vCPU is running".into());
+        }
+        let regs = self.shared.vcpu().get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        Ok(cpu::from_kvm(&regs))
+    }
+
+    /// Refreshes the cached header from the window, if the window is ours
+    /// and not handed out.
+    pub fn refresh(&mut self) -> Option<RegionState> {
+        let region = self.region.info().ok().map(|i| RegionState {
+            owned: i.owned,
+            mine: i.mine,
+            moving: i.moving,
+            pages_present: i.pages_present,
+        });
+        // Not while sent: whoever holds the fds may revoke it at any moment,
+        // and a read of a revoked page is a SIGBUS.
+        if !self.sent && region.is_some_and(|r| r.mine && !r.moving) {
+            if let Ok(h) = Header::read(&self.memory) {
+                self.last = h;
+            }
+        }
+        region
+    }
+
+    pub fn header(&self) -> Header {
+        self.last
+    }
+
+    pub fn info(&mut self) -> L2Info {
+        let region = self.refresh();
+        let ctl = self.shared.ctl();
+        let state = match ctl.state {
+            VcpuState::Corrupt => L2State::Corrupt,
+            VcpuState::Failed => L2State::Failed,
+            _ if self.sent && region.is_some_and(|r| r.mine) => L2State::Sent,
+            _ if self.sent => L2State::Migrated,
+            VcpuState::Running => L2State::Running,
+            VcpuState::Paused => L2State::Paused,
+        };
+        let h = self.last;
+        L2Info {
+            name: self.name.clone(),
+            state,
+            window: self.window,
+            passes: h.passes(),
+            errors: u64::from(h.errors),
+            checksum: h.checksum,
+            checksum_ok: (h.pass >= 2).then(|| h.checksum == h.expected_checksum(h.pass - 1)),
+            hva: self.memory.as_ptr() as u64,
+            paused_at_ns: ctl.paused_at_ns,
+            resumed_at_ns: ctl.resumed_at_ns,
+            region,
+            detail: ctl.detail.clone(),
+        }
+    }
+
+    /// Samples pages across the window (the first, one per MiB, the last)
+    /// and reads each from the guest and from the VMM; returns the number
+    /// sampled and how many each side could not read. The vCPU must be
+    /// paused; its registers are restored afterwards.
+    pub fn probe(&self) -> Result<(u64, u64, u64), String> {
+        if self.is_running() {
+            return Err("probe needs a paused L2".into());
+        }
+        let vcpu = &mut *self.shared.vcpu();
+        let saved = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let step = 1 << 20;
+        let mut offsets: Vec<u64> = (0..self.window.size).step_by(step).collect();
+        offsets.push(self.window.size - 4096);
+        offsets.dedup();
+        let (mut guest_denied, mut vmm_denied) = (0, 0);
+        for &off in &offsets {
+            let mut r = saved;
+            r.rip = workload::CODE_GPA + workload::PROBE;
+            r.rdi = self.window.gpa + off;
+            vcpu.set_regs(&r).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            match vcpu.run() {
+                Ok(VcpuExit::IoOut(workload::PORT_PROBE, _)) => {}
+                Err(e) if e.errno() == libc::EFAULT => guest_denied += 1,
+                Ok(other) => return Err(format!("probe: unexpected exit {other:?}")),
+                Err(e) => return Err(format!("probe: KVM_RUN: {e}")),
+            }
+            let hva = self.memory.as_ptr() as usize + off as usize;
+            // SAFETY: `hva` lies inside this L2's live mapping.
+            if unsafe { probe::read_byte(hva as *const u8) }.is_none() {
+                vmm_denied += 1;
+            }
+        }
+        vcpu.set_regs(&saved).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        Ok((offsets.len() as u64, vmm_denied, guest_denied))
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the thread is alive until joined in `drop`.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+        }
+    }
+}
+
+impl Drop for L2 {
+    fn drop(&mut self) {
+        self.shared.ctl().want = Want::Stop;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                // SAFETY: not joined yet, so the thread is alive.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+enum Exit {
+    Out(u16, u32),
+    Other(String),
+}
+
+fn vcpu_loop(shared: &Shared) {
+    let mut stopped_at = cpu::monotonic_ns();
+    loop {
+        let resume_rip = {
+            let mut ctl = shared.ctl();
+            loop {
+                match ctl.want {
+                    Want::Stop => return,
+                    Want::Run => break,
+                    Want::Pause => {
+                        if ctl.state == VcpuState::Running {
+                            ctl.state = VcpuState::Paused;
+                            ctl.paused_at_ns = Some(stopped_at);
+                            shared.cv.notify_all();
+                        }
+                        ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+            ctl.state = VcpuState::Running;
+            ctl.resume_rip.take()
+        };
+        let mut vcpu = shared.vcpu();
+        let exit = vcpu.run().map(|exit| match exit {
+            VcpuExit::IoOut(port, data) => {
+                let mut word = [0u8; 4];
+                let n = data.len().min(4);
+                word[..n].copy_from_slice(&data[..n]);
+                Exit::Out(port, u32::from_le_bytes(word))
+            }
+            other => Exit::Other(format!("{other:?}")),
+        });
+        stopped_at = cpu::monotonic_ns();
+        match exit {
+            Ok(Exit::Out(workload::PORT_PASS, _)) => {}
+            Ok(Exit::Out(workload::PORT_RESUMED, _)) => {
+                let rip = resume_rip.unwrap_or(0);
+                let set = vcpu.get_regs().and_then(|mut r| {
+                    r.rip = rip;
+                    vcpu.set_regs(&r)
+                });
+                drop(vcpu);
+                if let Err(e) = set {
+                    shared.stop_with(VcpuState::Failed, format!("resuming: KVM_SET_REGS: {e}"));
+                    continue;
+                }
+                shared.ctl().resumed_at_ns = Some(stopped_at);
+            }
+            Ok(Exit::Out(workload::PORT_CORRUPT, addr)) => {
+                drop(vcpu);
+                shared.stop_with(VcpuState::Corrupt, format!("the workload found a changed dword at GPA {addr:#x}"));
+            }
+            Ok(Exit::Out(port, value)) => {
+                drop(vcpu);
+                shared.stop_with(VcpuState::Failed, format!("unexpected out {value:#x} to port {port:#x}"));
+            }
+            Ok(Exit::Other(what)) => {
+                drop(vcpu);
+                shared.stop_with(VcpuState::Failed, format!("unexpected vCPU exit {what}"));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                drop(vcpu);
+                let why = if e.errno() == libc::EFAULT { " (its memory was revoked?)" } else { "" };
+                shared.stop_with(VcpuState::Failed, format!("KVM_RUN: {e}{why}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The L2 workload: guest code a lab L1 runs over each L2 window (source:
+//! `workload.S`), and the window's header.
+
+use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress};
+
+/// Guest-physical address the code is loaded at, in the L1's RAM.
+pub const CODE_GPA: u64 = 0x1000;
+/// Entry points, as offsets into [`CODE`].
+pub const INIT: u64 = 0x00;
+pub const RESUME: u64 = 0x7c;
+pub const PROBE: u64 = 0x7f;
+
+/// `out` ports: a pass completed (eax = its number), a changed dword found
+/// (eax = its address), the first instruction after a resume, a probe read.
+pub const PORT_PASS: u16 = 0x10;
+pub const PORT_CORRUPT: u16 = 0x11;
+pub const PORT_RESUMED: u16 = 0x12;
+pub const PORT_PROBE: u16 = 0x13;
+
+/// Bytes of the window before the data: the header page.
+pub const HEADER_BYTES: u64 = 4096;
+pub const MAGIC: u32 = u32::from_le_bytes(*b"VMBL");
+const K: u32 = 0x9e37_79b9;
+const M: u32 = 0x0100_0193;
+
+/// `llvm-mc -triple=i386 -filetype=obj workload.S`, its .text.
+#[rustfmt::skip]
+pub const CODE: &[u8] = &[
+    0x8b, 0x5e, 0x04, 0x8d, 0xbe, 0x00, 0x10, 0x00, 0x00, 0x8b, 0x4e, 0x0c, 0x89, 0x1f, 0x81, 0xc3,
+    0xb9, 0x79, 0x37, 0x9e, 0x83, 0xc7, 0x04, 0x49, 0x75, 0xf2, 0xc7, 0x46, 0x08, 0x01, 0x00, 0x00,
+    0x00, 0x31, 0xc0, 0xe7, 0x10, 0x8b, 0x5e, 0x08, 0x4b, 0x69, 0xdb, 0x93, 0x01, 0x00, 0x01, 0x03,
+    0x5e, 0x04, 0x8d, 0x93, 0x93, 0x01, 0x00, 0x01, 0x8d, 0xbe, 0x00, 0x10, 0x00, 0x00, 0x8b, 0x4e,
+    0x0c, 0x31, 0xed, 0x8b, 0x07, 0x39, 0xd8, 0x75, 0x23, 0x01, 0xc5, 0x89, 0x17, 0x81, 0xc3, 0xb9,
+    0x79, 0x37, 0x9e, 0x81, 0xc2, 0xb9, 0x79, 0x37, 0x9e, 0x83, 0xc7, 0x04, 0x49, 0x75, 0xe4, 0x89,
+    0x6e, 0x10, 0x8b, 0x46, 0x08, 0xff, 0x46, 0x08, 0xe7, 0x10, 0xeb, 0xb9, 0xff, 0x46, 0x14, 0x89,
+    0x7e, 0x18, 0x89, 0x46, 0x1c, 0x89, 0xf8, 0xe7, 0x11, 0xf4, 0xeb, 0xf0, 0xe6, 0x12, 0xf4, 0x8b,
+    0x07, 0xe7, 0x13, 0xf4,
+];
+
+/// The window header (little-endian dwords at the window's start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub magic: u32,
+    pub seed: u32,
+    /// The pass in progress; passes before it are complete.
+    pub pass: u32,
+    pub dwords: u32,
+    /// Sum of the dwords the last complete pass verified.
+    pub checksum: u32,
+    pub errors: u32,
+    pub bad_addr: u32,
+    pub bad_value: u32,
+}
+
+impl Header {
+    /// A fresh header for a window of `size` bytes.
+    pub fn new(seed: u32, size: u64) -> Self {
+        let dwords = ((size - HEADER_BYTES) / 4) as u32;
+        Self { magic: MAGIC, seed, dwords, ..Default::default() }
+    }
+
+    fn words(&self) -> [u32; 8] {
+        [self.magic, self.seed, self.pass, self.dwords, self.checksum, self.errors, self.bad_addr, self.bad_value]
+    }
+
+    pub fn write(&self, mem: &GuestRegionMmap<()>) -> Result<(), vm_memory::GuestMemoryError> {
+        for (i, w) in self.words().into_iter().enumerate() {
+            mem.write_obj(w, MemoryRegionAddress(4 * i as u64))?;
+        }
+        Ok(())
+    }
+
+    pub fn read(mem: &GuestRegionMmap<()>) -> Result<Self, vm_memory::GuestMemoryError> {
+        let mut w = [0u32; 8];
+        for (i, word) in w.iter_mut().enumerate() {
+            *word = mem.read_obj(MemoryRegionAddress(4 * i as u64))?;
+        }
+        let [magic, seed, pass, dwords, checksum, errors, bad_addr, bad_value] = w;
+        Ok(Self { magic, seed, pass, dwords, checksum, errors, bad_addr, bad_value })
+    }
+
+    /// Passes completed and verified (pass 0 only fills the window).
+    pub fn passes(&self) -> u64 {
+        u64::from(self.pass.saturating_sub(1))
+    }
+
+    /// What the checksum of a complete verifying pass `pass` must be.
+    pub fn expected_checksum(&self, pass: u32) -> u32 {
+        let base = base(self.seed, pass.wrapping_sub(1));
+        let n = self.dwords;
+        // sum(base + i*K) = n*base + K*n*(n-1)/2, mod 2^32.
+        let tri = (u64::from(n) * u64::from(n.saturating_sub(1)) / 2) as u32;
+        n.wrapping_mul(base).wrapping_add(K.wrapping_mul(tri))
+    }
+}
+
+/// The value pass `pass` writes at dword 0.
+fn base(seed: u32, pass: u32) -> u32 {
+    seed.wrapping_add(pass.wrapping_mul(M))
+}
+
+/// The dword pass `pass` leaves at index `i`.
+#[cfg(test)]
+fn value(seed: u32, pass: u32, i: u32) -> u32 {
+    base(seed, pass).wrapping_add(i.wrapping_mul(K))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_matches_its_source() {
+        let dir = std::env::temp_dir().join(format!("vmbeam-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/workload.S");
+        let obj = dir.join("w.o");
+        let bin = dir.join("w.bin");
+        let assembled = std::process::Command::new("llvm-mc")
+            .args(["-triple=i386", "-filetype=obj", src, "-o"])
+            .arg(&obj)
+            .status();
+        let Ok(status) = assembled else {
+            eprintln!("llvm-mc not found: CODE not checked against workload.S");
+            return;
+        };
+        assert!(status.success());
+        let copied = std::process::Command::new("llvm-objcopy")
+            .args(["-O", "binary", "-j", ".text"])
+            .arg(&obj)
+            .arg(&bin)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        assert_eq!(std::fs::read(&bin).unwrap(), CODE, "workload.rs CODE is stale: reassemble workload.S");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn entry_points_hold_the_expected_instructions() {
+        assert_eq!(&CODE[RESUME as usize..][..2], &[0xe6, PORT_RESUMED as u8]);
+        assert_eq!(&CODE[PROBE as usize..][..4], &[0x8b, 0x07, 0xe7, PORT_PROBE as u8]);
+    }
+
+    #[test]
+    fn the_checksum_formula_is_the_sum_of_the_pattern() {
+        let h = Header::new(0xdead_beef, HEADER_BYTES + 4 * 1000);
+        for pass in 1..4 {
+            let sum = (0..h.dwords).fold(0u32, |s, i| s.wrapping_add(value(h.seed, pass - 1, i)));
+            assert_eq!(h.expected_checksum(pass), sum);
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The client side: connect, check the greeting, call commands.
+
+use std::{
+    os::{
+        fd::{BorrowedFd, OwnedFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+
+use super::{CodecError, Connection, ErrorClass, Greeting, Reply, Request, ServerInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("{}: no vmbeam control greeting ({detail}); is this an L1 control socket?", path.display())]
+    NotAnL1 { path: PathBuf, detail: String },
+    #[error("{name}: `{command}`: {source}")]
+    Codec { name: String, command: String, source: CodecError },
+    #[error("{name}: `{command}` failed: {desc}{}", errno.map(|e| format!(" ({})", nix::errno::Errno::from_raw(e).desc())).unwrap_or_default())]
+    Remote { name: String, command: String, class: ErrorClass, desc: String, errno: Option<i32> },
+    #[error("{name}: `{command}`: unexpected reply: {detail}")]
+    BadReply { name: String, command: String, detail: String },
+}
+
+/// A connection to one L1's control socket.
+#[derive(Debug)]
+pub struct Client {
+    conn: Connection,
+    server: ServerInfo,
+    path: PathBuf,
+}
+
+impl Client {
+    /// Connects and reads the greeting; every later reply must come within
+    /// `timeout`.
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ControlError> {
+        let path = path.as_ref().to_path_buf();
+        let stream =
+            UnixStream::connect(&path).map_err(|source| ControlError::Connect { path: path.clone(), source })?;
+        let setup = stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout)));
+        setup.map_err(|source| ControlError::Connect { path: path.clone(), source })?;
+        let mut conn = Connection::new(stream);
+        let server = match conn.recv::<Greeting>() {
+            Ok((g, _)) => g.greeting,
+            Err(e) => return Err(ControlError::NotAnL1 { path, detail: e.to_string() }),
+        };
+        Ok(Self { conn, server, path })
+    }
+
+    /// Who answered.
+    pub fn server(&self) -> &ServerInfo {
+        &self.server
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Changes the reply timeout.
+    pub fn set_timeout(&self, timeout: Duration) {
+        let _ = self.conn.stream().set_read_timeout(Some(timeout));
+    }
+
+    /// Runs `command` and parses its return value.
+    pub fn call<T: DeserializeOwned>(&mut self, command: &str, arguments: impl Serialize) -> Result<T, ControlError> {
+        Ok(self.call_with_fds(command, arguments, &[])?.0)
+    }
+
+    /// Runs `command` with `fds` attached; returns the value and the fds
+    /// that came back.
+    pub fn call_with_fds<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: impl Serialize,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(T, Vec<OwnedFd>), ControlError> {
+        let codec = |source| ControlError::Codec { name: self.server.name.clone(), command: command.into(), source };
+        let bad = |detail: String| ControlError::BadReply {
+            name: self.server.name.clone(),
+            command: command.into(),
+            detail,
+        };
+        let arguments = serde_json::to_value(arguments).map_err(|e| bad(e.to_string()))?;
+        let request = Request { execute: command.into(), arguments, id: None };
+        self.conn.send(&request, fds).map_err(codec)?;
+        let (reply, fds): (Reply, _) = self.conn.recv().map_err(codec)?;
+        match (reply.ret, reply.error) {
+            (_, Some(e)) => Err(ControlError::Remote {
+                name: self.server.name.clone(),
+                command: command.into(),
+                class: e.class,
+                desc: e.desc,
+                errno: e.errno,
+            }),
+            (Some(v), None) => Ok((serde_json::from_value(v).map_err(|e| bad(e.to_string()))?, fds)),
+            (None, None) => Err(bad("neither `return` nor `error`".into())),
+        }
+    }
+
+    /// Sends raw bytes and returns the raw reply (for tests of bad input).
+    pub fn raw(&mut self, bytes: &[u8]) -> Result<Value, CodecError> {
+        self.conn.send_raw(bytes, &[])?;
+        Ok(self.conn.recv::<Value>()?.0)
+    }
+}
