@@ -126,22 +126,35 @@ static long vmbeam_region_ioctl(struct file *file, unsigned int cmd, unsigned lo
 	return vmbeam_rs_region_ioctl(file->private_data, cmd, arg);
 }
 
+/* SEEK_END finds the region's size, as on a memfd: VMMs probe it so. */
+static loff_t vmbeam_region_llseek(struct file *file, loff_t offset, int whence)
+{
+	return fixed_size_llseek(file, offset, whence, i_size_read(file_inode(file)));
+}
+
 static const struct file_operations vmbeam_region_fops = {
 	.owner = THIS_MODULE, /* a region pins the module */
 	.mmap = vmbeam_region_mmap,
 	.release = vmbeam_region_release,
 	.unlocked_ioctl = vmbeam_region_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = noop_llseek,
+	.llseek = vmbeam_region_llseek,
 };
 
 /* A new file owning @region, or ERR_PTR (then the caller still owns it). */
-struct file *vmbeam_region_file(void *region)
+struct file *vmbeam_region_file(void *region, loff_t size)
 {
+	struct file *file;
+
 	/* An inode of its own, as guest_memfd does: unmap_mapping_range() on
 	 * the shared anon inode would reach every anon-inode file. */
-	return anon_inode_create_getfile("[vmbeam-region]", &vmbeam_region_fops, region,
+	file = anon_inode_create_getfile("[vmbeam-region]", &vmbeam_region_fops, region,
 					 O_RDWR, NULL);
+	/* fstat() reports the region's size: VMMs (vm-memory, QEMU's
+	 * memory-backend-file) check a file is as large as what they map. */
+	if (!IS_ERR(file))
+		i_size_write(file_inode(file), size);
+	return file;
 }
 
 int vmbeam_fd_reserve(void)

@@ -18,7 +18,7 @@ int vmbeam_misc_register(void);
 void vmbeam_misc_deregister(void);
 
 /* Region files: one anon inode each, so revoking reaches only its views. */
-struct file *vmbeam_region_file(void *region);
+struct file *vmbeam_region_file(void *region, loff_t size);
 int vmbeam_fd_reserve(void);
 void vmbeam_fd_unreserve(int fd);
 void vmbeam_fd_install(int fd, struct file *file);

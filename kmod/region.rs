@@ -57,7 +57,7 @@ extern "C" {
     fn vmbeam_totalram_pages() -> c_ulong;
     fn vmbeam_should_stop() -> c_int;
     fn vmbeam_vma_insert_page(vma: *mut Vma, addr: c_ulong, page: *mut Page) -> c_int;
-    fn vmbeam_region_file(region: *const c_void) -> *mut File;
+    fn vmbeam_region_file(region: *const c_void, size: i64) -> *mut File;
     fn vmbeam_fd_reserve() -> c_int;
     fn vmbeam_fd_unreserve(fd: c_int);
     fn vmbeam_fd_install(fd: c_int, file: *mut File);
@@ -215,10 +215,12 @@ impl Region {
         // SAFETY: no preconditions.
         let fd = unsafe { vmbeam_fd_reserve() };
         to_result(fd)?;
+        // Sizes are checked against RAM at creation: far below i64::MAX.
+        let size = i64::try_from(self.size).unwrap_or(i64::MAX);
         let raw = Arc::into_raw(self);
         // SAFETY: `raw` is a live region; on success the file owns that
         // reference and gives it back in `vmbeam_rs_region_release`.
-        match from_err_ptr(unsafe { vmbeam_region_file(raw.cast()) }) {
+        match from_err_ptr(unsafe { vmbeam_region_file(raw.cast(), size) }) {
             Ok(file) => Ok(PendingFd { fd, file }),
             Err(err) => {
                 // SAFETY: the file was not created: the reference is still

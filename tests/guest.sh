@@ -6,6 +6,7 @@
 # "selftests: N passed, N failed, N skipped" and VMBEAM_GUEST_EXIT=<status>.
 set -u
 mode=$1 ko=$2 bin=$3
+VMBEAM_TESTS=$(dirname "$0")
 
 SELFTESTS=(device_test vmbeamctl_test kvm_guest_test transfer_test module_test)
 # What the harness treats as a kernel bug, whatever the tests said. Lockdep
@@ -81,7 +82,7 @@ case $mode in
 	done
 	;;
 --demo)
-	"$bin/vmbeamctl" status || top_fail=1
+	"$VMBEAM_TESTS/demo.sh" "$bin" || top_fail=1
 	;;
 esac
 

@@ -356,23 +356,8 @@ fn attach(vm: &TestVm, slots: &mut BTreeMap<u32, Slot>, region: OwnedFd, slot: u
     Ok(hva)
 }
 
-/// Page frame numbers behind `len` bytes at `hva` in process `pid`, from
-/// `/proc/PID/pagemap` (root sees real PFNs); 0 for a page not present.
+/// Page frame numbers behind `len` bytes at `hva` in process `pid`; 0 for a
+/// page not present.
 pub fn pfns(pid: Pid, hva: u64, len: u64) -> Result<Vec<u64>, String> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("pagemap: {e}"))?;
-    let n = (len / 4096) as usize;
-    let mut raw = vec![0u8; n * 8];
-    f.read_exact_at(&mut raw, hva / 4096 * 8).map_err(|e| format!("read pagemap: {e}"))?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| {
-            let e = u64::from_le_bytes(c.try_into().unwrap());
-            if e >> 63 == 1 {
-                e & ((1 << 55) - 1)
-            } else {
-                0
-            }
-        })
-        .collect())
+    vmbeam::pagemap::frames(pid.as_raw() as u32, hva, len).map_err(|e| format!("pagemap: {e}"))
 }

@@ -39,15 +39,14 @@ pub struct L1 {
 
 impl L1 {
     pub fn new(name: String, ram_bytes: u64) -> Result<Self> {
-        ensure!(ram_bytes >= 2 * PAGE && ram_bytes <= WINDOW_BASE, "RAM must be 8 KiB .. 256 MiB");
+        ensure!((2 * PAGE..=WINDOW_BASE).contains(&ram_bytes), "RAM must be 8 KiB .. 256 MiB");
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
         let dev = Device::open()?;
         let ram_region = dev.create_region(ram_bytes).context("creating the L1 RAM region")?;
         ram_region.bind(borrow(&vm)).context("binding the L1 RAM region")?;
         let ram = map(&ram_region, 0, ram_bytes)?;
-        ram.write_slice(workload::CODE, MemoryRegionAddress(workload::CODE_GPA))
-            .context("loading the workload")?;
+        ram.write_slice(workload::CODE, MemoryRegionAddress(workload::CODE_GPA)).context("loading the workload")?;
         let mut l1 = Self {
             name,
             vm,
@@ -104,8 +103,12 @@ impl L1 {
 
     /// Why `w` cannot be a new window here, if it cannot.
     pub fn check_window(&self, w: &Window) -> Result<()> {
-        ensure!(w.size >= 2 * PAGE && w.size % PAGE == 0, "window size {:#x}: a multiple of 4 KiB, at least 8 KiB", w.size);
-        ensure!(w.gpa % PAGE == 0, "window GPA {:#x} is not 4 KiB aligned", w.gpa);
+        ensure!(
+            w.size >= 2 * PAGE && w.size.is_multiple_of(PAGE),
+            "window size {:#x}: a multiple of 4 KiB, at least 8 KiB",
+            w.size
+        );
+        ensure!(w.gpa.is_multiple_of(PAGE), "window GPA {:#x} is not 4 KiB aligned", w.gpa);
         ensure!(
             w.gpa >= WINDOW_BASE && w.end() <= WINDOW_LIMIT,
             "window {:#x}+{:#x} is outside {WINDOW_BASE:#x}..{WINDOW_LIMIT:#x}",
@@ -120,7 +123,7 @@ impl L1 {
 
     /// A new L2 with a fresh region of `size` bytes, running its workload.
     pub fn add_l2(&mut self, name: String, size: u64) -> Result<()> {
-        ensure!(size >= 2 * PAGE && size % PAGE == 0, "L2 size must be a multiple of 4 KiB, at least 8 KiB");
+        ensure!(size >= 2 * PAGE && size.is_multiple_of(PAGE), "L2 size must be a multiple of 4 KiB, at least 8 KiB");
         let window = self.free_window(size).ok_or_else(|| anyhow!("no free window of {size} bytes below 4 GiB"))?;
         let region = self.dev.create_region(size).context("VMBEAM_CREATE_REGION")?;
         region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
@@ -228,7 +231,13 @@ impl L1 {
     ///
     /// `hva..hva+size` must stay mapped while the slot exists.
     unsafe fn set_memslot(&self, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+        };
         // SAFETY: the caller keeps the memory mapped.
         unsafe { self.vm.set_user_memory_region(region) }
     }

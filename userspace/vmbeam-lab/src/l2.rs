@@ -21,8 +21,7 @@ use vmbeam::{
 };
 
 use crate::{
-    cpu,
-    probe,
+    cpu, probe,
     workload::{self, Header},
 };
 
@@ -100,7 +99,14 @@ pub struct L2 {
 
 impl L2 {
     /// Wraps a set-up vCPU; its thread starts paused.
-    pub fn new(name: String, window: Window, slot: u32, region: Region, memory: GuestRegionMmap<()>, vcpu: VcpuFd) -> Self {
+    pub fn new(
+        name: String,
+        window: Window,
+        slot: u32,
+        region: Region,
+        memory: GuestRegionMmap<()>,
+        vcpu: VcpuFd,
+    ) -> Self {
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
                 want: Want::Pause,

@@ -113,7 +113,11 @@ fn select(l1: &L1, sel: &Selection) -> Result<Vec<String>, ErrorBody> {
         Some(names) => {
             for n in names {
                 if l1.l2s.iter().all(|l| &l.name != n) {
-                    return Err(ErrorBody { class: ErrorClass::DeviceNotFound, desc: format!("no L2 named {n}"), errno: None });
+                    return Err(ErrorBody {
+                        class: ErrorClass::DeviceNotFound,
+                        desc: format!("no L2 named {n}"),
+                        errno: None,
+                    });
                 }
             }
             Ok(names.clone())
@@ -206,7 +210,11 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
                 l2.sent = true;
             }
             if out.len() > vmbeam::control::MAX_FDS {
-                return Err(ErrorBody::generic(format!("{} L2s: send at most {} at a time", vms.len(), vmbeam::control::MAX_FDS - 1)));
+                return Err(ErrorBody::generic(format!(
+                    "{} L2s: send at most {} at a time",
+                    vms.len(),
+                    vmbeam::control::MAX_FDS - 1
+                )));
             }
             let v = serde_json::to_value(Sent { vm_fd: 0, vms }).map_err(|e| ErrorBody::generic(e.to_string()))?;
             Ok(Outcome::Return(v, out))

@@ -116,10 +116,8 @@ mod tests {
         let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src/workload.S");
         let obj = dir.join("w.o");
         let bin = dir.join("w.bin");
-        let assembled = std::process::Command::new("llvm-mc")
-            .args(["-triple=i386", "-filetype=obj", src, "-o"])
-            .arg(&obj)
-            .status();
+        let assembled =
+            std::process::Command::new("llvm-mc").args(["-triple=i386", "-filetype=obj", src, "-o"]).arg(&obj).status();
         let Ok(status) = assembled else {
             eprintln!("llvm-mc not found: CODE not checked against workload.S");
             return;

@@ -14,6 +14,7 @@
 pub mod control;
 mod device;
 mod error;
+pub mod pagemap;
 mod region;
 pub mod uapi;
 

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod migrate;
+mod regions;
+mod report;
 mod status;
 
 #[derive(Debug, Parser)]
@@ -17,14 +20,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the module's uAPI version and counters.
+    /// Show the module's uAPI version and counters, and the L1s named.
     Status(status::Args),
+    /// List the regions of the L2 VMs on the L1s named.
+    Regions(regions::Args),
+    /// Move every L2 VM from an aged L1 to a clean one without copying
+    /// their memory; report pages moved, bytes copied and downtime.
+    MigrateAll(migrate::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // exits 2 on a usage error
     let result = match cli.command {
         Command::Status(args) => status::run(&args),
+        Command::Regions(args) => regions::run(&args),
+        Command::MigrateAll(args) => return migrate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -50,6 +60,21 @@ mod tests {
     fn status_json_flag_parses() {
         let cli = Cli::try_parse_from(["vmbeamctl", "status", "--json"]).unwrap();
         assert!(matches!(cli.command, Command::Status(_)));
+    }
+
+    #[test]
+    fn migrate_all_needs_both_sockets() {
+        let err = Cli::try_parse_from(["vmbeamctl", "migrate-all", "--from", "/a"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let cli =
+            Cli::try_parse_from(["vmbeamctl", "migrate-all", "--from", "/a", "--to", "/b", "--dry-run", "--json"]);
+        assert!(matches!(cli.unwrap().command, Command::MigrateAll(a) if a.dry_run && a.json && a.timeout_s == 60));
+    }
+
+    #[test]
+    fn a_zero_timeout_is_a_usage_error() {
+        let err = Cli::try_parse_from(["vmbeamctl", "migrate-all", "--from", "/a", "--to", "/b", "--timeout-s", "0"]);
+        assert_eq!(err.unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -1,19 +1,29 @@
 //! `vmbeamctl status`: module version and counters.
 
+use std::{path::PathBuf, time::Duration};
+
 use anyhow::{Context, Result};
 use serde_json::json;
+use vmbeam::control::{Client, L1Status};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also show this L1 (its control socket; repeat for several).
+    #[arg(long = "l1", value_name = "SOCKET")]
+    l1: Vec<PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let dev = vmbeam::Device::open()?;
     let version = dev.api_version().context("reading the module version")?;
     let stats = dev.stats().context("reading the module counters")?;
+    let mut l1s: Vec<L1Status> = Vec::new();
+    for path in &args.l1 {
+        l1s.push(Client::connect(path, Duration::from_secs(5))?.call("query-status", ())?);
+    }
 
     if args.json {
         let mut counters = serde_json::to_value(stats)?;
@@ -23,7 +33,7 @@ pub fn run(args: &Args) -> Result<()> {
                 map.remove(key);
             }
         }
-        println!("{}", json!({ "device": vmbeam::DEVICE_PATH, "api_version": version, "stats": counters }));
+        println!("{}", json!({ "device": vmbeam::DEVICE_PATH, "api_version": version, "stats": counters, "l1s": l1s }));
         return Ok(());
     }
 
@@ -38,6 +48,18 @@ pub fn run(args: &Args) -> Result<()> {
     ];
     for (name, value) in rows {
         println!("  {name:<18} {value}");
+    }
+    for s in &l1s {
+        println!(
+            "L1 {} (pid {}): {} L2 VMs, {} running, RAM {} MiB, windows {:#x}..{:#x}",
+            s.name,
+            s.pid,
+            s.l2_vms,
+            s.running,
+            s.ram_bytes >> 20,
+            s.window_base,
+            s.window_limit
+        );
     }
     Ok(())
 }

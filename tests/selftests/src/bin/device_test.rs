@@ -1,7 +1,10 @@
 //! /dev/vmbeam: permissions, version, counters, and the module's answer to
 //! every kind of bad argument.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::{
+    io::Seek,
+    os::unix::fs::{FileTypeExt, MetadataExt},
+};
 
 use nix::{
     errno::Errno,
@@ -27,13 +30,23 @@ fn main() {
         Ok(dev) => dev,
         Err(e) => Tap::skip_all(&format!("{e}")),
     };
-    let mut tap = Tap::new(13);
+    let mut tap = Tap::new(14);
 
     tap.test("device_is_root_owned_char_device_mode_0600", || {
         let md = std::fs::metadata(DEVICE_PATH).map_err(|e| e.to_string())?;
         check(md.file_type().is_char_device(), || "not a character device".into())?;
         check(md.mode() & 0o7777 == 0o600, || format!("mode {:o}, expected 600", md.mode() & 0o7777))?;
         check(md.uid() == 0 && md.gid() == 0, || format!("owner {}:{}, expected 0:0", md.uid(), md.gid()))
+    });
+
+    tap.test("region_fd_reports_its_size_in_fstat_and_lseek", || {
+        // VMMs (vm-memory, QEMU's memory-backend-file) check the file size.
+        let region = dev.create_region(3 << 20).map_err(|e| e.to_string())?;
+        let file = std::fs::File::from(region.into_fd());
+        let md = file.metadata().map_err(|e| e.to_string())?;
+        check(md.len() == 3 << 20, || format!("fstat size {}, expected {}", md.len(), 3 << 20))?;
+        let end = (&file).seek(std::io::SeekFrom::End(0)).map_err(|e| e.to_string())?;
+        check(end == 3 << 20, || format!("lseek(SEEK_END) {end}, expected {}", 3 << 20))
     });
 
     tap.test("get_version_returns_api_version", || {

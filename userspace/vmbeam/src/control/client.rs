@@ -81,11 +81,8 @@ impl Client {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(T, Vec<OwnedFd>), ControlError> {
         let codec = |source| ControlError::Codec { name: self.server.name.clone(), command: command.into(), source };
-        let bad = |detail: String| ControlError::BadReply {
-            name: self.server.name.clone(),
-            command: command.into(),
-            detail,
-        };
+        let bad =
+            |detail: String| ControlError::BadReply { name: self.server.name.clone(), command: command.into(), detail };
         let arguments = serde_json::to_value(arguments).map_err(|e| bad(e.to_string()))?;
         let request = Request { execute: command.into(), arguments, id: None };
         self.conn.send(&request, fds).map_err(codec)?;

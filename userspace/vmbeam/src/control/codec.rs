@@ -101,18 +101,14 @@ impl Connection {
             let mut chunk = [0u8; 16 * 1024];
             let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
             let mut iov = [IoSliceMut::new(&mut chunk)];
-            let msg = match recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => msg,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Err(CodecError::Timeout),
-                Err(Errno::ECONNRESET) => return Err(CodecError::Closed),
-                Err(errno) => return Err(CodecError::Socket { errno }),
-            };
+            let msg =
+                match recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                    Ok(msg) => msg,
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => return Err(CodecError::Timeout),
+                    Err(Errno::ECONNRESET) => return Err(CodecError::Closed),
+                    Err(errno) => return Err(CodecError::Socket { errno }),
+                };
             let n = msg.bytes;
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {

@@ -283,7 +283,8 @@ mod tests {
 
     #[test]
     fn requests_read_like_qmp() {
-        let r: Request = serde_json::from_value(json!({"execute": "pause", "arguments": {"vms": ["a"]}, "id": 7})).unwrap();
+        let r: Request =
+            serde_json::from_value(json!({"execute": "pause", "arguments": {"vms": ["a"]}, "id": 7})).unwrap();
         assert_eq!(r.execute, "pause");
         let sel: Selection = serde_json::from_value(r.arguments).unwrap();
         assert_eq!(sel, Selection::of(["a"]));

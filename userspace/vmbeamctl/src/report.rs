@@ -1,0 +1,216 @@
+//! The migration report: one JSON object (`--json`) or a short table.
+
+use serde::Serialize;
+use vmbeam::control::{Client, L2Info, Probe, Window};
+
+use crate::migrate::Step;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub dry_run: bool,
+    /// The regions reached the clean L1 (past the point of rollback).
+    pub committed: bool,
+    pub from: Option<Endpoint>,
+    pub to: Option<Endpoint>,
+    pub l2: Vec<L2Report>,
+    /// L2s not moved, with their state.
+    pub skipped: Vec<String>,
+    pub totals: Totals,
+    pub module: Option<ModuleDelta>,
+    pub failed_step: Option<Step>,
+    pub error: Option<String>,
+    pub rolled_back: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Endpoint {
+    pub socket: String,
+    pub name: String,
+    pub pid: u32,
+}
+
+impl Endpoint {
+    pub fn of(c: &Client) -> Self {
+        Self { socket: c.path().display().to_string(), name: c.server().name.clone(), pid: c.server().pid }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct L2Report {
+    pub name: String,
+    pub pages: u64,
+    pub bytes: u64,
+    pub from_window: Option<Window>,
+    pub to_window: Option<Window>,
+    /// Pages whose frame was compared (present on both sides) and how
+    /// many were the same frame: zero copy means all.
+    pub frames_compared: u64,
+    pub frames_same: u64,
+    /// Bytes that moved to a different page frame.
+    pub bytes_copied: Option<u64>,
+    pub paused_at_ns: u64,
+    pub resumed_at_ns: Option<u64>,
+    pub downtime_ms: Option<f64>,
+    pub passes_at_pause: u64,
+    pub passes_after: Option<u64>,
+    pub errors: Option<u64>,
+    pub checksum: Option<u32>,
+    pub checksum_ok: Option<bool>,
+    /// What the aged L1 could still read after the move (nothing).
+    pub old_owner: Option<Probe>,
+}
+
+impl L2Report {
+    pub fn planned(vm: &L2Info, target: Window) -> Self {
+        let pages = vm.region.map_or(vm.window.size / 4096, |r| r.pages_present);
+        Self {
+            name: vm.name.clone(),
+            pages,
+            bytes: vm.window.size,
+            from_window: Some(vm.window),
+            to_window: Some(target),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Totals {
+    pub l2: usize,
+    pub pages: u64,
+    pub bytes: u64,
+    /// The module's own count (VMBEAM_GET_STATS) over the migration.
+    pub bytes_copied: Option<u64>,
+    pub downtime_ms_max: Option<f64>,
+    pub downtime_ms_mean: Option<f64>,
+    /// The VMBEAM_TRANSFER_BATCH ioctl alone.
+    pub transfer_ms: Option<f64>,
+    pub wall_ms: Option<f64>,
+}
+
+/// Module counters over the migration.
+#[derive(Debug, Serialize)]
+pub struct ModuleDelta {
+    pub transfers: u64,
+    pub pages_transferred: u64,
+    pub revocations: u64,
+    pub bytes_copied: u64,
+}
+
+impl ModuleDelta {
+    pub fn between(a: &vmbeam::Stats, b: &vmbeam::Stats) -> Self {
+        Self {
+            transfers: b.transfers.saturating_sub(a.transfers),
+            pages_transferred: b.pages_transferred.saturating_sub(a.pages_transferred),
+            revocations: b.revocations.saturating_sub(a.revocations),
+            bytes_copied: b.bytes_copied.saturating_sub(a.bytes_copied),
+        }
+    }
+}
+
+pub fn print(report: &mut Report, json: bool) {
+    report.totals.l2 = report.l2.len();
+    report.totals.pages = report.l2.iter().map(|l| l.pages).sum();
+    report.totals.bytes = report.l2.iter().map(|l| l.bytes).sum();
+    if json {
+        match serde_json::to_string(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("vmbeamctl: report: {e}"),
+        }
+    } else {
+        print_text(report);
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / f64::from(1 << 30))
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn print_text(r: &Report) {
+    let name = |e: &Option<Endpoint>| e.as_ref().map_or("?".to_string(), |e| format!("{} (pid {})", e.name, e.pid));
+    let what = if r.dry_run { "migrate-all --dry-run" } else { "migrate-all" };
+    println!("{what}: {} -> {}: {} L2 VMs, {}", name(&r.from), name(&r.to), r.totals.l2, mib(r.totals.bytes));
+    if !r.l2.is_empty() {
+        println!(
+            "  {:<14} {:>8} {:>9} {:>21} {:>10} {:>10} {:>8}  workload check",
+            "L2", "pages", "size", "window (aged->clean)", "frames", "downtime", "passes"
+        );
+    }
+    for l in &r.l2 {
+        let windows = match (l.from_window, l.to_window) {
+            (Some(a), Some(b)) => format!("{:#x}->{:#x}", a.gpa, b.gpa),
+            _ => "-".into(),
+        };
+        let frames =
+            if l.frames_compared > 0 { format!("{}/{}", l.frames_same, l.frames_compared) } else { "-".into() };
+        let down = l.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms"));
+        let passes = l.passes_after.map_or(format!("{}", l.passes_at_pause), |a| format!("{}->{a}", l.passes_at_pause));
+        let check = match (l.errors, l.checksum_ok) {
+            (Some(0), Some(true)) => format!("ok, checksum {:#010x}", l.checksum.unwrap_or(0)),
+            (Some(e), ok) => format!("{e} errors, checksum ok: {}", opt(ok)),
+            (None, _) => "-".into(),
+        };
+        println!(
+            "  {:<14} {:>8} {:>9} {:>21} {:>10} {:>10} {:>8}  {check}",
+            l.name,
+            l.pages,
+            mib(l.bytes),
+            windows,
+            frames,
+            down,
+            passes
+        );
+    }
+    let t = &r.totals;
+    if !r.dry_run && r.committed {
+        println!(
+            "  total: {} pages moved, bytes copied {}, downtime max {} / mean {}, transfer ioctl {}, wall {}",
+            t.pages,
+            opt(t.bytes_copied),
+            t.downtime_ms_max.map_or("-".into(), |d| format!("{d:.2} ms")),
+            t.downtime_ms_mean.map_or("-".into(), |d| format!("{d:.2} ms")),
+            t.transfer_ms.map_or("-".into(), |d| format!("{d:.2} ms")),
+            t.wall_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
+        );
+    }
+    let probed: Vec<&Probe> = r.l2.iter().filter_map(|l| l.old_owner.as_ref()).collect();
+    if !probed.is_empty() {
+        let pages: u64 = probed.iter().map(|p| p.pages).sum();
+        let vmm: u64 = probed.iter().map(|p| p.vmm_denied).sum();
+        let guest: u64 = probed.iter().map(|p| p.guest_denied).sum();
+        println!("  aged L1 after the move: VMM loads denied {vmm}/{pages} sampled pages (SIGBUS), guest reads denied {guest}/{pages} (KVM_RUN EFAULT)");
+    }
+    if let Some(m) = &r.module {
+        println!(
+            "  vmbeam.ko: +{} transfers, +{} pages transferred, +{} revocations, +{} bytes copied",
+            m.transfers, m.pages_transferred, m.revocations, m.bytes_copied
+        );
+    }
+    for s in &r.skipped {
+        println!("  skipped: {s}");
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+    if let Some(rb) = &r.rolled_back {
+        println!("  rolled back: {rb}");
+    }
+    match (&r.error, r.ok) {
+        (Some(e), _) => {
+            println!("FAILED{}: {e}", r.failed_step.map(|s| format!(" at {s:?}")).unwrap_or_default().to_lowercase())
+        }
+        (None, true) if r.dry_run => println!("OK: the plan checks out; nothing was changed"),
+        (None, true) => println!("OK"),
+        (None, false) => println!("FAILED"),
+    }
+}
