@@ -1,0 +1,333 @@
+//! `vmbeamctl migrate-all` end to end between two lab L1s (`vmbeam-lab`
+//! processes): the data each L2's workload wrote is verified by the same
+//! workload on the clean L1, page frames are compared, the aged L1 is shown
+//! to have lost access; dry runs, failures part-way, malformed control
+//! messages and an L1 killed mid-migration leave every L2 intact somewhere.
+
+use std::{
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::{
+        signal::{kill, Signal},
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
+    unistd::Pid,
+};
+use serde_json::{json, Value};
+use vmbeam::{
+    control::{Client, ErrorClass, L1Status, L2Info, L2State, ReceiveArgs},
+    Device,
+};
+use vmbeam_selftests::{check, Tap, TestResult};
+
+const L2_SIZE: &str = "8M";
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn exe(name: &str) -> PathBuf {
+    std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
+}
+
+/// A `vmbeam-lab` process; killed when dropped.
+struct Lab {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Lab {
+    fn start(name: &str, l2: usize) -> Result<Self, String> {
+        let socket = std::env::temp_dir().join(format!("vmbeam-test-{name}-{}.sock", std::process::id()));
+        let child = Command::new(exe("vmbeam-lab"))
+            .args(["--socket".as_ref(), socket.as_os_str()])
+            .args(["--name", name, "--l2", &l2.to_string(), "--l2-size", L2_SIZE])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn vmbeam-lab: {e}"))?;
+        let lab = Self { child, socket };
+        let deadline = Instant::now() + TIMEOUT;
+        while UnixStream::connect(&lab.socket).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("{name}: no control socket within {TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(lab)
+    }
+
+    fn client(&self) -> Result<Client, String> {
+        Client::connect(&self.socket, TIMEOUT).map_err(|e| e.to_string())
+    }
+
+    fn vms(&self) -> Result<Vec<L2Info>, String> {
+        self.client()?.call("query-vms", ()).map_err(|e| e.to_string())
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Waits until every L2 has completed at least `passes` verified passes
+    /// more than now, with no error.
+    fn progresses(&self, passes: u64) -> TestResult {
+        let start: Vec<L2Info> = self.vms()?;
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let now = self.vms()?;
+            let bad: Vec<_> = now.iter().filter(|v| v.errors != 0 || v.state != L2State::Running).collect();
+            check(bad.is_empty(), || format!("L2s not healthy: {bad:?}"))?;
+            let behind = now
+                .iter()
+                .filter(|v| start.iter().find(|s| s.name == v.name).is_some_and(|s| v.passes < s.passes + passes))
+                .count();
+            if behind == 0 {
+                return check(now.iter().all(|v| v.checksum_ok == Some(true)), || format!("checksums: {now:?}"));
+            }
+            check(Instant::now() < deadline, || format!("{behind} L2s made no progress in {TIMEOUT:?}"))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn migrate(from: &Lab, to: &Lab, extra: &[&str]) -> Result<(Option<i32>, Value, Output), String> {
+    let out = Command::new(exe("vmbeamctl"))
+        .arg("migrate-all")
+        .args(["--from".as_ref(), from.socket.as_os_str(), "--to".as_ref(), to.socket.as_os_str()])
+        .args(["--json", "--timeout-s", "60"])
+        .args(extra)
+        .output()
+        .map_err(|e| format!("run vmbeamctl: {e}"))?;
+    let v = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("report is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok((out.status.code(), v, out))
+}
+
+fn regions_alive(dev: &Device) -> Result<u64, String> {
+    Ok(dev.stats().map_err(|e| e.to_string())?.regions)
+}
+
+/// Every L2 of `lab` runs, owns its region and keeps verifying.
+fn all_home(lab: &Lab, count: usize) -> TestResult {
+    let vms = lab.vms()?;
+    check(vms.len() == count, || format!("{} L2s, expected {count}", vms.len()))?;
+    for v in &vms {
+        check(v.state == L2State::Running, || format!("{} is {:?}: {:?}", v.name, v.state, v.detail))?;
+        check(v.region.is_some_and(|r| r.mine), || format!("{}: region not its own: {:?}", v.name, v.region))?;
+    }
+    lab.progresses(1)
+}
+
+fn main() {
+    let dev = match Device::open() {
+        Ok(dev) => dev,
+        Err(e) => Tap::skip_all(&format!("{e}")),
+    };
+    if !Path::new("/dev/kvm").exists() {
+        Tap::skip_all("no /dev/kvm");
+    }
+    let mut tap = Tap::new(8);
+
+    tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
+        let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let before = dev.stats().map_err(|e| e.to_string())?;
+        let (code, r, out) = migrate(&aged, &clean, &[])?;
+        check(code == Some(0), || format!("exit {code:?}: {r}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+        check(r["ok"] == true && r["committed"] == true && r["error"].is_null(), || format!("report: {r}"))?;
+        let rows = r["l2"].as_array().ok_or("no l2 rows")?;
+        check(rows.len() == 3, || format!("{} rows", rows.len()))?;
+        let pages = (8 << 20) / 4096;
+        for row in rows {
+            let name = &row["name"];
+            // Zero copy: every page frame on the clean side is the aged one.
+            check(row["pages"] == pages && row["frames_compared"] == pages && row["frames_same"] == pages, || {
+                format!("{name}: frames {row}")
+            })?;
+            check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))?;
+            let (before, after) = (row["passes_at_pause"].as_u64(), row["passes_after"].as_u64());
+            check(after >= before.map(|b| b + 2), || format!("{name}: passes {before:?} -> {after:?}"))?;
+            let down = row["downtime_ms"].as_f64().unwrap_or(-1.0);
+            check(down > 0.0, || format!("{name}: downtime {down}"))?;
+            check(row["resumed_at_ns"].as_u64() > row["paused_at_ns"].as_u64(), || format!("{name}: stamps {row}"))?;
+            let old = &row["old_owner"];
+            check(
+                old["pages"].as_u64() > Some(0)
+                    && old["vmm_denied"] == old["pages"]
+                    && old["guest_denied"] == old["pages"],
+                || format!("{name}: the aged L1 could still read: {old}"),
+            )?;
+        }
+        let t = &r["totals"];
+        check(t["l2"] == 3 && t["pages"] == 3 * pages && t["bytes_copied"] == 0, || format!("totals {t}"))?;
+        check(t["downtime_ms_max"].as_f64() >= t["downtime_ms_mean"].as_f64(), || format!("totals {t}"))?;
+        let m = &r["module"];
+        check(m["transfers"] == 3 && m["pages_transferred"] == 3 * pages && m["bytes_copied"] == 0, || {
+            format!("module {m}")
+        })?;
+        let after = dev.stats().map_err(|e| e.to_string())?;
+        check(after.transfers - before.transfers == 3 && after.bytes_copied == before.bytes_copied, || {
+            format!("counters moved by {} transfers", after.transfers - before.transfers)
+        })?;
+        // The clean L1 runs them on, the aged one lists them as gone.
+        all_home(&clean, 3)?;
+        let gone = aged.vms()?;
+        check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+    });
+
+    tap.test("dry_run_changes_nothing", || {
+        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        let before = dev.stats().map_err(|e| e.to_string())?;
+        let (code, r, _) = migrate(&aged, &clean, &["--dry-run"])?;
+        check(code == Some(0) && r["ok"] == true && r["dry_run"] == true && r["committed"] == false, || {
+            format!("{code:?} {r}")
+        })?;
+        check(r["l2"].as_array().map(Vec::len) == Some(2), || format!("plan: {r}"))?;
+        let after = dev.stats().map_err(|e| e.to_string())?;
+        check(after.transfers == before.transfers && after.revocations == before.revocations, || {
+            "counters moved".into()
+        })?;
+        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+        all_home(&aged, 2)
+    });
+
+    for step in ["pause", "send"] {
+        tap.test(&format!("failure_after_{step}_resumes_every_l2_on_the_aged_l1"), || {
+            let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+            let before = dev.stats().map_err(|e| e.to_string())?;
+            let (code, r, _) = migrate(&aged, &clean, &["--inject-failure", step])?;
+            check(code == Some(1) && r["ok"] == false && r["committed"] == false, || format!("{code:?} {r}"))?;
+            check(r["failed_step"] == step && r["rolled_back"].is_string(), || format!("report: {r}"))?;
+            let after = dev.stats().map_err(|e| e.to_string())?;
+            check(after.transfers == before.transfers && after.revocations == before.revocations, || {
+                "a region changed owner".into()
+            })?;
+            check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+            all_home(&aged, 2)
+        });
+    }
+
+    tap.test("failure_after_the_grant_transfers_back_and_resumes_on_the_aged_l1", || {
+        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let (code, r, _) = migrate(&aged, &clean, &["--inject-failure", "transfer"])?;
+        check(code == Some(1) && r["failed_step"] == "transfer" && r["rolled_back"].is_string(), || {
+            format!("{code:?} {r}")
+        })?;
+        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+        all_home(&aged, 2)
+    });
+
+    tap.test("malformed_control_messages_get_errors_and_change_nothing", || {
+        let lab = Lab::start("lab", 1)?;
+        let mut c = lab.client()?;
+        let cases: [(&[u8], &str); 5] = [
+            (b"this is not json\n", "GenericError"),
+            (b"{\"execute\": \"reboot-the-world\"}\n", "CommandNotFound"),
+            (b"{\"execute\": \"pause\", \"arguments\": {\"vms\": 7}}\n", "GenericError"),
+            (b"{\"execute\": \"pause\", \"arguments\": {\"vms\": [\"nobody\"]}}\n", "DeviceNotFound"),
+            (b"{\"execute\": \"receive-regions\", \"arguments\": {\"vms\": []}}\n", "GenericError"),
+        ];
+        for (bytes, class) in cases {
+            let reply = c.raw(bytes).map_err(|e| e.to_string())?;
+            check(reply["error"]["class"] == class && reply["error"]["desc"].is_string(), || {
+                format!("{}: reply {reply}, expected {class}", String::from_utf8_lossy(bytes).trim())
+            })?;
+        }
+        // A region fd that is not a region, fds to a command that takes none.
+        let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+        let handoff = json!({"vms": [{"name": "x", "window": {"gpa": 0x3000_0000u64, "size": 8 << 20}, "regs": {
+            "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0, "rsi": 0x3000_0000u64, "rdi": 0, "rbp": 0, "rsp": 0, "rip": 0x1043, "rflags": 2},
+            "paused_at_ns": 0, "passes": 0, "fd": 0}]});
+        let args: ReceiveArgs = serde_json::from_value(handoff).map_err(|e| e.to_string())?;
+        use std::os::fd::AsFd;
+        let got = c.call_with_fds::<Value>("receive-regions", &args, &[null.as_fd()]);
+        check(matches!(&got, Err(vmbeam::control::ControlError::Remote { desc, .. }) if desc.contains("not a vmbeam region")), || {
+            format!("non-region fd: {got:?}")
+        })?;
+        let got = c.call_with_fds::<Value>("query-status", (), &[null.as_fd()]);
+        check(matches!(&got, Err(vmbeam::control::ControlError::Remote { errno: Some(libc::EINVAL), .. })), || {
+            format!("fds to query-status: {got:?}")
+        })?;
+        let got = c.call::<Value>("send-regions", ());
+        check(matches!(&got, Err(vmbeam::control::ControlError::Remote { class: ErrorClass::GenericError, .. })), || {
+            format!("send-regions of a running L2: {got:?}")
+        })?;
+        // An endless line ends that connection, not the server.
+        let long = vec![b'x'; vmbeam::control::MAX_LINE + 2];
+        let reply = c.raw(&long);
+        check(matches!(&reply, Ok(v) if v["error"].is_object()), || format!("long line: {reply:?}"))?;
+        let status: L1Status = lab.client()?.call("query-status", ()).map_err(|e| e.to_string())?;
+        check(status.l2_vms == 1 && status.running == 1, || format!("after bad input: {status:?}"))?;
+        all_home(&lab, 1)
+    });
+
+    tap.test("clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
+        let (aged, mut clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let child = Command::new(exe("vmbeamctl"))
+            .arg("migrate-all")
+            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
+            .args(["--json", "--stop-at", "transfer"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let pid = Pid::from_raw(child.id() as i32);
+        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
+        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
+        // The regions belong to the clean L1 now; it dies before mapping them.
+        let _ = clean.child.kill();
+        let _ = clean.child.wait();
+        kill(pid, Signal::SIGCONT).map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        check(out.status.code() == Some(1) && r["rolled_back"].is_string(), || format!("{:?} {r}", out.status.code()))?;
+        all_home(&aged, 2)?;
+        // Nothing leaked: the aged L1's regions (RAM + 2 L2s) are all there is.
+        let alive = regions_alive(&dev)?;
+        check(alive == 3, || format!("{alive} regions alive, expected 3 (the aged L1's)"))
+    });
+
+    tap.test("aged_l1_killed_mid_migration_its_l2s_live_on_in_the_clean", || {
+        let (mut aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let child = Command::new(exe("vmbeamctl"))
+            .arg("migrate-all")
+            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
+            .args(["--json", "--stop-at", "send"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let pid = Pid::from_raw(child.id() as i32);
+        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
+        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
+        // The L2s' state and region fds are out; the aged L1 dies.
+        let aged_pid = aged.pid();
+        let _ = aged.child.kill();
+        let _ = aged.child.wait();
+        kill(pid, Signal::SIGCONT).map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let r: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        check(out.status.code() == Some(0) && r["committed"] == true, || {
+            format!("{:?} {r} (aged was {aged_pid})", out.status.code())
+        })?;
+        all_home(&clean, 2)?;
+        let alive = regions_alive(&dev)?;
+        check(alive == 3, || format!("{alive} regions alive, expected 3 (the clean L1's)"))
+    });
+
+    let alive = regions_alive(&dev).unwrap_or(u64::MAX);
+    println!("# regions alive after every lab L1 exited: {alive}");
+    tap.finish()
+}
