@@ -87,6 +87,7 @@ pub fn run(args: &Args) -> ExitCode {
         m.report.ok = false;
         m.report.error = Some(format!("{e:#}"));
     }
+    m.close_step();
     m.progress.finish_and_clear();
     report::print(&mut m.report, args.json);
     if m.report.ok {
@@ -108,6 +109,7 @@ struct Migration<'a> {
     report: Report,
     progress: ProgressBar,
     step: Step,
+    step_started: Instant,
 }
 
 impl<'a> Migration<'a> {
@@ -124,14 +126,25 @@ impl<'a> Migration<'a> {
             ProgressBar::hidden()
         };
         let report = Report { dry_run: args.dry_run, ..Default::default() };
-        Self { args, report, progress, step: Step::Plan }
+        Self { args, report, progress, step: Step::Plan, step_started: Instant::now() }
     }
 
     fn enter(&mut self, step: Step, what: &str) {
+        self.close_step();
         self.step = step;
         self.report.failed_step = Some(step);
         self.progress.set_message(what.to_string());
         self.progress.inc(1);
+    }
+
+    /// Adds the time since the current step began to its phase time.
+    fn close_step(&mut self) {
+        let now = Instant::now();
+        let took = ms(now - std::mem::replace(&mut self.step_started, now));
+        match self.report.phases_ms.iter_mut().find(|(s, _)| *s == self.step) {
+            Some((_, t)) => *t += took,
+            None => self.report.phases_ms.push((self.step, took)),
+        }
     }
 
     /// The testing hooks after `step`.
@@ -324,6 +337,7 @@ impl<'a> Migration<'a> {
                 let both: Vec<_> = a.iter().zip(&c).filter(|(a, c)| **a != 0 && **c != 0).collect();
                 l.frames_compared = both.len() as u64;
                 l.frames_same = both.iter().filter(|(a, c)| a == c).count() as u64;
+                l.bytes_copied = (l.frames_compared > 0).then(|| (l.frames_compared - l.frames_same) * 4096);
             }
             if vm.state != L2State::Running || vm.errors != 0 || vm.checksum_ok != Some(true) {
                 bad.push(format!(
@@ -411,7 +425,8 @@ fn plan(vms: &[L2Info], clean: &L1Status, report: &mut Report) -> Result<Vec<Mov
     let mut moving = Vec::new();
     for vm in vms {
         if !matches!(vm.state, L2State::Running | L2State::Paused) {
-            report.skipped.push(format!("{} ({:?})", vm.name, vm.state));
+            let why = vm.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default();
+            report.skipped.push(format!("{} ({:?}{why})", vm.name, vm.state));
             continue;
         }
         let fits = |w: &Window| {

@@ -17,6 +17,9 @@ pub struct Report {
     /// L2s not moved, with their state.
     pub skipped: Vec<String>,
     pub totals: Totals,
+    /// Wall time of each step, in the order they ran.
+    #[serde(serialize_with = "phases_as_object")]
+    pub phases_ms: Vec<(Step, f64)>,
     pub module: Option<ModuleDelta>,
     pub failed_step: Option<Step>,
     pub error: Option<String>,
@@ -48,7 +51,8 @@ pub struct L2Report {
     /// many were the same frame: zero copy means all.
     pub frames_compared: u64,
     pub frames_same: u64,
-    /// Bytes that moved to a different page frame.
+    /// Bytes whose page frame changed: (compared - same) pages; None when
+    /// frames could not be read (not root).
     pub bytes_copied: Option<u64>,
     pub paused_at_ns: u64,
     pub resumed_at_ns: Option<u64>,
@@ -110,6 +114,15 @@ impl ModuleDelta {
     }
 }
 
+fn phases_as_object<S: serde::Serializer>(phases: &[(Step, f64)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(phases.len()))?;
+    for (step, took) in phases {
+        map.serialize_entry(step, took)?;
+    }
+    map.end()
+}
+
 pub fn print(report: &mut Report, json: bool) {
     report.totals.l2 = report.l2.len();
     report.totals.pages = report.l2.iter().map(|l| l.pages).sum();
@@ -142,13 +155,13 @@ fn print_text(r: &Report) {
     println!("{what}: {} -> {}: {} L2 VMs, {}", name(&r.from), name(&r.to), r.totals.l2, mib(r.totals.bytes));
     if !r.l2.is_empty() {
         println!(
-            "  {:<14} {:>8} {:>9} {:>21} {:>10} {:>10} {:>8}  workload check",
-            "L2", "pages", "size", "window (aged->clean)", "frames", "downtime", "passes"
+            "  {:<14} {:>6} {:>7} {:>23} {:>11} {:>6} {:>10} {:>8}  workload check",
+            "L2", "pages", "size", "window aged -> clean", "same frame", "copied", "downtime", "passes"
         );
     }
     for l in &r.l2 {
         let windows = match (l.from_window, l.to_window) {
-            (Some(a), Some(b)) => format!("{:#x}->{:#x}", a.gpa, b.gpa),
+            (Some(a), Some(b)) => format!("{:#x} -> {:#x}", a.gpa, b.gpa),
             _ => "-".into(),
         };
         let frames =
@@ -160,13 +173,15 @@ fn print_text(r: &Report) {
             (Some(e), ok) => format!("{e} errors, checksum ok: {}", opt(ok)),
             (None, _) => "-".into(),
         };
+        let copied = l.bytes_copied.map_or("-".into(), |b| format!("{b} B"));
         println!(
-            "  {:<14} {:>8} {:>9} {:>21} {:>10} {:>10} {:>8}  {check}",
+            "  {:<14} {:>6} {:>7} {:>23} {:>11} {:>6} {:>10} {:>8}  {check}",
             l.name,
             l.pages,
             mib(l.bytes),
             windows,
             frames,
+            copied,
             down,
             passes
         );
@@ -182,6 +197,11 @@ fn print_text(r: &Report) {
             t.transfer_ms.map_or("-".into(), |d| format!("{d:.2} ms")),
             t.wall_ms.map_or("-".into(), |d| format!("{d:.0} ms")),
         );
+    }
+    if !r.phases_ms.is_empty() && !r.dry_run {
+        let phases: Vec<String> =
+            r.phases_ms.iter().map(|(s, t)| format!("{} {t:.1}", format!("{s:?}").to_lowercase())).collect();
+        println!("  steps (ms): {}", phases.join(", "));
     }
     let probed: Vec<&Probe> = r.l2.iter().filter_map(|l| l.old_owner.as_ref()).collect();
     if !probed.is_empty() {

@@ -137,7 +137,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(8);
+    let mut tap = Tap::new(9);
 
     tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -155,6 +155,7 @@ fn main() {
             check(row["pages"] == pages && row["frames_compared"] == pages && row["frames_same"] == pages, || {
                 format!("{name}: frames {row}")
             })?;
+            check(row["bytes_copied"] == 0, || format!("{name}: bytes copied {}", row["bytes_copied"]))?;
             check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))?;
             let (before, after) = (row["passes_at_pause"].as_u64(), row["passes_after"].as_u64());
             check(after >= before.map(|b| b + 2), || format!("{name}: passes {before:?} -> {after:?}"))?;
@@ -218,6 +219,18 @@ fn main() {
         });
     }
 
+    tap.test("downtime_budget_exceeded_before_the_transfer_rolls_back", || {
+        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        // Paused for at least some ns by the time the transfer would start.
+        let (code, r, _) = migrate(&aged, &clean, &["--downtime-ms", "0"])?;
+        let error = r["error"].as_str().unwrap_or("");
+        check(code == Some(1) && r["committed"] == false && error.contains("--downtime-ms"), || {
+            format!("{code:?} {r}")
+        })?;
+        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+        all_home(&aged, 2)
+    });
+
     tap.test("failure_after_the_grant_transfers_back_and_resumes_on_the_aged_l1", || {
         let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
@@ -270,7 +283,12 @@ fn main() {
         check(matches!(&reply, Ok(v) if v["error"].is_object()), || format!("long line: {reply:?}"))?;
         let status: L1Status = lab.client()?.call("query-status", ()).map_err(|e| e.to_string())?;
         check(status.l2_vms == 1 && status.running == 1, || format!("after bad input: {status:?}"))?;
-        all_home(&lab, 1)
+        all_home(&lab, 1)?;
+        // `quit` ends the L1 cleanly.
+        let mut lab = lab;
+        lab.client()?.call::<Value>("quit", ()).map_err(|e| e.to_string())?;
+        let status = lab.child.wait().map_err(|e| e.to_string())?;
+        check(status.success(), || format!("after quit: {status}"))
     });
 
     tap.test("clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
