@@ -145,17 +145,26 @@ impl L2 {
         Ok(())
     }
 
-    /// Stops the vCPU; returns when it stopped (CLOCK_MONOTONIC ns).
-    pub fn pause(&self) -> Result<u64, String> {
+    /// Asks the vCPU to stop and kicks it; [`L2::wait_paused`] waits for it.
+    /// Pausing several L2s asks them all first, so they stop together.
+    pub fn request_pause(&self) {
         let mut ctl = self.shared.ctl();
-        match ctl.state {
-            VcpuState::Paused => return ctl.paused_at_ns.ok_or_else(|| "never ran".to_string()),
-            VcpuState::Corrupt | VcpuState::Failed => return Err(format!("{:?}: {:?}", ctl.state, ctl.detail)),
-            VcpuState::Running => {}
+        if ctl.state == VcpuState::Running {
+            ctl.want = Want::Pause;
+            drop(ctl);
+            self.kick();
         }
-        ctl.want = Want::Pause;
+    }
+
+    /// Waits until the vCPU stopped; returns when (CLOCK_MONOTONIC ns).
+    pub fn wait_paused(&self) -> Result<u64, String> {
+        let mut ctl = self.shared.ctl();
+        if ctl.state == VcpuState::Running && ctl.want != Want::Pause {
+            return Err("not asked to pause".into());
+        }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         while ctl.state == VcpuState::Running {
+            // Again and again: a kick that lands just before KVM_RUN is lost.
             self.kick();
             ctl = self.shared.cv.wait_timeout(ctl, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
             if Instant::now() > deadline {
@@ -163,8 +172,8 @@ impl L2 {
             }
         }
         match ctl.state {
-            VcpuState::Paused => ctl.paused_at_ns.ok_or_else(|| "paused without a time".to_string()),
-            state => Err(format!("{state:?}: {:?}", ctl.detail)),
+            VcpuState::Paused => ctl.paused_at_ns.ok_or_else(|| "it never ran".to_string()),
+            state => Err(format!("{state:?}: {}", ctl.detail.as_deref().unwrap_or("?"))),
         }
     }
 

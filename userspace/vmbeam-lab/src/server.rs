@@ -142,13 +142,14 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
         "query-vms" => ret(l1.l2s.iter_mut().map(|l| l.info()).collect::<Vec<_>>()),
         "pause" => {
             let names = select(l1, &args(req)?)?;
+            let names: Vec<String> = names.into_iter().filter(|n| l1.find(n).is_some_and(|l| !l.sent)).collect();
+            for name in &names {
+                l1.find(name).expect("selected").request_pause();
+            }
             let mut paused = Vec::new();
             for name in names {
                 let l2 = l1.find(&name).expect("selected");
-                if l2.sent {
-                    continue;
-                }
-                let at = l2.pause().map_err(|e| ErrorBody::generic(format!("pausing {name}: {e}")))?;
+                let at = l2.wait_paused().map_err(|e| ErrorBody::generic(format!("pausing {name}: {e}")))?;
                 l2.refresh();
                 paused.push(Paused { name, paused_at_ns: at, passes: l2.header().passes() });
             }
