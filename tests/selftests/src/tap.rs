@@ -38,8 +38,14 @@ impl Tap {
         exit(KSFT_SKIP)
     }
 
-    /// Runs one test and prints its line.
+    /// Runs one test and prints its line. With `VMBEAM_TEST_FILTER` set,
+    /// tests whose names do not contain it are skipped.
     pub fn test(&mut self, name: &str, f: impl FnOnce() -> TestResult) {
+        if let Ok(filter) = std::env::var("VMBEAM_TEST_FILTER") {
+            if !name.contains(&filter) {
+                return self.skip(name, "VMBEAM_TEST_FILTER");
+            }
+        }
         let n = self.next;
         self.next += 1;
         match f() {

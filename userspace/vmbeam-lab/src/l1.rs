@@ -162,6 +162,22 @@ impl L1 {
         Ok(L2::new(name, window, slot, region, memory, vcpu))
     }
 
+    /// Drops the L2s that were sent away and now belong to another VM, or
+    /// are coming back (`incoming`): memslot first, then the vCPU thread and
+    /// the mapping. Their names and windows are free again.
+    fn forget_sent(&mut self, incoming: &[&str]) {
+        let (gone, kept): (Vec<L2>, Vec<L2>) = std::mem::take(&mut self.l2s).into_iter().partition(|l| {
+            l.sent
+                && (incoming.contains(&l.name.as_str())
+                    || l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving))
+        });
+        self.l2s = kept;
+        for l2 in gone {
+            tracing::info!("{}: forgotten (it lives in another VM now)", l2.name);
+            self.remove_memslot(l2.slot, l2.window.gpa);
+        }
+    }
+
     fn remove_memslot(&self, slot: u32, gpa: u64) {
         // SAFETY: size 0 deletes the slot; no memory is referenced.
         let _ = unsafe { self.set_memslot(slot, gpa, 0, 0) };
@@ -172,6 +188,8 @@ impl L1 {
     /// L2 is set up, and none starts before all are. Returns their windows.
     pub fn receive(&mut self, handoffs: &[Handoff], fds: Vec<OwnedFd>) -> Result<Vec<Window>> {
         ensure!(!handoffs.is_empty(), "no L2 to receive");
+        let incoming: Vec<&str> = handoffs.iter().map(|h| h.name.as_str()).collect();
+        self.forget_sent(&incoming);
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
         let mut planned: Vec<(Window, Region)> = Vec::new();
         for h in handoffs {

@@ -80,7 +80,7 @@ fn run(cli: &Cli) -> Result<()> {
     }
     let listener = listen(&cli.socket)?;
     tracing::info!(socket = %cli.socket.display(), l2 = cli.l2_count, l2_size = cli.l2_size, "lab L1 {} ready", cli.name);
-    let served = server::serve(&listener, &mut l1);
+    let served = server::serve(listener, l1);
     let _ = std::fs::remove_file(&cli.socket);
     served
 }

@@ -2,12 +2,15 @@
 //! request gets an error object and the connection stays usable; only a
 //! message too long to frame ends the connection.
 
-use std::os::{
-    fd::{AsFd, OwnedFd},
-    unix::net::{UnixListener, UnixStream},
+use std::{
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    sync::{mpsc, Arc, Mutex, MutexGuard},
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
@@ -25,54 +28,90 @@ enum Outcome {
 
 type Handled = Result<Outcome, ErrorBody>;
 
-pub fn serve(listener: &UnixListener, l1: &mut L1) -> Result<()> {
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                continue;
+/// Serves every client, each in a thread of its own (a status query need
+/// not wait for a migration); each request runs with the L1 locked.
+/// Returns when a client sent `quit`.
+pub fn serve(listener: UnixListener, l1: L1) -> Result<()> {
+    let l1 = Arc::new(Mutex::new(l1));
+    let (quit_tx, quit_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    let (l1, quit_tx) = (l1.clone(), quit_tx.clone());
+                    std::thread::spawn(move || {
+                        if session(stream, &l1) {
+                            let _ = quit_tx.send(());
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("accept: {e}"),
             }
-        };
-        if session(stream, l1)? {
-            return Ok(());
         }
-    }
-    bail!("the listening socket closed")
+    });
+    quit_rx.recv().map_err(|_| anyhow::anyhow!("the listening socket closed"))
 }
 
 /// Serves one client; true when it asked us to quit.
-fn session(stream: UnixStream, l1: &mut L1) -> Result<bool> {
+///
+/// A pause lasts as long as the connection that asked for it: when the
+/// connection closes, its paused L2s that still belong to this L1 resume.
+/// A migration whose driver died must not leave VMs stopped; one that
+/// completed left nothing here to resume.
+fn session(stream: UnixStream, l1: &Mutex<L1>) -> bool {
+    let mut paused_here = Vec::new();
+    let quit = serve_client(stream, l1, &mut paused_here);
+    let mut l1 = lock(l1);
+    for name in paused_here {
+        match resume(&mut l1, &name) {
+            Ok(true) => tracing::warn!("{name}: resumed: the connection that paused it closed"),
+            Ok(false) => {}
+            Err(e) => tracing::info!("{name}: left as it is: {}", e.desc),
+        }
+    }
+    quit
+}
+
+fn lock(l1: &Mutex<L1>) -> MutexGuard<'_, L1> {
+    l1.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn serve_client(stream: UnixStream, l1: &Mutex<L1>, paused_here: &mut Vec<String>) -> bool {
     let mut conn = Connection::new(stream);
     let greeting = Greeting {
         greeting: ServerInfo {
             service: "vmbeam-lab".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            name: l1.name.clone(),
+            name: lock(l1).name.clone(),
             pid: std::process::id(),
         },
     };
     if conn.send(&greeting, &[]).is_err() {
-        return Ok(false);
+        return false;
     }
     loop {
         let (line, fds) = match conn.recv_line() {
             Ok(got) => got,
-            Err(CodecError::Closed | CodecError::Truncated) => return Ok(false),
+            Err(CodecError::Closed | CodecError::Truncated) => return false,
             Err(e @ CodecError::TooLong) => {
                 let _ = conn.send(&Reply::err(ErrorBody::generic(e.to_string()), None), &[]);
-                return Ok(false);
+                return false;
             }
             Err(e) => {
                 tracing::warn!("control socket: {e}");
-                return Ok(false);
+                return false;
             }
         };
         let (reply, out_fds, quit) = match serde_json::from_slice::<Request>(&line) {
             Err(e) => (Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None), Vec::new(), false),
             Ok(req) => {
                 tracing::debug!(command = %req.execute, fds = fds.len(), "request");
-                match handle(l1, &req, fds) {
+                let handled = handle(&mut lock(l1), &req, fds);
+                if let (Ok(Outcome::Return(v, _)), "pause") = (&handled, req.execute.as_str()) {
+                    let paused: Vec<Paused> = serde_json::from_value(v.clone()).unwrap_or_default();
+                    paused_here.extend(paused.into_iter().map(|p| p.name));
+                }
+                match handled {
                     Ok(Outcome::Return(v, out)) => (Reply::ok(v, req.id), out, false),
                     Ok(Outcome::Quit) => (Reply::ok(json!({}), req.id), Vec::new(), true),
                     Err(e) => {
@@ -85,10 +124,10 @@ fn session(stream: UnixStream, l1: &mut L1) -> Result<bool> {
         let borrowed: Vec<_> = out_fds.iter().map(|f| f.as_fd()).collect();
         if let Err(e) = conn.send(&reply, &borrowed) {
             tracing::warn!("reply: {e}");
-            return Ok(quit);
+            return quit;
         }
         if quit {
-            return Ok(true);
+            return true;
         }
     }
 }
@@ -157,28 +196,11 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
         }
         "resume" => {
             let names = select(l1, &args(req)?)?;
-            let vm = l1.vm_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?;
             let mut resumed = Vec::new();
             for name in names {
-                let l2 = l1.find(&name).expect("selected");
-                let info = l2.info();
-                if info.state == L2State::Running {
-                    continue;
+                if resume(l1, &name)? {
+                    resumed.push(name);
                 }
-                let region = info.region.ok_or_else(|| ErrorBody::generic(format!("{name}: no region info")))?;
-                if !region.mine {
-                    if region.owned {
-                        return Err(ErrorBody::with_errno(
-                            format!("{name}: its region belongs to another VM now; transfer it back first"),
-                            libc::EPERM,
-                        ));
-                    }
-                    // Its new owner died: take it back.
-                    l2.region.bind(vm.as_fd()).map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
-                    tracing::info!("{name}: region was ownerless; bound to this L1 again");
-                }
-                l2.resume().map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
-                resumed.push(name);
             }
             ret(resumed)
         }
@@ -245,4 +267,29 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
             errno: None,
         }),
     }
+}
+
+/// Resumes one L2 unless it runs already (false then). Its region must be
+/// this L1's again; an ownerless one (the VM it went to has exited) is
+/// bound back first.
+fn resume(l1: &mut L1, name: &str) -> Result<bool, ErrorBody> {
+    let vm = l1.vm_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?;
+    let l2 = l1.find(name).ok_or_else(|| ErrorBody::generic(format!("no L2 named {name}")))?;
+    let info = l2.info();
+    if info.state == L2State::Running {
+        return Ok(false);
+    }
+    let region = info.region.ok_or_else(|| ErrorBody::generic(format!("{name}: no region info")))?;
+    if !region.mine {
+        if region.owned {
+            return Err(ErrorBody::with_errno(
+                format!("{name}: its region belongs to another VM now; transfer it back first"),
+                libc::EPERM,
+            ));
+        }
+        l2.region.bind(vm.as_fd()).map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
+        tracing::info!("{name}: its region was ownerless; bound to this L1 again");
+    }
+    l2.resume().map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
+    Ok(true)
 }

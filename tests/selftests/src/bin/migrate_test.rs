@@ -137,7 +137,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(9);
+    let mut tap = Tap::new(11);
 
     tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -185,6 +185,18 @@ fn main() {
         all_home(&clean, 3)?;
         let gone = aged.vms()?;
         check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+    });
+
+    tap.test("round_trip_there_and_back_keeps_every_byte", || {
+        let (a, b) = (Lab::start("a", 2)?, Lab::start("b", 0)?);
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            let (code, r, _) = migrate(from, to, &[])?;
+            check(code == Some(0) && r["totals"]["bytes_copied"] == 0, || format!("{code:?} {r}"))?;
+        }
+        // Back home: the entries it left behind were replaced, not doubled.
+        all_home(&a, 2)?;
+        let there = b.vms()?;
+        check(there.iter().all(|v| v.state == L2State::Migrated), || format!("b: {there:?}"))
     });
 
     tap.test("dry_run_changes_nothing", || {
@@ -343,6 +355,32 @@ fn main() {
         all_home(&clean, 2)?;
         let alive = regions_alive(&dev)?;
         check(alive == 3, || format!("{alive} regions alive, expected 3 (the clean L1's)"))
+    });
+
+    tap.test("vmbeamctl_killed_mid_migration_its_l2s_resume_on_the_aged", || {
+        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        let mut child = Command::new(exe("vmbeamctl"))
+            .arg("migrate-all")
+            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
+            .args(["--json", "--stop-at", "send"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let pid = Pid::from_raw(child.id() as i32);
+        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
+        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
+        let paused = aged.vms()?;
+        check(paused.iter().all(|v| v.state == L2State::Sent), || format!("before the kill: {paused:?}"))?;
+        // The driver dies holding the region fds, before any transfer.
+        child.kill().map_err(|e| e.to_string())?;
+        let _ = child.wait();
+        let deadline = Instant::now() + TIMEOUT;
+        while aged.vms()?.iter().any(|v| v.state != L2State::Running) {
+            check(Instant::now() < deadline, || format!("still stopped: {:?}", aged.vms()))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+        all_home(&aged, 2)
     });
 
     let alive = regions_alive(&dev).unwrap_or(u64::MAX);

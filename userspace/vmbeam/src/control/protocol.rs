@@ -12,6 +12,10 @@
 //! | `receive-regions` | [`ReceiveArgs`]           | `[`[`Window`]`]` | in: one region fd per L2 |
 //! | `probe`           | [`Selection`] (not running) | `[`[`Probe`]`]` | –          |
 //! | `quit`            | –                         | `{}`             | –            |
+//!
+//! A pause lasts as long as the connection that asked for it: when that
+//! connection closes, the L2s it paused that still belong to the L1 resume
+//! (a migration whose driver died leaves no VM stopped).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
