@@ -137,7 +137,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(11);
+    let mut tap = Tap::new(12);
 
     tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -383,7 +383,10 @@ fn main() {
         all_home(&aged, 2)
     });
 
-    let alive = regions_alive(&dev).unwrap_or(u64::MAX);
-    println!("# regions alive after every lab L1 exited: {alive}");
+    tap.test("no_region_outlives_the_lab_l1s", || {
+        let alive = regions_alive(&dev)?;
+        check(alive == 0, || format!("{alive} regions alive after every lab L1 exited"))
+    });
+
     tap.finish()
 }
