@@ -75,6 +75,8 @@ impl L2Report {
             bytes: vm.window.size,
             from_window: Some(vm.window),
             to_window: Some(target),
+            // Overwritten by the count at the pause.
+            passes_at_pause: vm.passes,
             ..Default::default()
         }
     }
