@@ -7,9 +7,9 @@
 
 use std::ptr::NonNull;
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+use vmbeam_lab::kvm_util;
 
 /// Guest-physical address of the code page (slot 0).
 pub const CODE_GPA: u64 = 0x1000;
@@ -80,43 +80,12 @@ impl TestVm {
     /// `hva..hva+size` must stay mapped (or be removed from the VM) while the
     /// guest may touch it.
     pub unsafe fn add_memslot(&self, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: hva,
-        };
         // SAFETY: the caller keeps the memory valid.
-        unsafe { self.vm.set_user_memory_region(region) }
+        unsafe { kvm_util::set_memslot(&self.vm, slot, gpa, hva, size) }
     }
 
     fn set_flat_protected_mode(&mut self) -> Result<(), String> {
-        let mut sregs = self.vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-        let flat = |selector, type_| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db: 1,
-            s: 1,
-            l: 0,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        sregs.cs = flat(0x08, 0xb); // execute/read, accessed
-        let data = flat(0x10, 0x3); // read/write, accessed
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.ss = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.cr0 |= 1; // PE; paging stays off
-        self.vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))
+        kvm_util::set_flat_protected_mode(&self.vcpu).map_err(|e| format!("KVM_SET_SREGS: {e}"))
     }
 
     /// Loads `code` at [`CODE_GPA`], sets the given general registers

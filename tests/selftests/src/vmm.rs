@@ -2,29 +2,28 @@
 //! VMM is to vmbeam. KVM accepts VM ioctls only from the VM's creator, and
 //! vmbeam lets only the owner VM's creator map a region, so the tests need
 //! real separate processes. Requests and replies are JSON lines; fds travel
-//! with them over SCM_RIGHTS.
+//! with them over SCM_RIGHTS (`vmbeam::control::Connection`).
 
 use std::{
     collections::BTreeMap,
-    io::{IoSlice, IoSliceMut},
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, BorrowedFd, OwnedFd},
         unix::net::UnixStream,
     },
-    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use nix::{
-    errno::Errno,
     sys::{
         mman::{mmap, MapFlags, ProtFlags},
-        signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
-        socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags},
+        signal::Signal,
         wait::{waitpid, WaitStatus},
     },
     unistd::{fork, ForkResult, Pid},
 };
 use serde::{Deserialize, Serialize};
+
+use vmbeam::control::{CodecError, Connection};
+use vmbeam_lab::probe;
 
 use crate::guest::{programs, Exit, TestVm};
 
@@ -77,7 +76,7 @@ struct Slot {
 /// The child process.
 pub struct Vmm {
     pub pid: Pid,
-    sock: UnixStream,
+    conn: Connection,
 }
 
 impl Vmm {
@@ -92,44 +91,43 @@ impl Vmm {
                 // SAFETY: leave without running the parent's destructors.
                 unsafe { libc::_exit(0) }
             }
-            ForkResult::Parent { child: pid } => Self { pid, sock: parent },
+            ForkResult::Parent { child: pid } => Self { pid, conn: Connection::new(parent) },
         }
     }
 
     /// Sends `req` (with `fds`), waits for the reply; returns it with any fd
     /// that came back.
-    pub fn call(&mut self, req: &Request, fds: &[RawFd]) -> Result<(u64, Option<OwnedFd>), (i32, String)> {
-        send(&self.sock, &serde_json::to_vec(req).unwrap(), fds).map_err(|e| (e as i32, format!("send: {e}")))?;
-        let (bytes, fd) = recv(&self.sock).map_err(|e| (e as i32, format!("recv from VMM {}: {e}", self.pid)))?;
-        if bytes.is_empty() {
-            return Err((0, format!("VMM {} died: {:?}", self.pid, waitpid(self.pid, None))));
-        }
-        match serde_json::from_slice(&bytes).map_err(|e| (0, format!("bad reply: {e}")))? {
-            Reply::Ok(v) => Ok((v, fd)),
-            Reply::Err { errno, what } => Err((errno, what)),
+    pub fn call(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(u64, Option<OwnedFd>), (i32, String)> {
+        self.conn.send(req, fds).map_err(|e| (0, format!("send: {e}")))?;
+        match self.conn.recv::<Reply>() {
+            Ok((Reply::Ok(v), fds)) => Ok((v, fds.into_iter().next())),
+            Ok((Reply::Err { errno, what }, _)) => Err((errno, what)),
+            Err(CodecError::Closed | CodecError::Truncated) => {
+                Err((0, format!("VMM {} died: {:?}", self.pid, waitpid(self.pid, None))))
+            }
+            Err(e) => Err((0, format!("reply from VMM {}: {e}", self.pid))),
         }
     }
 
     /// Sends `req` without waiting; [`Vmm::wait`] collects the reply.
     pub fn start(&mut self, req: &Request) -> Result<(), String> {
-        send(&self.sock, &serde_json::to_vec(req).unwrap(), &[]).map_err(|e| format!("send: {e}"))
+        self.conn.send(req, &[]).map_err(|e| format!("send: {e}"))
     }
 
     /// The reply to a request sent with [`Vmm::start`], or `None` after
     /// `timeout`.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Option<Result<u64, (i32, String)>> {
-        self.sock.set_read_timeout(Some(timeout)).ok()?;
-        let got = recv(&self.sock);
-        self.sock.set_read_timeout(None).ok()?;
-        let (bytes, _) = got.ok()?;
-        match serde_json::from_slice(&bytes).ok()? {
+        self.conn.stream().set_read_timeout(Some(timeout)).ok()?;
+        let got = self.conn.recv::<Reply>();
+        self.conn.stream().set_read_timeout(None).ok()?;
+        match got.ok()?.0 {
             Reply::Ok(v) => Some(Ok(v)),
             Reply::Err { errno, what } => Some(Err((errno, what))),
         }
     }
 
     /// Like `call`, with errors as text for a test's `Err`.
-    pub fn ok(&mut self, req: &Request, fds: &[RawFd]) -> Result<(u64, Option<OwnedFd>), String> {
+    pub fn ok(&mut self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(u64, Option<OwnedFd>), String> {
         self.call(req, fds).map_err(|(errno, what)| format!("VMM {} {req:?}: {what} (errno {errno})", self.pid))
     }
 
@@ -146,97 +144,38 @@ impl Vmm {
     }
 }
 
-fn send(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
-    let len = (bytes.len() as u32).to_le_bytes();
-    let iov = [IoSlice::new(&len), IoSlice::new(bytes)];
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    let sent = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)?;
-    if sent != 4 + bytes.len() {
-        return Err(Errno::EMSGSIZE);
-    }
-    Ok(())
-}
-
-/// One message; empty bytes on EOF.
-fn recv(sock: &UnixStream) -> nix::Result<(Vec<u8>, Option<OwnedFd>)> {
-    let mut buf = vec![0u8; 1 << 16];
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut fd = None;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            // SAFETY: fresh fds received with this message, owned by us now.
-            fd = fds.first().map(|&f| unsafe { OwnedFd::from_raw_fd(f) });
-        }
-    }
-    let n = msg.bytes;
-    if n < 4 {
-        return Ok((Vec::new(), fd));
-    }
-    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
-    Ok((buf[4..4 + len.min(n - 4)].to_vec(), fd))
-}
-
-/// The page a SIGBUS handler patches over a faulting access (see `touch`).
-static SIGBUS_ADDR: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize & !0xfff;
-    SIGBUS_ADDR.store(addr, Ordering::SeqCst);
-    // Put a private zero page over the faulting page so the access retries
-    // and completes; the flag records that it faulted. mmap is a plain
-    // syscall, safe in a handler.
-    // SAFETY: replaces exactly the faulting page of a mapping being probed.
-    unsafe {
-        libc::mmap(
-            addr as *mut _,
-            4096,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        );
-    }
-}
-
 fn serve(sock: UnixStream) {
-    let handler = SigAction::new(SigHandler::SigAction(on_sigbus), SaFlags::SA_SIGINFO, SigSet::empty());
-    // SAFETY: the handler only stores to an atomic and calls mmap.
-    unsafe { sigaction(Signal::SIGBUS, &handler) }.expect("sigaction");
+    // A revoked page's SIGBUS becomes a failed `probe::read_byte`.
+    probe::install_handlers().expect("signal handlers");
+    let mut conn = Connection::new(sock);
     let mut vm: Option<TestVm> = None;
     let mut slots = BTreeMap::new();
     loop {
-        let Ok((bytes, fd)) = recv(&sock) else { return };
-        if bytes.is_empty() {
-            return;
-        }
-        let req: Request = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = reply(&sock, Err((0, format!("bad request: {e}"))), None);
+        let (req, fd) = match conn.recv::<Request>() {
+            Ok((req, fds)) => (req, fds.into_iter().next()),
+            Err(CodecError::Json(e)) => {
+                let _ = reply(&conn, Err((0, format!("bad request: {e}"))), None);
                 continue;
             }
+            Err(_) => return,
         };
         if let Request::Quit = req {
-            let _ = reply(&sock, Ok(0), None);
+            let _ = reply(&conn, Ok(0), None);
             return;
         }
         let mut out_fd = None;
         let result = handle(req, fd, &mut vm, &mut slots, &mut out_fd);
-        let _ = reply(&sock, result, out_fd.as_ref().map(|f: &OwnedFd| f.as_raw_fd()));
+        let _ = reply(&conn, result, out_fd.as_ref().map(|f: &OwnedFd| f.as_fd()));
     }
 }
 
-fn reply(sock: &UnixStream, result: Result<u64, (i32, String)>, fd: Option<RawFd>) -> nix::Result<()> {
+fn reply(conn: &Connection, result: Res, fd: Option<BorrowedFd<'_>>) -> Result<(), CodecError> {
     let r = match result {
         Ok(v) => Reply::Ok(v),
         Err((errno, what)) => Reply::Err { errno, what },
     };
-    let fds: Vec<RawFd> = fd.into_iter().collect();
-    send(sock, &serde_json::to_vec(&r).unwrap(), &fds)
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    conn.send(&r, &fds)
 }
 
 type Res = Result<u64, (i32, String)>;
@@ -326,13 +265,11 @@ fn handle(
             if offset >= s.size {
                 return Err((libc::EINVAL, "offset beyond slot".into()));
             }
-            SIGBUS_ADDR.store(0, Ordering::SeqCst);
-            // SAFETY: inside this VMM's mapping of the region; a revoked page
-            // raises SIGBUS, which `on_sigbus` turns into a readable zero page.
-            let byte = unsafe { std::ptr::read_volatile((s.hva + offset) as *const u8) };
-            if SIGBUS_ADDR.load(Ordering::SeqCst) != 0 {
+            // SAFETY: inside this VMM's mapping of the region; only this
+            // (single-threaded) process probes.
+            let Some(byte) = (unsafe { probe::read_byte((s.hva + offset) as *const u8) }) else {
                 return Err((libc::EFAULT, "SIGBUS".into()));
-            }
+            };
             Ok(u64::from(byte))
         }
         Request::Remap { slot } => {

@@ -1,33 +1,8 @@
-//! vCPU set-up: 32-bit protected mode, flat 4 GiB segments, no paging, so
-//! guest code addresses guest-physical memory directly.
+//! vCPU registers as the control protocol carries them, and the clock the
+//! downtime is measured with.
 
-use kvm_bindings::{kvm_regs, kvm_segment};
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::kvm_regs;
 use vmbeam::control::Regs;
-
-pub fn set_flat_protected_mode(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-    let mut sregs = vcpu.get_sregs()?;
-    let flat = |selector, type_| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = flat(0x08, 0xb); // execute/read, accessed
-    let data = flat(0x10, 0x3); // read/write, accessed
-    (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs) = (data, data, data, data, data);
-    sregs.cr0 |= 1; // PE; paging stays off
-    vcpu.set_sregs(&sregs)
-}
 
 pub fn from_kvm(r: &kvm_regs) -> Regs {
     Regs {

@@ -8,7 +8,6 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 use vmbeam::{
@@ -16,7 +15,7 @@ use vmbeam::{
     Device, Region,
 };
 
-use crate::{cpu, l2::L2, workload};
+use crate::{cpu, kvm_util, l2::L2, workload};
 
 /// L2 windows start here (above the L1's RAM) and end below 4 GiB: the
 /// workload runs in 32-bit flat mode.
@@ -158,7 +157,7 @@ impl L1 {
             }
         };
         self.next_vcpu += 1;
-        cpu::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
+        kvm_util::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
         Ok(L2::new(name, window, slot, region, memory, vcpu))
     }
 
@@ -249,15 +248,8 @@ impl L1 {
     ///
     /// `hva..hva+size` must stay mapped while the slot exists.
     unsafe fn set_memslot(&self, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: hva,
-        };
         // SAFETY: the caller keeps the memory mapped.
-        unsafe { self.vm.set_user_memory_region(region) }
+        unsafe { kvm_util::set_memslot(&self.vm, slot, gpa, hva, size) }
     }
 }
 

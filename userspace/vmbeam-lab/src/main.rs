@@ -13,17 +13,11 @@
 //! vmbeamctl migrate-all --from /run/aged.sock --to /run/clean.sock
 //! ```
 
-mod cpu;
-mod l1;
-mod l2;
-mod probe;
-mod server;
-mod workload;
-
 use std::{os::unix::net::UnixListener, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use vmbeam_lab::{l1, probe, server};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "A lab L1 hypervisor whose RAM and L2 VMs live in vmbeam regions")]

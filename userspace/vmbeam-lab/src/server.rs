@@ -144,24 +144,20 @@ fn ret(v: impl serde::Serialize) -> Handled {
     Ok(Outcome::Return(serde_json::to_value(v).map_err(|e| ErrorBody::generic(e.to_string()))?, Vec::new()))
 }
 
-/// The L2s a selection names (all when it names none); unknown names are
-/// an error.
-fn select(l1: &L1, sel: &Selection) -> Result<Vec<String>, ErrorBody> {
-    match &sel.vms {
-        None => Ok(l1.l2s.iter().map(|l| l.name.clone()).collect()),
-        Some(names) => {
-            for n in names {
-                if l1.l2s.iter().all(|l| &l.name != n) {
-                    return Err(ErrorBody {
-                        class: ErrorClass::DeviceNotFound,
-                        desc: format!("no L2 named {n}"),
-                        errno: None,
-                    });
-                }
-            }
-            Ok(names.clone())
-        }
-    }
+/// Indices of the L2s a selection names (all when it names none); an
+/// unknown name is an error.
+fn select(l1: &L1, sel: &Selection) -> Result<Vec<usize>, ErrorBody> {
+    let Some(names) = &sel.vms else { return Ok((0..l1.l2s.len()).collect()) };
+    names
+        .iter()
+        .map(|n| {
+            l1.l2s.iter().position(|l| &l.name == n).ok_or_else(|| ErrorBody {
+                class: ErrorClass::DeviceNotFound,
+                desc: format!("no L2 named {n}"),
+                errno: None,
+            })
+        })
+        .collect()
 }
 
 fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
@@ -180,22 +176,21 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
         "query-status" => ret(l1.status()),
         "query-vms" => ret(l1.l2s.iter_mut().map(|l| l.info()).collect::<Vec<_>>()),
         "pause" => {
-            let names = select(l1, &args(req)?)?;
-            let names: Vec<String> = names.into_iter().filter(|n| l1.find(n).is_some_and(|l| !l.sent)).collect();
-            for name in &names {
-                l1.find(name).expect("selected").request_pause();
+            let picked: Vec<usize> = select(l1, &args(req)?)?.into_iter().filter(|&i| !l1.l2s[i].sent).collect();
+            for &i in &picked {
+                l1.l2s[i].request_pause();
             }
             let mut paused = Vec::new();
-            for name in names {
-                let l2 = l1.find(&name).expect("selected");
-                let at = l2.wait_paused().map_err(|e| ErrorBody::generic(format!("pausing {name}: {e}")))?;
+            for i in picked {
+                let l2 = &mut l1.l2s[i];
+                let at = l2.wait_paused().map_err(|e| ErrorBody::generic(format!("pausing {}: {e}", l2.name)))?;
                 l2.refresh();
-                paused.push(Paused { name, paused_at_ns: at, passes: l2.header().passes() });
+                paused.push(Paused { name: l2.name.clone(), paused_at_ns: at, passes: l2.header().passes() });
             }
             ret(paused)
         }
         "resume" => {
-            let names = select(l1, &args(req)?)?;
+            let names: Vec<String> = select(l1, &args(req)?)?.into_iter().map(|i| l1.l2s[i].name.clone()).collect();
             let mut resumed = Vec::new();
             for name in names {
                 if resume(l1, &name)? {
@@ -209,19 +204,27 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
             Ok(Outcome::Return(json!({}), vec![fd]))
         }
         "send-regions" => {
-            let names = select(l1, &args(req)?)?;
+            // Every check before any L2 is marked sent: an error changes nothing.
+            let picked = select(l1, &args(req)?)?;
+            if picked.len() >= vmbeam::control::MAX_FDS {
+                return Err(ErrorBody::generic(format!(
+                    "{} L2s: send at most {} at a time",
+                    picked.len(),
+                    vmbeam::control::MAX_FDS - 1
+                )));
+            }
             let mut out = vec![l1.vm_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?];
             let mut vms = Vec::new();
-            for name in names {
-                let l2 = l1.find(&name).expect("selected");
+            for &i in &picked {
+                let l2 = &mut l1.l2s[i];
                 let info = l2.info();
                 if !matches!(info.state, L2State::Paused | L2State::Sent) {
-                    return Err(ErrorBody::generic(format!("{name} is {:?}: pause it first", info.state)));
+                    return Err(ErrorBody::generic(format!("{} is {:?}: pause it first", l2.name, info.state)));
                 }
-                let regs = l2.regs().map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
+                let regs = l2.regs().map_err(|e| ErrorBody::generic(format!("{}: {e}", l2.name)))?;
                 let fd = l2.region.as_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?;
                 vms.push(Handoff {
-                    name: name.clone(),
+                    name: l2.name.clone(),
                     window: l2.window,
                     regs,
                     paused_at_ns: info.paused_at_ns.unwrap_or(0),
@@ -230,14 +233,9 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
                     target_gpa: None,
                 });
                 out.push(fd);
-                l2.sent = true;
             }
-            if out.len() > vmbeam::control::MAX_FDS {
-                return Err(ErrorBody::generic(format!(
-                    "{} L2s: send at most {} at a time",
-                    vms.len(),
-                    vmbeam::control::MAX_FDS - 1
-                )));
+            for i in picked {
+                l1.l2s[i].sent = true;
             }
             let v = serde_json::to_value(Sent { vm_fd: 0, vms }).map_err(|e| ErrorBody::generic(e.to_string()))?;
             Ok(Outcome::Return(v, out))
@@ -250,13 +248,12 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
             ret(windows)
         }
         "probe" => {
-            let names = select(l1, &args(req)?)?;
             let mut out = Vec::new();
-            for name in names {
-                let l2 = l1.find(&name).expect("selected");
+            for i in select(l1, &args(req)?)? {
+                let l2 = &l1.l2s[i];
                 let (pages, vmm_denied, guest_denied) =
-                    l2.probe().map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
-                out.push(Probe { name, pages, vmm_denied, guest_denied });
+                    l2.probe().map_err(|e| ErrorBody::generic(format!("{}: {e}", l2.name)))?;
+                out.push(Probe { name: l2.name.clone(), pages, vmm_denied, guest_denied });
             }
             ret(out)
         }

@@ -223,10 +223,13 @@ impl<'a> Migration<'a> {
         let batch = dev.transfer_batch(&transfers);
         self.report.totals.transfer_ms = Some(ms(t0.elapsed()));
         if let Err(e) = batch {
-            let orphaned = sent
-                .vms
-                .iter()
-                .all(|h| vmbeam::Region::from_fd(fds[h.fd].try_clone().expect("dup")).info().is_ok_and(|i| !i.owned));
+            let orphaned = sent.vms.iter().all(|h| {
+                fds[h.fd]
+                    .try_clone()
+                    .ok()
+                    .map(vmbeam::Region::from_fd)
+                    .is_some_and(|r| r.info().is_ok_and(|i| !i.owned))
+            });
             if !orphaned {
                 return Err(self.resume_on_aged(&mut aged, &names, anyhow!(e)));
             }

@@ -20,7 +20,7 @@ use nix::{
 };
 use serde_json::{json, Value};
 use vmbeam::{
-    control::{Client, ErrorClass, L1Status, L2Info, L2State, ReceiveArgs},
+    control::{Client, ErrorClass, L1Status, L2Info, L2State, ReceiveArgs, Selection},
     Device,
 };
 use vmbeam_selftests::{check, Tap, TestResult};
@@ -112,6 +112,20 @@ fn migrate(from: &Lab, to: &Lab, extra: &[&str]) -> Result<(Option<i32>, Value, 
     let v = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("report is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))?;
     Ok((out.status.code(), v, out))
+}
+
+/// `vmbeamctl migrate-all --json` stopped (SIGSTOP) right after `step`.
+fn stopped_migration(from: &Lab, to: &Lab, step: &str) -> Result<Child, String> {
+    let child = Command::new(exe("vmbeamctl"))
+        .arg("migrate-all")
+        .args(["--from".as_ref(), from.socket.as_os_str(), "--to".as_ref(), to.socket.as_os_str()])
+        .args(["--json", "--stop-at", step])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stopped = waitpid(Pid::from_raw(child.id() as i32), Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
+    check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl did not stop after {step}: {stopped:?}"))?;
+    Ok(child)
 }
 
 fn regions_alive(dev: &Device) -> Result<u64, String> {
@@ -255,7 +269,7 @@ fn main() {
     });
 
     tap.test("malformed_control_messages_get_errors_and_change_nothing", || {
-        let lab = Lab::start("lab", 1)?;
+        let lab = Lab::start("lab", 2)?;
         let mut c = lab.client()?;
         let cases: [(&[u8], &str); 5] = [
             (b"this is not json\n", "GenericError"),
@@ -285,17 +299,24 @@ fn main() {
         check(matches!(&got, Err(vmbeam::control::ControlError::Remote { errno: Some(libc::EINVAL), .. })), || {
             format!("fds to query-status: {got:?}")
         })?;
+        // One L2 paused, one running: send-regions of both fails and marks
+        // neither as sent.
+        c.call::<Value>("pause", Selection::of(["lab-vm0"])).map_err(|e| e.to_string())?;
         let got = c.call::<Value>("send-regions", ());
         check(matches!(&got, Err(vmbeam::control::ControlError::Remote { class: ErrorClass::GenericError, .. })), || {
             format!("send-regions of a running L2: {got:?}")
         })?;
+        let states: Vec<L2State> = lab.vms()?.iter().map(|v| v.state).collect();
+        check(states == [L2State::Paused, L2State::Running], || format!("after a failed send-regions: {states:?}"))?;
+        c.call::<Value>("resume", Selection::all()).map_err(|e| e.to_string())?;
+
         // An endless line ends that connection, not the server.
         let long = vec![b'x'; vmbeam::control::MAX_LINE + 2];
         let reply = c.raw(&long);
         check(matches!(&reply, Ok(v) if v["error"].is_object()), || format!("long line: {reply:?}"))?;
         let status: L1Status = lab.client()?.call("query-status", ()).map_err(|e| e.to_string())?;
-        check(status.l2_vms == 1 && status.running == 1, || format!("after bad input: {status:?}"))?;
-        all_home(&lab, 1)?;
+        check(status.l2_vms == 2 && status.running == 2, || format!("after bad input: {status:?}"))?;
+        all_home(&lab, 2)?;
         // `quit` ends the L1 cleanly.
         let mut lab = lab;
         lab.client()?.call::<Value>("quit", ()).map_err(|e| e.to_string())?;
@@ -306,16 +327,8 @@ fn main() {
     tap.test("clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
         let (aged, mut clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
-        let child = Command::new(exe("vmbeamctl"))
-            .arg("migrate-all")
-            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
-            .args(["--json", "--stop-at", "transfer"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        let child = stopped_migration(&aged, &clean, "transfer")?;
         let pid = Pid::from_raw(child.id() as i32);
-        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
-        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
         // The regions belong to the clean L1 now; it dies before mapping them.
         let _ = clean.child.kill();
         let _ = clean.child.wait();
@@ -332,16 +345,8 @@ fn main() {
     tap.test("aged_l1_killed_mid_migration_its_l2s_live_on_in_the_clean", || {
         let (mut aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
-        let child = Command::new(exe("vmbeamctl"))
-            .arg("migrate-all")
-            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
-            .args(["--json", "--stop-at", "send"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        let child = stopped_migration(&aged, &clean, "send")?;
         let pid = Pid::from_raw(child.id() as i32);
-        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
-        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
         // The L2s' state and region fds are out; the aged L1 dies.
         let aged_pid = aged.pid();
         let _ = aged.child.kill();
@@ -359,16 +364,7 @@ fn main() {
 
     tap.test("vmbeamctl_killed_mid_migration_its_l2s_resume_on_the_aged", || {
         let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
-        let mut child = Command::new(exe("vmbeamctl"))
-            .arg("migrate-all")
-            .args(["--from".as_ref(), aged.socket.as_os_str(), "--to".as_ref(), clean.socket.as_os_str()])
-            .args(["--json", "--stop-at", "send"])
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let pid = Pid::from_raw(child.id() as i32);
-        let stopped = waitpid(pid, Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
-        check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl: {stopped:?}"))?;
+        let mut child = stopped_migration(&aged, &clean, "send")?;
         let paused = aged.vms()?;
         check(paused.iter().all(|v| v.state == L2State::Sent), || format!("before the kill: {paused:?}"))?;
         // The driver dies holding the region fds, before any transfer.

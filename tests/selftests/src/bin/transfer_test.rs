@@ -5,7 +5,7 @@
 //! gather, racing and concurrent transfers, dead owners, and counters.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -82,7 +82,7 @@ impl Pair {
 
     /// The clean VMM maps the region and its guest sums it.
     fn clean_reads(&mut self) -> Result<(u64, u32), String> {
-        let (hva, _) = self.clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[self.region.as_raw_fd()])?;
+        let (hva, _) = self.clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[self.region.as_fd()])?;
         let sum = run(&mut self.clean, Program::Sum, 0, count(self.size, self.stride), self.stride)?;
         Ok((hva, sum))
     }
@@ -178,7 +178,7 @@ fn main() {
         dev.transfer(back).map_err(|e| e.to_string())?;
         // The owner again, it may map the region anew (its old mapping had
         // a page replaced by the SIGBUS probe above).
-        let fd = pair.region.as_raw_fd();
+        let fd = pair.region.as_fd();
         pair.aged.ok(&Request::Attach { slot: SLOT + 1, gpa: CLEAN_GPA }, &[fd])?;
         let (sum, _) = pair.aged.ok(
             &Request::Run {
@@ -328,7 +328,7 @@ fn gather(dev: &Device) -> TestResult {
     }
     // The clean VM binds the gathered region: same data, same frames.
     let fd: OwnedFd = gathered.into_fd();
-    let (hva, _) = src.clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[fd.as_raw_fd()])?;
+    let (hva, _) = src.clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[fd.as_fd()])?;
     for (i, &want) in page_sums.iter().enumerate() {
         let got = run(&mut src.clean, Program::Sum, i as u64 * 4096, 1024, 4)?;
         check(got == want, || format!("gathered page {i} (source page {}): sum {got:#x} != {want:#x}", picks[i]))?;
@@ -388,7 +388,7 @@ fn dead_owner(dev: &Device) -> TestResult {
     let status = aged.kill();
     let info = Region::from_fd(region.try_clone().unwrap()).info().map_err(|e| e.to_string())?;
     check(!info.owned, || format!("owner killed ({status:?}) but region says {info:?}"))?;
-    clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[region.as_raw_fd()])?;
+    clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[region.as_fd()])?;
     let sum = run(&mut clean, Program::Sum, 0, count(size, stride), stride)?;
     check(sum == written, || format!("after rebinding: {sum:#x} != {written:#x}"))?;
     let _ = dev;
@@ -468,7 +468,7 @@ fn killed(dev: &Device) -> TestResult {
         clean_vm: pair.clean_vm,
         aged_hva: 0,
     };
-    pair.aged.ok(&Request::Bind { slot: SLOT + 1, gpa: CLEAN_GPA }, &[pair.region.as_raw_fd()])?;
+    pair.aged.ok(&Request::Bind { slot: SLOT + 1, gpa: CLEAN_GPA }, &[pair.region.as_fd()])?;
     let (v, _) = pair.aged.ok(
         &Request::Run { slot: SLOT + 1, program: Program::Sum, offset: 0, count: count(size, stride), stride },
         &[],

@@ -1,0 +1,44 @@
+//! KVM set-up shared by the lab L1 and the selftests' VMMs (as
+//! `tools/testing/selftests/kvm/lib/kvm_util.c` is for KVM's own tests).
+
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+/// 32-bit protected mode, flat 4 GiB segments, no paging: guest code
+/// addresses guest-physical memory directly.
+pub fn set_flat_protected_mode(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs = vcpu.get_sregs()?;
+    let flat = |selector, type_| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = flat(0x08, 0xb); // execute/read, accessed
+    let data = flat(0x10, 0x3); // read/write, accessed
+    (sregs.ds, sregs.es, sregs.ss, sregs.fs, sregs.gs) = (data, data, data, data, data);
+    sregs.cr0 |= 1; // PE; paging stays off
+    vcpu.set_sregs(&sregs)
+}
+
+/// Registers `size` bytes at host address `hva` as memslot `slot` at `gpa`;
+/// size 0 deletes the slot.
+///
+/// # Safety
+///
+/// `hva..hva+size` must stay mapped while the slot exists.
+pub unsafe fn set_memslot(vm: &VmFd, slot: u32, gpa: u64, hva: u64, size: u64) -> Result<(), kvm_ioctls::Error> {
+    let region =
+        kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva };
+    // SAFETY: the caller keeps the memory mapped.
+    unsafe { vm.set_user_memory_region(region) }
+}
