@@ -51,7 +51,13 @@ use kernel::{
     uaccess::UserSlice,
 };
 
-use crate::{region::Region, stats::STATS, transfer, uapi};
+use crate::{
+    gather,
+    owner::Owner,
+    region::{Region, RegionFile},
+    stats::STATS,
+    transfer, uapi,
+};
 
 /// The registered misc device.
 ///
@@ -93,6 +99,7 @@ const DEVICE_COMMANDS: Commands = &[
     uapi::VMBEAM_IOCTL_TRANSFER,
     uapi::VMBEAM_IOCTL_TRANSFER_BATCH,
     uapi::VMBEAM_IOCTL_GATHER,
+    uapi::VMBEAM_IOCTL_BIND,
 ];
 
 /// The error for a command not in `known`: a command with a known type and
@@ -122,7 +129,8 @@ fn ioctl(cmd: u32, arg: usize) -> Result<c_long> {
         uapi::VMBEAM_IOCTL_CREATE_REGION => create_region(&read_arg(arg)?),
         uapi::VMBEAM_IOCTL_TRANSFER => transfer::transfer(core::slice::from_ref(&read_arg(arg)?)),
         uapi::VMBEAM_IOCTL_TRANSFER_BATCH => transfer::transfer_batch(&read_arg(arg)?),
-        uapi::VMBEAM_IOCTL_GATHER => transfer::gather(&read_arg(arg)?),
+        uapi::VMBEAM_IOCTL_GATHER => gather::gather(&read_arg(arg)?),
+        uapi::VMBEAM_IOCTL_BIND => bind(&read_arg(arg)?),
         _ => Err(unknown_command(DEVICE_COMMANDS, cmd)),
     }
 }
@@ -169,7 +177,22 @@ fn get_stats(st: &mut uapi::vmbeam_stats) -> Result<c_long> {
 }
 
 fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
-    check_unused(arg.flags, u64::from(arg.pad), &arg.reserved)?;
-    let fd = Region::create(arg.size)?.pending_fd()?;
+    let empty = arg.flags & uapi::VMBEAM_CREATE_EMPTY != 0;
+    check_unused(
+        arg.flags & !uapi::VMBEAM_CREATE_EMPTY,
+        u64::from(arg.pad),
+        &arg.reserved,
+    )?;
+    let fd = Region::create(arg.size, empty)?.pending_fd()?;
     Ok(fd.install() as c_long)
+}
+
+/// `VMBEAM_BIND`: binds a region to any process's VM. Holding
+/// `/dev/vmbeam` (`CAP_SYS_ADMIN` at open) is the permission: QEMU creates
+/// its VM itself, so whoever hands it a region did not.
+fn bind(arg: &uapi::vmbeam_bind) -> Result<c_long> {
+    check_unused(arg.flags, u64::from(arg.pad), &arg.reserved)?;
+    let file = RegionFile::get(arg.region_fd)?;
+    let owner = Owner::from_vm_fd(arg.vm_fd)?;
+    file.region().bind(owner)
 }

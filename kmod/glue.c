@@ -13,6 +13,7 @@
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/sched/signal.h>
 
 #include "glue.h"
@@ -115,8 +116,35 @@ static int vmbeam_region_mmap(struct file *file, struct vm_area_struct *vma)
 	return 0;
 }
 
+/*
+ * Opening /proc/PID/fd/N of a region fd (QEMU's memory-backend-file opens
+ * its mem-path itself) lands here with a new file on the region's inode.
+ * inode->i_private names the region while any file of it is open; it is
+ * read and cleared under i_lock, together with the region's count of open
+ * files, so an open racing with the last close finds either a live region
+ * (and takes a reference) or none (-ENXIO).
+ */
+static int vmbeam_region_open(struct inode *inode, struct file *file)
+{
+	void *region;
+
+	spin_lock(&inode->i_lock);
+	region = inode->i_private;
+	if (region)
+		vmbeam_rs_region_file_get(region);
+	spin_unlock(&inode->i_lock);
+	if (!region)
+		return -ENXIO;
+	file->private_data = region;
+	return 0;
+}
+
 static int vmbeam_region_release(struct inode *inode, struct file *file)
 {
+	spin_lock(&inode->i_lock);
+	if (vmbeam_rs_region_file_put(file->private_data))
+		inode->i_private = NULL;
+	spin_unlock(&inode->i_lock);
 	vmbeam_rs_region_release(file->private_data);
 	return 0;
 }
@@ -134,6 +162,7 @@ static loff_t vmbeam_region_llseek(struct file *file, loff_t offset, int whence)
 
 static const struct file_operations vmbeam_region_fops = {
 	.owner = THIS_MODULE, /* a region pins the module */
+	.open = vmbeam_region_open,
 	.mmap = vmbeam_region_mmap,
 	.release = vmbeam_region_release,
 	.unlocked_ioctl = vmbeam_region_ioctl,
@@ -141,19 +170,29 @@ static const struct file_operations vmbeam_region_fops = {
 	.llseek = vmbeam_region_llseek,
 };
 
-/* A new file owning @region, or ERR_PTR (then the caller still owns it). */
+/*
+ * The first file of @region, owning one reference to it (the caller
+ * counted it as an open file), or ERR_PTR (then the caller still owns it).
+ */
 struct file *vmbeam_region_file(void *region, loff_t size)
 {
 	struct file *file;
+	struct inode *inode;
 
 	/* An inode of its own, as guest_memfd does: unmap_mapping_range() on
 	 * the shared anon inode would reach every anon-inode file. */
 	file = anon_inode_create_getfile("[vmbeam-region]", &vmbeam_region_fops, region,
 					 O_RDWR, NULL);
+	if (IS_ERR(file))
+		return file;
+	inode = file_inode(file);
 	/* fstat() reports the region's size: VMMs (vm-memory, QEMU's
 	 * memory-backend-file) check a file is as large as what they map. */
-	if (!IS_ERR(file))
-		i_size_write(file_inode(file), size);
+	i_size_write(inode, size);
+	/* Reopenable through /proc/PID/fd/N: an anon inode has no_open_fops.
+	 * Nobody else sees the inode yet, so no lock is needed here. */
+	inode->i_fop = &vmbeam_region_fops;
+	inode->i_private = region;
 	return file;
 }
 
@@ -190,6 +229,20 @@ void *vmbeam_region_fget(int fd, struct file **filep)
 void vmbeam_fput(struct file *file)
 {
 	fput(file);
+}
+
+/* Serialises every gather: pages leave one region and enter another under
+ * the two region locks taken one after the other, never nested. */
+static DEFINE_MUTEX(vmbeam_gather_mutex);
+
+void vmbeam_gather_lock(void)
+{
+	mutex_lock(&vmbeam_gather_mutex);
+}
+
+void vmbeam_gather_unlock(void)
+{
+	mutex_unlock(&vmbeam_gather_mutex);
 }
 
 /* Zaps every user mapping of pages [first, first + count) of the region: the

@@ -25,6 +25,8 @@ void vmbeam_fd_install(int fd, struct file *file);
 void *vmbeam_region_fget(int fd, struct file **filep);
 void vmbeam_fput(struct file *file);
 void vmbeam_revoke(struct file *file, unsigned long first, unsigned long count);
+void vmbeam_gather_lock(void);
+void vmbeam_gather_unlock(void);
 
 /* KVM VMs: a counted reference from a VM fd, and the VM's creator. */
 int vmbeam_kvm_get(int fd, struct kvm **kvmp);
@@ -52,5 +54,8 @@ int vmbeam_rs_region_mmap(void *region, struct mm_struct *mm, unsigned long pgof
 int vmbeam_rs_region_fault(void *region, struct vm_area_struct *vma, struct mm_struct *mm,
 			   unsigned long pgoff, unsigned long addr);
 void vmbeam_rs_region_release(void *region);
+/* Called under the region inode's i_lock: must not sleep. */
+void vmbeam_rs_region_file_get(void *region);
+int vmbeam_rs_region_file_put(void *region); /* 1 if that was the last file */
 
 #endif /* VMBEAM_GLUE_H */

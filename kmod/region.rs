@@ -12,7 +12,7 @@
 use core::{
     ffi::{c_int, c_long, c_ulong, c_void},
     ptr::{self, NonNull},
-    sync::atomic::Ordering::Relaxed,
+    sync::atomic::{AtomicUsize, Ordering::Relaxed},
 };
 
 use kernel::{
@@ -22,7 +22,7 @@ use kernel::{
     prelude::*,
     sync::{
         lock::{mutex::MutexBackend, Guard},
-        Arc, Mutex,
+        Arc, ArcBorrow, Mutex,
     },
 };
 
@@ -115,6 +115,13 @@ impl Pages {
         self.0.iter().filter(|p| !p.is_null()).count()
     }
 
+    /// Whether every slot in `range` is missing (and in range).
+    pub(crate) fn all_missing(&self, range: core::ops::Range<usize>) -> bool {
+        self.0
+            .get(range)
+            .is_some_and(|s| s.iter().all(|p| p.is_null()))
+    }
+
     /// Moves page `from` of `src` into slot `to` of `self`. Both slots must be
     /// in range, `from` present and `to` empty.
     pub(crate) fn take_from(&mut self, to: usize, src: &mut Pages, from: usize) {
@@ -160,9 +167,14 @@ impl RegionState {
 /// # Invariants
 ///
 /// `size == state.pages.len() * PAGE_SIZE` and never changes.
+/// `open_files` counts the open files of the region; each holds one `Arc`
+/// reference. Its changes that matter to a reopen (the first file, the
+/// last close) happen where no open can race: before the first file is
+/// published, or under the inode's `i_lock` (see `vmbeam_region_open`).
 #[pin_data(PinnedDrop)]
 pub(crate) struct Region {
     size: u64,
+    open_files: AtomicUsize,
     #[pin]
     state: Mutex<RegionState>,
 }
@@ -175,6 +187,7 @@ impl Region {
         let region = Arc::pin_init(
             pin_init!(Self {
                 size: npages * PAGE_SIZE,
+                open_files: AtomicUsize::new(0),
                 state <- new_mutex!(RegionState { pages, owner: None, moving: false }),
             }),
             GFP_KERNEL,
@@ -184,8 +197,9 @@ impl Region {
         Ok(region)
     }
 
-    /// `VMBEAM_CREATE_REGION`: a region of `size` zeroed bytes.
-    pub(crate) fn create(size: u64) -> Result<Arc<Self>> {
+    /// `VMBEAM_CREATE_REGION`: a region of `size` zeroed bytes, or of
+    /// `size` bytes of missing pages if `empty`.
+    pub(crate) fn create(size: u64, empty: bool) -> Result<Arc<Self>> {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(EINVAL);
         }
@@ -194,7 +208,25 @@ impl Region {
         if npages > unsafe { vmbeam_totalram_pages() } as u64 {
             return Err(ENOMEM);
         }
-        Self::new(Pages::alloc(usize::try_from(npages).map_err(|_| ENOMEM)?)?)
+        let npages = usize::try_from(npages).map_err(|_| ENOMEM)?;
+        Self::new(if empty {
+            Pages::empty(npages)?
+        } else {
+            Pages::alloc(npages)?
+        })
+    }
+
+    /// Makes `owner` the region's owner, unless it has a live one or is
+    /// moving (`EBUSY`). Who may name which VM is the caller's check.
+    pub(crate) fn bind(&self, owner: Owner) -> Result<c_long> {
+        let mut state = self.lock();
+        if state.moving || state.owner.as_ref().is_some_and(Owner::is_alive) {
+            return Err(EBUSY);
+        }
+        let dead = state.owner.replace(owner);
+        drop(state);
+        drop(dead); // may destroy a VM: outside the lock
+        Ok(0)
     }
 
     pub(crate) fn size(&self) -> u64 {
@@ -217,6 +249,8 @@ impl Region {
         to_result(fd)?;
         // Sizes are checked against RAM at creation: far below i64::MAX.
         let size = i64::try_from(self.size).unwrap_or(i64::MAX);
+        // The region's first file: no other file exists to race with.
+        self.open_files.fetch_add(1, Relaxed);
         let raw = Arc::into_raw(self);
         // SAFETY: `raw` is a live region; on success the file owns that
         // reference and gives it back in `vmbeam_rs_region_release`.
@@ -226,6 +260,7 @@ impl Region {
                 // SAFETY: the file was not created: the reference is still
                 // ours, taken back once; the fd was reserved above.
                 unsafe {
+                    (*raw).open_files.fetch_sub(1, Relaxed);
                     drop(Arc::from_raw(raw));
                     vmbeam_fd_unreserve(fd);
                 }
@@ -305,6 +340,11 @@ impl RegionFile {
         unsafe { self.region.as_ref() }
     }
 
+    /// Whether both name the same region (through any of its files).
+    pub(crate) fn same_region(&self, other: &RegionFile) -> bool {
+        self.region == other.region
+    }
+
     /// Zaps every user mapping of `count` pages from page `first`. Callers
     /// hold the region lock, so no fault maps them again before the state
     /// says who may.
@@ -381,6 +421,28 @@ extern "C" fn vmbeam_rs_region_fault(
     }
 }
 
+/// A region file was reopened (`/proc/PID/fd/N`): the new file takes a
+/// reference. Called under the inode's `i_lock`, while `i_private` still
+/// names the region, so at least one file holds a reference.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_file_get(region: *mut c_void) {
+    // SAFETY: `region` came from `Arc::into_raw` and a file still holds
+    // that reference (the caller's guarantee), so the count is not zero.
+    let borrowed = unsafe { ArcBorrow::from_raw(region.cast::<Region>().cast_const()) };
+    borrowed.open_files.fetch_add(1, Relaxed);
+    // The new file owns this reference; `vmbeam_rs_region_release` drops it.
+    let _ = Arc::into_raw(Arc::<Region>::from(borrowed));
+}
+
+/// A file of the region is being released (under the inode's `i_lock`);
+/// returns 1 if it was the last one, so no open may find the region again.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_file_put(region: *mut c_void) -> c_int {
+    // SAFETY: the releasing file still holds its reference.
+    let region = unsafe { region_of(region) };
+    c_int::from(region.open_files.fetch_sub(1, Relaxed) == 1)
+}
+
 /// Last close of a region file: drops the file's region reference.
 #[no_mangle]
 extern "C" fn vmbeam_rs_region_release(region: *mut c_void) {
@@ -408,20 +470,15 @@ extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) 
     ret.unwrap_or_else(|err| err.to_errno() as c_long)
 }
 
+/// `VMBEAM_REGION_BIND`: only to a VM the caller created (`VMBEAM_BIND`
+/// on `/dev/vmbeam` names any VM).
 fn bind(region: &Region, arg: &uapi::vmbeam_region_bind) -> Result<c_long> {
     check_unused(arg.flags, 0, &arg.reserved)?;
     let owner = Owner::from_vm_fd(arg.vm_fd)?;
     if !owner.created_by_current() {
         return Err(EPERM);
     }
-    let mut state = region.lock();
-    if state.moving || state.owner.as_ref().is_some_and(Owner::is_alive) {
-        return Err(EBUSY);
-    }
-    let dead = state.owner.replace(owner);
-    drop(state);
-    drop(dead); // may destroy a VM: outside the lock
-    Ok(0)
+    region.bind(owner)
 }
 
 fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {

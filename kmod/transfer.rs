@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Transfer of regions between VMs, and gather.
+//! Transfer of regions between VMs.
 //!
 //! A batch runs in three phases. *Check*: every entry is validated and its
 //! region marked moving; any failure unmarks them all and returns, so no
@@ -18,13 +18,7 @@ use kernel::{
     uaccess::UserSlice,
 };
 
-use crate::{
-    device::check_unused,
-    owner::Owner,
-    region::{Pages, Region, RegionFile, PAGE_SIZE},
-    stats::STATS,
-    trace, uapi,
-};
+use crate::{device::check_unused, owner::Owner, region::RegionFile, stats::STATS, trace, uapi};
 
 /// One checked transfer: its region is marked moving.
 struct Move {
@@ -137,63 +131,4 @@ pub(crate) fn transfer_batch(batch: &uapi::vmbeam_transfer_batch) -> Result<c_lo
         entries.push(reader.read::<uapi::vmbeam_transfer>()?, GFP_KERNEL)?;
     }
     transfer(&entries)
-}
-
-/// `VMBEAM_GATHER`: a new region made of pages of the source; returns its fd.
-pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
-    check_unused(g.flags, 0, &g.reserved)?;
-    let count = usize::try_from(g.count).map_err(|_| EINVAL)?;
-    if count == 0 || count > uapi::VMBEAM_GATHER_MAX as usize {
-        return Err(EINVAL);
-    }
-    let src = RegionFile::get(g.src_fd)?;
-
-    // Page indexes, checked for range and alignment now, for repeats sorted.
-    let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-    let mut reader =
-        UserSlice::new(g.offsets as usize, count * core::mem::size_of::<u64>()).reader();
-    for _ in 0..count {
-        let offset = reader.read::<u64>()?;
-        if offset % PAGE_SIZE != 0 || offset >= src.region().size() {
-            return Err(EINVAL);
-        }
-        indexes.push((offset / PAGE_SIZE) as usize, GFP_KERNEL)?;
-    }
-    let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
-    for &i in indexes.iter() {
-        sorted.push(i, GFP_KERNEL)?;
-    }
-    sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(EINVAL);
-    }
-
-    // Everything that can fail happens before a page moves.
-    let mut moved = Pages::empty(count)?;
-    let dst = Region::new(Pages::empty(count)?)?;
-    let fd = dst.clone().pending_fd()?;
-
-    let mut state = src.region().lock();
-    if state.moving {
-        return Err(EBUSY);
-    }
-    if sorted.iter().any(|&i| state.pages.get(i).is_none()) {
-        return Err(EINVAL); // gathered away before
-    }
-    for (to, &from) in indexes.iter().enumerate() {
-        moved.take_from(to, &mut state.pages, from);
-    }
-    // Zap the source's mappings of the moved pages, one call per run.
-    let mut run_start = 0;
-    for k in 1..=sorted.len() {
-        if k == sorted.len() || sorted[k] != sorted[k - 1] + 1 {
-            src.revoke(&state, sorted[run_start] as u64, (k - run_start) as u64);
-            run_start = k;
-        }
-    }
-    drop(state);
-    STATS.revocations.fetch_add(1, Relaxed);
-    // The new region is not published yet: only we can lock it.
-    core::mem::swap(&mut dst.lock().pages, &mut moved);
-    Ok(fd.install() as c_long)
 }

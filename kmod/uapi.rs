@@ -28,6 +28,8 @@ unsafe impl FromBytes for vmbeam_region_create {}
 // SAFETY: as above.
 unsafe impl FromBytes for vmbeam_region_bind {}
 // SAFETY: as above.
+unsafe impl FromBytes for vmbeam_bind {}
+// SAFETY: as above.
 unsafe impl FromBytes for vmbeam_region_info {}
 // SAFETY: as above.
 unsafe impl AsBytes for vmbeam_region_info {}

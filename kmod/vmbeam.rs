@@ -4,12 +4,13 @@
 //!
 //! The crate root only wires the modules together; `/dev/vmbeam` and its
 //! ioctls live in [`device`], regions in [`region`], their owners in
-//! [`owner`], transfer and gather in [`transfer`], the uAPI mirror in
+//! [`owner`], transfer in [`transfer`], gather in [`gather`], the uAPI mirror in
 //! [`uapi`], counters in [`stats`].
 
 use kernel::prelude::*;
 
 mod device;
+mod gather;
 mod owner;
 mod region;
 mod stats;

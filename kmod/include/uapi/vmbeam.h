@@ -20,8 +20,11 @@
 /* Free in Documentation/userspace-api/ioctl/ioctl-number.rst (6.12). */
 #define VMBEAM_IOC_MAGIC 0xBE
 
-/* Bumped on any incompatible change of this file. */
-#define VMBEAM_API_VERSION 1
+/*
+ * Bumped on any change of this file. 2: region fds reopen through
+ * /proc/PID/fd/N, VMBEAM_BIND, empty regions, VMBEAM_GATHER_INTO.
+ */
+#define VMBEAM_API_VERSION 2
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -64,15 +67,29 @@ struct vmbeam_stats {
  * struct vmbeam_region_create - VMBEAM_CREATE_REGION (on /dev/vmbeam).
  * @size:     in: bytes, a nonzero multiple of the page size. The module
  *            allocates and zeroes the pages, charged to the caller's memcg.
- * @flags:    in: must be 0.
+ * @flags:    in: 0 or VMBEAM_CREATE_EMPTY.
  * @pad:      in: must be 0.
  * @reserved: in: must be 0.
  *
  * Returns a new region fd (O_CLOEXEC). The region has no owner until
- * VMBEAM_REGION_BIND; it is freed when its last fd and mapping go.
+ * VMBEAM_REGION_BIND or VMBEAM_BIND; it is freed when its last fd and
+ * mapping go.
+ *
+ * VMBEAM_CREATE_EMPTY: no page is allocated; every page is missing until
+ * VMBEAM_GATHER_INTO moves one in. The owner may map the region at once
+ * (a VMM plugs it in ahead of time, out of a migration's downtime), but
+ * touching a missing page gets SIGBUS (KVM_RUN: -EFAULT): its VMM must not
+ * touch a page before it arrives.
+ *
+ * Every open file of a region is the region: opening /proc/PID/fd/N of a
+ * region fd (as QEMU's memory-backend-file mem-path= does) gives another
+ * fd of the same region, with the same owner rule for mmap. The region
+ * lives while any of them, or a mapping, does.
  * -EINVAL: size 0 or not page aligned; -ENOMEM: more than the machine has,
  * or the allocation failed; -EINTR: a fatal signal during allocation.
  */
+#define VMBEAM_CREATE_EMPTY (1U << 0)
+
 struct vmbeam_region_create {
 	__u64 size;
 	__u32 flags;
@@ -88,13 +105,36 @@ struct vmbeam_region_create {
  *
  * Makes the VM the region's owner: then only the VM's creator process may
  * mmap the region (MAP_SHARED) and its faults map the region's own pages.
- * -EINVAL: not a KVM VM fd; -EPERM: the caller did not create that VM;
- * -EBUSY: the region has a live owner (use VMBEAM_TRANSFER). A region whose
- * owner's process has exited is ownerless again and may be bound.
+ * -EINVAL: not a KVM VM fd; -EPERM: the caller did not create that VM
+ * (VMBEAM_BIND on /dev/vmbeam binds to any VM); -EBUSY: the region has a
+ * live owner (use VMBEAM_TRANSFER). A region whose owner's process has
+ * exited is ownerless again and may be bound.
  */
 struct vmbeam_region_bind {
 	__s32 vm_fd;
 	__u32 flags;
+	__u64 reserved[2];
+};
+
+/**
+ * struct vmbeam_bind - VMBEAM_BIND (on /dev/vmbeam).
+ * @region_fd: in: the region.
+ * @vm_fd:     in: a KVM VM fd of any process (vmbeamctl takes QEMU's with
+ *             pidfd_getfd(2)): QEMU creates its VM itself.
+ * @flags:     in: must be 0.
+ * @pad:       in: must be 0.
+ * @reserved:  in: must be 0.
+ *
+ * VMBEAM_REGION_BIND without the creator check, for the holder of
+ * /dev/vmbeam (CAP_SYS_ADMIN): the VM's creator process may then mmap the
+ * region. -EBADF, -EINVAL (not a region / not a KVM VM fd), -EBUSY as for
+ * VMBEAM_REGION_BIND.
+ */
+struct vmbeam_bind {
+	__s32 region_fd;
+	__s32 vm_fd;
+	__u32 flags;
+	__u32 pad;
 	__u64 reserved[2];
 };
 
@@ -169,28 +209,47 @@ struct vmbeam_transfer_batch {
 /* Most page offsets in one VMBEAM_GATHER. */
 #define VMBEAM_GATHER_MAX (1U << 20)
 
+/* struct vmbeam_gather flags. */
+#define VMBEAM_GATHER_INTO (1U << 0) /* into @dst_fd's missing pages */
+
 /**
  * struct vmbeam_gather - VMBEAM_GATHER (on /dev/vmbeam).
- * @offsets:  in: user pointer to @count __u64 byte offsets into the source,
- *            each page aligned, all distinct.
- * @count:    in: 1 .. VMBEAM_GATHER_MAX.
- * @src_fd:   in: the source region fd.
- * @flags:    in: must be 0.
- * @reserved: in: must be 0.
+ * @offsets:    in: user pointer to @count __u64 byte offsets into the
+ *              source, each page aligned, all distinct.
+ * @count:      in: 1 .. VMBEAM_GATHER_MAX.
+ * @src_fd:     in: the source region fd.
+ * @flags:      in: 0 or VMBEAM_GATHER_INTO.
+ * @dst_fd:     in: with VMBEAM_GATHER_INTO, the destination region fd;
+ *              otherwise must be 0.
+ * @pad:        in: must be 0.
+ * @dst_offset: in: with VMBEAM_GATHER_INTO, the byte offset in the
+ *              destination of the first page (page aligned); otherwise 0.
  *
- * Returns a new, ownerless region fd whose page i is the source's page at
- * offsets[i]: the pages move, their bytes do not. The source loses exactly
+ * Without flags: returns a new, ownerless region fd whose page i is the
+ * source's page at offsets[i]. With VMBEAM_GATHER_INTO: the source's page
+ * at offsets[i] becomes page dst_offset / page size + i of an existing
+ * region, whose slots there must be missing (an empty region, or pages
+ * gathered away before); returns 0. The destination keeps its owner and
+ * its mappings: its owner faults the arrived pages in. This is how a
+ * migration moves an L2's memory into a window the clean L1 plugged in
+ * ahead of time, and back.
+ *
+ * Either way the pages move, their bytes do not. The source loses exactly
  * those pages (its mappings of them are zapped; touching them again gets
- * SIGBUS); the rest of the source is untouched.
- * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone);
- * -EBUSY: the source is moving.
+ * SIGBUS, KVM_RUN -EFAULT); the rest of the source is untouched. Every
+ * check is made before a page moves: an error moves nothing.
+ * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone),
+ * destination range out of bounds, src == dst; -EEXIST: a destination slot
+ * holds a page; -EBUSY: a region is moving; -EBADF: a fd is not open.
  */
 struct vmbeam_gather {
 	__u64 offsets;
 	__u64 count;
 	__s32 src_fd;
 	__u32 flags;
-	__u64 reserved[2];
+	__s32 dst_fd;
+	__u32 pad;
+	__u64 dst_offset;
 };
 
 #define VMBEAM_GET_VERSION     _IOWR(VMBEAM_IOC_MAGIC, 0x00, struct vmbeam_version)
@@ -199,6 +258,7 @@ struct vmbeam_gather {
 #define VMBEAM_TRANSFER        _IOW(VMBEAM_IOC_MAGIC, 0x03, struct vmbeam_transfer)
 #define VMBEAM_TRANSFER_BATCH  _IOW(VMBEAM_IOC_MAGIC, 0x04, struct vmbeam_transfer_batch)
 #define VMBEAM_GATHER          _IOW(VMBEAM_IOC_MAGIC, 0x05, struct vmbeam_gather)
+#define VMBEAM_BIND            _IOW(VMBEAM_IOC_MAGIC, 0x06, struct vmbeam_bind)
 
 /* On a region fd. */
 #define VMBEAM_REGION_BIND     _IOW(VMBEAM_IOC_MAGIC, 0x10, struct vmbeam_region_bind)

@@ -14,9 +14,10 @@
 //! # Ok::<(), vmbeam::control::ControlError>(())
 //! ```
 //!
-//! The lab VMM (`vmbeam-lab`) serves it today; a QMP bridge for QEMU can
-//! serve the same commands later.
+//! The lab VMM (`vmbeam-lab`) serves the L1 commands ([`COMMANDS`]); the
+//! agent inside a real L1 (`vmbeam-agent`) serves [`agent`]'s.
 
+pub mod agent;
 mod client;
 mod codec;
 mod protocol;

@@ -19,6 +19,7 @@ nix::ioctl_write_ptr_bad!(ioctl_create_region, uapi::VMBEAM_IOCTL_CREATE_REGION,
 nix::ioctl_write_ptr_bad!(ioctl_transfer, uapi::VMBEAM_IOCTL_TRANSFER, uapi::vmbeam_transfer);
 nix::ioctl_write_ptr_bad!(ioctl_transfer_batch, uapi::VMBEAM_IOCTL_TRANSFER_BATCH, uapi::vmbeam_transfer_batch);
 nix::ioctl_write_ptr_bad!(ioctl_gather, uapi::VMBEAM_IOCTL_GATHER, uapi::vmbeam_gather);
+nix::ioctl_write_ptr_bad!(ioctl_bind, uapi::VMBEAM_IOCTL_BIND, uapi::vmbeam_bind);
 
 /// An open `/dev/vmbeam`.
 #[derive(Debug)]
@@ -60,7 +61,18 @@ impl Device {
     /// A new region of `size` zeroed bytes (a multiple of the page size),
     /// with no owner yet.
     pub fn create_region(&self, size: u64) -> Result<Region, Error> {
-        let arg = uapi::vmbeam_region_create { size, ..Default::default() };
+        self.create_region_flags(size, 0)
+    }
+
+    /// A new region of `size` bytes whose pages are all missing until
+    /// [`Device::gather_into`] moves some in (`VMBEAM_CREATE_EMPTY`): a
+    /// window a VMM maps ahead of time and must not touch before then.
+    pub fn create_empty_region(&self, size: u64) -> Result<Region, Error> {
+        self.create_region_flags(size, uapi::VMBEAM_CREATE_EMPTY)
+    }
+
+    fn create_region_flags(&self, size: u64, flags: u32) -> Result<Region, Error> {
+        let arg = uapi::vmbeam_region_create { size, flags, ..Default::default() };
         // SAFETY: /dev/vmbeam and the struct this command takes.
         let fd = unsafe { ioctl_create_region(self.file.as_raw_fd(), &arg) }
             .map_err(|errno| Error::Ioctl { op: "VMBEAM_CREATE_REGION", errno })?;
@@ -105,6 +117,43 @@ impl Device {
         let fd = unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
             .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER", errno })?;
         Ok(Region::from_raw_ioctl_result(fd))
+    }
+
+    /// Moves the pages of `src` at byte `offsets` into the missing pages of
+    /// `dst` from byte `dst_offset` on (`VMBEAM_GATHER_INTO`): `dst` keeps
+    /// its owner, whose VMM faults them in; `src` loses them.
+    pub fn gather_into(
+        &self,
+        src: BorrowedFd<'_>,
+        offsets: &[u64],
+        dst: BorrowedFd<'_>,
+        dst_offset: u64,
+    ) -> Result<(), Error> {
+        let arg = uapi::vmbeam_gather {
+            offsets: offsets.as_ptr() as u64,
+            count: offsets.len() as u64,
+            src_fd: src.as_raw_fd(),
+            flags: uapi::VMBEAM_GATHER_INTO,
+            dst_fd: dst.as_raw_fd(),
+            dst_offset,
+            ..Default::default()
+        };
+        // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
+        // (alive across the call) holds `count` offsets.
+        unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER_INTO", errno })
+    }
+
+    /// Binds `region` to the KVM VM behind `vm`, which any process may have
+    /// created (`VMBEAM_BIND`): how a region becomes the memory of a QEMU,
+    /// whose VM fd comes from `pidfd_getfd`.
+    pub fn bind(&self, region: BorrowedFd<'_>, vm: BorrowedFd<'_>) -> Result<(), Error> {
+        let arg = uapi::vmbeam_bind { region_fd: region.as_raw_fd(), vm_fd: vm.as_raw_fd(), ..Default::default() };
+        // SAFETY: /dev/vmbeam and the struct this command takes.
+        unsafe { ioctl_bind(self.file.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_BIND", errno })
     }
 
     /// Issues a raw ioctl on the device; for tests of the module's argument

@@ -47,6 +47,7 @@ fn ioctl_meaning(errno: Errno) -> &'static str {
         Errno::ENOMEM => "out of memory",
         Errno::EPERM => "not permitted: the VM is not the region's owner, or the caller did not create it",
         Errno::EACCES => "not permitted for this caller",
+        Errno::EEXIST => "a destination page of the gather is present already (only missing pages can be filled)",
         _ => "unexpected error from the module",
     }
 }

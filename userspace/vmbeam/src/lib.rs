@@ -15,6 +15,8 @@ pub mod control;
 mod device;
 mod error;
 pub mod pagemap;
+pub mod procfs;
+pub mod qmp;
 mod region;
 pub mod uapi;
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod l1;
 mod migrate;
+mod nested;
+mod qemu_l1;
 mod regions;
 mod report;
 mod status;
@@ -27,6 +30,12 @@ enum Command {
     /// Move every L2 VM from an aged L1 to a clean one without copying
     /// their memory; report pages moved, bytes copied and downtime.
     MigrateAll(migrate::Args),
+    /// Real L1 hypervisors (QEMU at L0): boot one, start L2s in it.
+    #[command(subcommand)]
+    L1(l1::Command),
+    /// Boot a clean L1 shaped like the aged one, move every L2 into it
+    /// without copying their memory, shut the aged L1 down.
+    Rejuvenate(nested::RejuvenateArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +44,8 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(&args),
         Command::Regions(args) => regions::run(&args),
         Command::MigrateAll(args) => return migrate::run(&args),
+        Command::L1(cmd) => l1::run(&cmd),
+        Command::Rejuvenate(args) => return nested::rejuvenate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

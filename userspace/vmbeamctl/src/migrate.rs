@@ -82,6 +82,9 @@ pub enum Step {
 }
 
 pub fn run(args: &Args) -> ExitCode {
+    if crate::nested::is_qmp(&args.from) {
+        return run_nested(args);
+    }
     let mut m = Migration::new(args);
     if let Err(e) = m.run() {
         m.report.ok = false;
@@ -91,6 +94,34 @@ pub fn run(args: &Args) -> ExitCode {
     m.progress.finish_and_clear();
     report::print(&mut m.report, args.json);
     if m.report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Both L1s are real (QEMU's QMP sockets named): `crate::nested`.
+fn run_nested(args: &Args) -> ExitCode {
+    let mut report = Report::default();
+    let timeout = Duration::from_secs(args.timeout_s);
+    let result = (|| {
+        let mut aged = crate::qemu_l1::QemuL1::connect(&args.from, timeout).context("the aged L1 (--from)")?;
+        let mut clean = crate::qemu_l1::QemuL1::connect(&args.to, timeout).context("the clean L1 (--to)")?;
+        ensure!(aged.pid != clean.pid, "--from and --to are the same L1 (pid {})", aged.pid);
+        let flags = crate::nested::Flags {
+            dry_run: args.dry_run,
+            timeout,
+            inject_failure: args.inject_failure,
+            report: &mut report,
+        };
+        crate::nested::migrate(&mut aged, &mut clean, flags)
+    })();
+    if let Err(e) = result {
+        report.ok = false;
+        report.error = Some(format!("{e:#}"));
+    }
+    report::print(&mut report, args.json);
+    if report.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,0 +1,285 @@
+//! vmbeam-agent: runs inside a real L1 hypervisor (Linux + KVM + QEMU) and
+//! drives its L2 QEMUs for L0's `vmbeamctl`: starts L2s on windows, saves
+//! an L2's CPU and device state, restores one on a window, kills the ones
+//! that moved away. It speaks `vmbeam::control::agent` over a virtio-serial
+//! port (`vmbeam.agent`), which the L1's QEMU exposes at L0 as a Unix socket.
+//!
+//! ```text
+//! vmbeam-agent [--port NAME | --listen SOCKET] [--name L1NAME]
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use vmbeam::control::{
+    agent::{AgentStatus, AgentWindow, Named, RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE},
+    ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
+};
+
+mod l2;
+mod port;
+mod window;
+
+use l2::{Config, L2};
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The virtio-serial port's name (found in /sys/class/virtio-ports).
+    #[arg(long, default_value = "vmbeam.agent")]
+    port: String,
+    /// Serve on this Unix socket instead (tests at L0).
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    /// This L1's name in the greeting.
+    #[arg(long, default_value = "l1")]
+    name: String,
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// The L2 guest image (`-kernel`).
+    #[arg(long, default_value = "/l2/workload.elf")]
+    guest: PathBuf,
+    #[arg(long, default_value = "/sys/bus/pci/devices")]
+    sys_pci: PathBuf,
+    #[arg(long, default_value = "/run/vmbeam")]
+    run_dir: PathBuf,
+    /// Seconds any QEMU operation may take.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+struct Agent {
+    args: Args,
+    cfg: Config,
+    l2s: BTreeMap<String, L2>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.run_dir)?;
+    let cfg = Config {
+        qemu: args.qemu.clone(),
+        guest: args.guest.clone(),
+        run_dir: args.run_dir.clone(),
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let mut agent = Agent { args, cfg, l2s: BTreeMap::new() };
+    let mut link = match &agent.args.listen {
+        Some(path) => port::Link::listen(path)?,
+        None => port::Link::virtio(&agent.args.port)?,
+    };
+    loop {
+        let stream = link.accept()?;
+        if let Err(e) = agent.serve(stream) {
+            eprintln!("vmbeam-agent: session ended: {e:#}");
+        }
+    }
+}
+
+impl Agent {
+    /// One session: greeting, then request after request until the peer
+    /// goes away.
+    fn serve(&mut self, stream: port::Stream) -> Result<()> {
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let greeting = Greeting {
+            greeting: ServerInfo {
+                service: AGENT_SERVICE.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                name: self.args.name.clone(),
+                pid: std::process::id(),
+            },
+        };
+        send(&mut writer, &greeting)?;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = Read::by_ref(&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+            if n == 0 {
+                return Ok(()); // the peer closed
+            }
+            if line.last() != Some(&b'\n') {
+                if n > MAX_LINE {
+                    send(&mut writer, &Reply::err(ErrorBody::generic("message too long"), None))?;
+                    skip_line(&mut reader)?;
+                    continue;
+                }
+                return Ok(()); // closed mid-line
+            }
+            let reply = match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => {
+                    let id = req.id.clone();
+                    match self.dispatch(&req) {
+                        Ok(v) => Reply::ok(v, id),
+                        Err(e) => Reply::err(e, id),
+                    }
+                }
+                Err(e) => Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None),
+            };
+            send(&mut writer, &reply)?;
+            if matches!(reply.ret, Some(Value::String(ref s)) if s == "poweroff") {
+                poweroff();
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: &Request) -> Result<Value, ErrorBody> {
+        let generic = |e: anyhow::Error| ErrorBody::generic(format!("{e:#}"));
+        match req.execute.as_str() {
+            "query-commands" => Ok(json!(AGENT_COMMANDS)),
+            "query-status" => self.status().map(|s| json!(s)).map_err(generic),
+            "query-vms" => Ok(json!(self.l2s.values_mut().map(L2::info).collect::<Vec<_>>())),
+            "start-l2" => {
+                let a: StartL2 = args(req)?;
+                self.start(&a).map_err(generic)
+            }
+            "save-l2" => {
+                let a: Named = args(req)?;
+                let cfg = self.cfg.clone();
+                self.l2(&a.name)?.save(&cfg).map(|s| json!(s)).map_err(generic)
+            }
+            "resume-l2" => {
+                let a: Named = args(req)?;
+                let l2 = self.l2(&a.name)?;
+                l2.resume().map_err(generic)?;
+                Ok(json!(l2.info()))
+            }
+            "restore-l2" => {
+                let a: RestoreL2 = args(req)?;
+                self.restore(&a).map(|r| json!(r)).map_err(generic)
+            }
+            "kill-l2" => {
+                let a: Named = args(req)?;
+                self.l2(&a.name)?.kill();
+                Ok(json!({}))
+            }
+            "poweroff" => {
+                for l2 in self.l2s.values_mut() {
+                    l2.kill();
+                }
+                Ok(json!("poweroff"))
+            }
+            other => Err(ErrorBody {
+                class: ErrorClass::CommandNotFound,
+                desc: format!("the agent has no command `{other}` (query-commands lists them)"),
+                errno: None,
+            }),
+        }
+    }
+
+    fn l2(&mut self, name: &str) -> Result<&mut L2, ErrorBody> {
+        self.l2s.get_mut(name).ok_or_else(|| ErrorBody {
+            class: ErrorClass::DeviceNotFound,
+            desc: format!("no L2 named `{name}` on this L1"),
+            errno: None,
+        })
+    }
+
+    fn status(&mut self) -> Result<AgentStatus> {
+        let windows = window::scan(&self.args.sys_pci)?;
+        let taken: BTreeMap<u32, String> = self
+            .l2s
+            .values_mut()
+            .filter_map(|l| {
+                l.poll();
+                (l.info().state != vmbeam::control::agent::AgentL2State::Exited)
+                    .then(|| (l.window.index, l.name.clone()))
+            })
+            .collect();
+        Ok(AgentStatus {
+            name: self.args.name.clone(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+            qemu: self.args.qemu.display().to_string(),
+            windows: windows
+                .into_iter()
+                .map(|w| AgentWindow { index: w.index, pci: w.pci, size: w.size, l2: taken.get(&w.index).cloned() })
+                .collect(),
+        })
+    }
+
+    /// The free window numbered `index`.
+    fn free_window(&mut self, name: &str, index: u32) -> Result<window::Window> {
+        if let Some(old) = self.l2s.get_mut(name) {
+            old.poll();
+            if old.info().state != vmbeam::control::agent::AgentL2State::Exited {
+                bail!("an L2 named `{name}` exists already");
+            }
+        }
+        let status = self.status()?;
+        let w = status.windows.iter().find(|w| w.index == index).ok_or_else(|| {
+            let have: Vec<_> = status.windows.iter().map(|w| w.index.to_string()).collect();
+            anyhow!("no window {index} on this L1 (windows: {})", have.join(", "))
+        })?;
+        if let Some(l2) = &w.l2 {
+            bail!("window {index} holds L2 `{l2}`");
+        }
+        window::scan(&self.args.sys_pci)?
+            .into_iter()
+            .find(|w| w.index == index)
+            .ok_or_else(|| anyhow!("window {index} vanished"))
+    }
+
+    fn start(&mut self, a: &StartL2) -> Result<Value> {
+        let w = self.free_window(&a.name, a.window)?;
+        let mut l2 = L2::start(&self.cfg, &a.name, &w, false)?;
+        let info = l2.info();
+        self.l2s.insert(a.name.clone(), l2);
+        Ok(json!(info))
+    }
+
+    fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
+        let arrived = Instant::now();
+        let w = self.free_window(&a.name, a.window)?;
+        let mut l2 = L2::start(&self.cfg, &a.name, &w, true)?;
+        let start_us = arrived.elapsed().as_micros() as u64;
+        if let Err(e) = l2.restore(&self.cfg, &a.state) {
+            l2.kill();
+            return Err(e);
+        }
+        let resumed_after_us = arrived.elapsed().as_micros() as u64;
+        let info = l2.info();
+        self.l2s.insert(a.name.clone(), l2);
+        Ok(Restored { l2: info, resumed_after_us, start_us })
+    }
+}
+
+fn args<T: DeserializeOwned>(req: &Request) -> Result<T, ErrorBody> {
+    serde_json::from_value(req.arguments.clone())
+        .map_err(|e| ErrorBody::generic(format!("bad arguments for `{}`: {e}", req.execute)))
+}
+
+fn send(w: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
+    let mut line = serde_json::to_vec(value)?;
+    line.push(b'\n');
+    w.write_all(&line).context("writing to L0")?;
+    w.flush().context("writing to L0")
+}
+
+fn skip_line(r: &mut impl BufRead) -> Result<()> {
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            r.consume(i + 1);
+            return Ok(());
+        }
+        let n = buf.len();
+        r.consume(n);
+    }
+}
+
+fn poweroff() {
+    nix::unistd::sync();
+    // SAFETY: reboot(2) with RB_POWER_OFF: the L1 stops here.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+}

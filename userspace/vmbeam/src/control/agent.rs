@@ -1,0 +1,141 @@
+//! The messages of the in-L1 agent (`vmbeam-agent`): the same framing,
+//! greeting and reply shapes as the lab protocol, other commands. An agent
+//! runs inside a real L1 (Linux + KVM + QEMU) and drives the L2 QEMUs there;
+//! L0 reaches it over a virtio-serial port that QEMU exposes as a Unix
+//! socket, so no fd ever travels on this protocol.
+//!
+//! | command        | arguments        | returns            |
+//! |----------------|------------------|--------------------|
+//! | `query-commands` | –              | `[name]`           |
+//! | `query-status` | –                | [`AgentStatus`]    |
+//! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
+//! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
+//! | `save-l2`      | [`Named`]        | [`Saved`]          |
+//! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
+//! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
+//! | `kill-l2`      | [`Named`]        | `{}`               |
+//! | `poweroff`     | –                | `{}` (then the L1 powers off) |
+//!
+//! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
+//! own migration and the `x-ignore-shared` capability: its RAM is the
+//! window, which the stream skips. The L2 stays stopped until `resume-l2`
+//! (a rollback) or `kill-l2` (it moved). `restore-l2` starts a QEMU on a
+//! window with `-incoming defer`, loads the state and resumes it.
+
+use serde::{Deserialize, Serialize};
+
+/// Every command the agent answers.
+pub const AGENT_COMMANDS: &[&str] = &[
+    "query-commands",
+    "query-status",
+    "query-vms",
+    "start-l2",
+    "save-l2",
+    "resume-l2",
+    "restore-l2",
+    "kill-l2",
+    "poweroff",
+];
+
+/// The `service` an agent's greeting names.
+pub const AGENT_SERVICE: &str = "vmbeam-agent";
+
+/// One window of the L1: a PCI BAR (ivshmem-plain behind root port
+/// `index`) that L0 backs with a vmbeam region.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentWindow {
+    /// The root port's number: port `rp<index>` at L0, slot 0x10 + index.
+    pub index: u32,
+    /// PCI address inside the L1, e.g. `0000:01:00.0`.
+    pub pci: String,
+    pub size: u64,
+    /// The L2 whose RAM it is, if any.
+    pub l2: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub name: String,
+    pub kernel: String,
+    pub qemu: String,
+    pub windows: Vec<AgentWindow>,
+}
+
+/// The L2 workload's header, read from its RAM (`guests/l2/workload.S`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Workload {
+    pub magic: u32,
+    pub seed: u32,
+    /// The pass in progress; the ones before it are complete.
+    pub pass: u32,
+    pub dwords: u32,
+    /// Sum of the dwords the last complete pass verified.
+    pub checksum: u32,
+    pub errors: u32,
+    pub heartbeat: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentL2State {
+    Running,
+    /// Stopped by `save-l2`, its state saved.
+    Saved,
+    /// Its QEMU exited.
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentL2 {
+    pub name: String,
+    pub window: u32,
+    pub size: u64,
+    pub pid: u32,
+    pub state: AgentL2State,
+    pub workload: Option<Workload>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StartL2 {
+    pub name: String,
+    pub window: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+}
+
+/// The saved L2: its device state, and when it stopped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Saved {
+    pub name: String,
+    pub window: u32,
+    /// QEMU's migration stream (CPU and devices, no RAM), base64.
+    pub state: String,
+    pub state_bytes: u64,
+    /// Microseconds from the L2's stop to this reply leaving the agent:
+    /// L0 subtracts it from the reply's arrival to place the stop on its
+    /// own clock.
+    pub stopped_us_ago: u64,
+    /// The workload as the stop left it.
+    pub workload: Option<Workload>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoreL2 {
+    pub name: String,
+    pub window: u32,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restored {
+    pub l2: AgentL2,
+    /// Microseconds from the request's arrival to the L2 running again.
+    pub resumed_after_us: u64,
+    /// Of those, the QEMU start (before the state is loaded).
+    pub start_us: u64,
+}

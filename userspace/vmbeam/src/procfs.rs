@@ -1,0 +1,57 @@
+//! Reaching another process's fds and mappings: how vmbeamctl finds what a
+//! QEMU holds. QEMU creates its KVM VM and opens its RAM's mem-path itself,
+//! so the VM fd and the region fds to name in ioctls are QEMU's; the
+//! holder of `/dev/vmbeam` (root) takes copies with `pidfd_getfd(2)`.
+
+use std::{
+    io,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+/// A copy of fd `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`;
+/// needs ptrace access to the process: root).
+pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags; returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd(2) with our pidfd, the target's fd number and no
+    // flags; returns a new close-on-exec fd or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// The numbers of `pid`'s fds whose link reads `target` (e.g.
+/// `anon_inode:kvm-vm` for KVM VM fds).
+pub fn fds_linking_to(pid: u32, target: &str) -> io::Result<Vec<i32>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        let Ok(link) = std::fs::read_link(entry.path()) else { continue };
+        if link.as_os_str() == target {
+            if let Some(n) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+                found.push(n);
+            }
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// The start address of `pid`'s first mapping of the file with inode
+/// `ino` (a region's), from `/proc/PID/maps`.
+pub fn mapping_of_inode(pid: u32, ino: u64) -> io::Result<Option<u64>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let range = f.next()?;
+        let inode: u64 = f.nth(3)?.parse().ok()?;
+        (inode == ino).then(|| u64::from_str_radix(range.split('-').next()?, 16).ok()).flatten()
+    }))
+}
