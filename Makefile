@@ -1,8 +1,13 @@
 # vmbeam: every top-level target. The module itself is built by Kbuild
 # (make -C $KDIR M=$PWD), driven from scripts/module.sh.
 #
-#   make demo      boot the test kernel, run the main job, print the report
+#   make demo      boot the test kernel; in it, rejuvenate a real L1 (QEMU +
+#                  KVM + two L2 QEMUs) into a clean one; print the report
+#   make demo-lab  the same flow between lab L1s (vmbeam-lab)
 #   make test      every test: lint, cargo test, selftests in the test kernel
+#                  (the smallest real nested case among them)
+#   make test-nested  the real nested tests alone (two L2s, failures)
+#   make l1-image  build (or find cached) the L1 hypervisor's initramfs
 #   make kernel    build (or find cached) the test kernel
 #   make module    build vmbeam.ko          (CLIPPY=1 to lint it)
 #   make lint      clippy + rustfmt on everything
@@ -13,7 +18,7 @@ KCONFIG ?= default
 export KCONFIG
 CARGO ?= cargo
 
-.PHONY: all deps kernel module userspace test demo lint clean
+.PHONY: all deps kernel module userspace test test-nested demo demo-lab l1-image lint clean
 
 all: module userspace
 
@@ -29,12 +34,23 @@ module: kernel
 userspace: deps
 	$(CARGO) build --workspace --all-targets
 
-test: lint module userspace
+test: lint module userspace l1-image
 	$(CARGO) test --workspace
 	@tests/run.sh
 
-demo: module userspace
+test-nested: module userspace l1-image
+	@tests/run.sh --nested
+
+demo: module userspace l1-image
 	@tests/run.sh --demo
+
+demo-lab: module userspace
+	@tests/run.sh --demo-lab
+
+# The L1 image carries the agent: build it first, then the image (cached,
+# keyed by what it holds).
+l1-image: userspace
+	@VMBEAM_AGENT=$(CURDIR)/target/debug/vmbeam-agent scripts/l1-image.sh >/dev/null
 
 lint: deps
 	@scripts/module.sh CLIPPY=1

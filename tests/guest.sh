@@ -81,7 +81,13 @@ case $mode in
 		run_selftest "$t"
 	done
 	;;
+--nested)
+	run_selftest nested_test
+	;;
 --demo)
+	"$VMBEAM_TESTS/nested-demo.sh" "$bin" || top_fail=1
+	;;
+--demo-lab)
 	"$VMBEAM_TESTS/demo.sh" "$bin" || top_fail=1
 	;;
 esac

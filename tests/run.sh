@@ -3,7 +3,9 @@
 # emulated, so kvm_amd and /dev/kvm work inside) and runs tests/guest.sh there.
 #
 #   tests/run.sh            the selftests (make test)
-#   tests/run.sh --demo     the demo (make demo)
+#   tests/run.sh --nested   the real nested tests (make test-nested)
+#   tests/run.sh --demo     the demo: rejuvenate a real L1 (make demo)
+#   tests/run.sh --demo-lab the demo between lab L1s (make demo-lab)
 #
 # Exits with the guest's status; fails if the guest's status never arrives.
 set -euo pipefail
@@ -12,6 +14,10 @@ source "$(dirname "$0")/../scripts/lib.sh"
 mode=${1:---test}
 kdir=$("$VMBEAM_ROOT/scripts/kernel.sh")
 bin="$VMBEAM_ROOT/target/debug"
+# The L1 hypervisors: the test kernel itself, and the image with the agent.
+export VMBEAM_L1_KERNEL="$kdir/arch/x86/boot/bzImage"
+VMBEAM_L1_INITRD=$(VMBEAM_AGENT="$bin/vmbeam-agent" "$VMBEAM_ROOT/scripts/l1-image.sh")
+export VMBEAM_L1_INITRD
 out=$(mktemp /tmp/vmbeam-guest.XXXXXX)
 trap 'rm -f "$out"' EXIT
 
@@ -22,7 +28,7 @@ vng --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
 	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "$VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 set -e
 
 rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)

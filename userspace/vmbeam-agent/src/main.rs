@@ -39,9 +39,10 @@ struct Args {
     /// Serve on this Unix socket instead (tests at L0).
     #[arg(long)]
     listen: Option<PathBuf>,
-    /// This L1's name in the greeting.
-    #[arg(long, default_value = "l1")]
-    name: String,
+    /// This L1's name in the greeting (default: `vmbeam.name=` on the
+    /// kernel command line, else "l1").
+    #[arg(long)]
+    name: Option<String>,
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: PathBuf,
     /// The L2 guest image (`-kernel`).
@@ -63,7 +64,11 @@ struct Agent {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.name.is_none() {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        args.name = cmdline.split_whitespace().find_map(|a| a.strip_prefix("vmbeam.name=")).map(Into::into);
+    }
     std::fs::create_dir_all(&args.run_dir)?;
     let cfg = Config {
         qemu: args.qemu.clone(),
@@ -94,7 +99,7 @@ impl Agent {
             greeting: ServerInfo {
                 service: AGENT_SERVICE.into(),
                 version: env!("CARGO_PKG_VERSION").into(),
-                name: self.args.name.clone(),
+                name: self.name(),
                 pid: std::process::id(),
             },
         };
@@ -175,6 +180,10 @@ impl Agent {
         }
     }
 
+    fn name(&self) -> String {
+        self.args.name.clone().unwrap_or_else(|| "l1".into())
+    }
+
     fn l2(&mut self, name: &str) -> Result<&mut L2, ErrorBody> {
         self.l2s.get_mut(name).ok_or_else(|| ErrorBody {
             class: ErrorClass::DeviceNotFound,
@@ -195,7 +204,7 @@ impl Agent {
             })
             .collect();
         Ok(AgentStatus {
-            name: self.args.name.clone(),
+            name: self.name(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
             qemu: self.args.qemu.display().to_string(),
             windows: windows

@@ -44,6 +44,20 @@ pub fn fds_linking_to(pid: u32, target: &str) -> io::Result<Vec<i32>> {
     Ok(found)
 }
 
+/// The number of a fd of `pid` open on the file with inode `ino` (stat
+/// through `/proc/PID/fd/N` follows to the file: anon inodes included).
+pub fn fd_of_inode(pid: u32, ino: u64) -> io::Result<Option<i32>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = None;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == ino) {
+            let n: Option<i32> = entry.file_name().to_str().and_then(|s| s.parse().ok());
+            found = found.min(n).or(n);
+        }
+    }
+    Ok(found)
+}
+
 /// The start address of `pid`'s first mapping of the file with inode
 /// `ino` (a region's), from `/proc/PID/maps`.
 pub fn mapping_of_inode(pid: u32, ino: u64) -> io::Result<Option<u64>> {

@@ -3,7 +3,7 @@
 //!
 //! Window `K` of an L1 is, at L0, QEMU object `winK` (a
 //! `memory-backend-file` whose mem-path is `/proc/self/fd/N`, a region fd
-//! handed over with `add-fd`) shown to the L1 as `ivshmem-plain` device
+//! handed over with `getfd`) shown to the L1 as `ivshmem-plain` device
 //! `ivK` behind PCIe root port `rpK`. Everything vmbeamctl needs is found
 //! again from QEMU itself (QMP, `/proc`), so no state lives outside it.
 
@@ -116,8 +116,11 @@ fn agent_socket(qmp: &mut Qmp) -> Result<PathBuf> {
         .and_then(|a| a.iter().find(|c| c["label"] == AGENT_CHARDEV))
         .and_then(|c| c["filename"].as_str())
         .ok_or_else(|| anyhow!("QEMU has no chardev `{AGENT_CHARDEV}`: not a vmbeam L1"))?;
-    // "unix:/path,server=on" (QEMU 7.2 prints the options after a comma).
-    let path = filename.strip_prefix("unix:").ok_or_else(|| anyhow!("chardev {AGENT_CHARDEV} is {filename}"))?;
+    // "[disconnected:]unix:/path,server=on" (QEMU 7.2: state, then options).
+    let path = filename
+        .split_once("unix:")
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("chardev {AGENT_CHARDEV} is {filename}, not a Unix socket"))?;
     Ok(PathBuf::from(path.split(',').next().unwrap_or(path)))
 }
 
@@ -275,7 +278,7 @@ fn wait_for_qmp(path: &Path, pid: u32, timeout: Duration) -> Result<Qmp> {
     }
 }
 
-/// Regions bound to QEMU's VM, handed over with `add-fd`, shown as
+/// Regions bound to QEMU's VM, handed over with `getfd`, shown as
 /// ivshmem-plain devices behind the root ports.
 fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result<()> {
     let vm_fds = procfs::fds_linking_to(pid, "anon_inode:kvm-vm")?;
@@ -284,9 +287,13 @@ fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result
     for (k, &size) in a.windows.iter().enumerate() {
         let region = if a.empty { dev.create_empty_region(size)? } else { dev.create_region(size)? };
         dev.bind(region.as_fd(), vm.as_fd())?;
-        let added =
-            qmp.execute_with_fds("add-fd", json!({"opaque": format!("vmbeam window {k}")}), &[region.as_fd()])?;
-        let fd = added["fd"].as_i64().ok_or_else(|| anyhow!("add-fd returned {added}"))?;
+        // A named monitor fd (`getfd`) stays open in QEMU for its life (an
+        // `add-fd` fdset entry is closed once no monitor is connected), so
+        // `/proc/self/fd/N` names this region for as long as QEMU runs and
+        // a later vmbeamctl finds it again from the backend's mem-path.
+        qmp.execute_with_fds("getfd", json!({"fdname": format!("win{k}")}), &[region.as_fd()])?;
+        let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
+        let fd = procfs::fd_of_inode(pid, ino)?.ok_or_else(|| anyhow!("QEMU {pid} did not keep window {k}'s fd"))?;
         qmp.execute(
             "object-add",
             json!({"qom-type": "memory-backend-file", "id": format!("win{k}"),
