@@ -25,10 +25,16 @@ report() { # status name
 
 # One line per test case; one TAP line per selftest binary.
 run_selftest() { # name [args...]
+	local name=$1
+	shift
+	run_selftest_cmd "$name" "$bin/$name" "$@"
+}
+
+run_selftest_cmd() { # name command [args...]
 	local name=$1 out rc
 	shift
 	echo "# selftests: vmbeam: $name"
-	out=$(VMBEAM_KO=$ko "$bin/$name" "$@" 2>&1)
+	out=$(VMBEAM_KO=$ko "$@" 2>&1)
 	rc=$?
 	sed 's/^/# /' <<<"$out"
 	passed=$((passed + $(grep -cE '^ok [0-9]+ [^#]*$' <<<"$out")))
@@ -80,9 +86,11 @@ case $mode in
 	for t in "${SELFTESTS[@]}"; do
 		run_selftest "$t"
 	done
+	# The smallest real nested case: one L2 between two real L1s.
+	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
 --nested)
-	run_selftest nested_test
+	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 2
 	;;
 --demo)
 	"$VMBEAM_TESTS/nested-demo.sh" "$bin" || top_fail=1
