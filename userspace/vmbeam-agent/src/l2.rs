@@ -99,8 +99,11 @@ impl L2 {
 
     pub fn info(&mut self) -> AgentL2 {
         self.poll();
-        // An exited L2's window may have been handed away: never touch it.
-        let workload = (self.state != AgentL2State::Exited).then(|| window::read_header(&self.window).ok()).flatten();
+        // Only a running or saved L2's window holds its pages: an exited
+        // one's may have been handed away, an incoming one's has not
+        // arrived. Touching a window without pages kills this L1.
+        let holds_pages = matches!(self.state, AgentL2State::Running | AgentL2State::Saved);
+        let workload = holds_pages.then(|| window::read_header(&self.window).ok()).flatten();
         AgentL2 {
             name: self.name.clone(),
             window: self.window.index,
@@ -168,6 +171,9 @@ impl L2 {
             self.qmp.execute("cont", json!({}))?;
             anyhow::Ok(())
         })();
+        if loaded.is_ok() {
+            self.state = AgentL2State::Running;
+        }
         let _ = std::fs::remove_file(&path);
         loaded.with_context(|| format!("restoring L2 {}", self.name))
     }

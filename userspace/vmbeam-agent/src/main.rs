@@ -20,7 +20,9 @@ use clap::Parser;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
-    agent::{AgentStatus, AgentWindow, Named, RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE},
+    agent::{
+        AgentL2State, AgentStatus, AgentWindow, Named, RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
+    },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
 
@@ -146,6 +148,10 @@ impl Agent {
                 let a: StartL2 = args(req)?;
                 self.start(&a).map_err(generic)
             }
+            "prepare-l2" => {
+                let a: StartL2 = args(req)?;
+                self.prepare(&a).map_err(generic)
+            }
             "save-l2" => {
                 let a: Named = args(req)?;
                 let cfg = self.cfg.clone();
@@ -199,8 +205,7 @@ impl Agent {
             .values_mut()
             .filter_map(|l| {
                 l.poll();
-                (l.info().state != vmbeam::control::agent::AgentL2State::Exited)
-                    .then(|| (l.window.index, l.name.clone()))
+                (l.info().state != AgentL2State::Exited).then(|| (l.window.index, l.name.clone()))
             })
             .collect();
         Ok(AgentStatus {
@@ -218,7 +223,7 @@ impl Agent {
     fn free_window(&mut self, name: &str, index: u32) -> Result<window::Window> {
         if let Some(old) = self.l2s.get_mut(name) {
             old.poll();
-            if old.info().state != vmbeam::control::agent::AgentL2State::Exited {
+            if old.info().state != AgentL2State::Exited {
                 bail!("an L2 named `{name}` exists already");
             }
         }
@@ -244,10 +249,26 @@ impl Agent {
         Ok(json!(info))
     }
 
-    fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
-        let arrived = Instant::now();
+    /// Starts the receiving QEMU of a coming L2 ahead of its downtime.
+    fn prepare(&mut self, a: &StartL2) -> Result<Value> {
         let w = self.free_window(&a.name, a.window)?;
         let mut l2 = L2::start(&self.cfg, &a.name, &w, true)?;
+        let info = l2.info();
+        self.l2s.insert(a.name.clone(), l2);
+        Ok(json!(info))
+    }
+
+    fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
+        let arrived = Instant::now();
+        let prepared =
+            self.l2s.remove(&a.name).filter(|l| l.info().state == AgentL2State::Incoming && l.window.index == a.window);
+        let mut l2 = match prepared {
+            Some(l2) => l2,
+            None => {
+                let w = self.free_window(&a.name, a.window)?;
+                L2::start(&self.cfg, &a.name, &w, true)?
+            }
+        };
         let start_us = arrived.elapsed().as_micros() as u64;
         if let Err(e) = l2.restore(&self.cfg, &a.state) {
             l2.kill();

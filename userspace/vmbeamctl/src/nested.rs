@@ -6,7 +6,7 @@
 //!
 //! | step     | what happens                                          | on failure                      |
 //! |----------|-------------------------------------------------------|---------------------------------|
-//! | plan     | every running L2 on the aged L1 gets an empty window of its size on the clean L1 | nothing changed |
+//! | plan     | every running L2 on the aged L1 gets an empty window of its size on the clean L1, where the agent starts its receiving QEMU (`-incoming`) | those QEMUs are killed |
 //! | pause    | the aged agent stops the L2 and saves CPU + devices (QEMU migration, `x-ignore-shared`: no RAM) | the L2s resume on the aged L1 |
 //! | transfer | `VMBEAM_GATHER_INTO`: the window's pages leave the aged L1's region for the clean L1's | the pages moved go back; the L2s resume on the aged L1 |
 //! | receive  | the clean agent starts a QEMU on the window with `-incoming`, loads the state, resumes | the clean QEMU is killed, the pages go back, the L2s resume on the aged L1 |
@@ -26,7 +26,9 @@ use std::{
 use std::os::fd::AsFd;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use vmbeam::control::agent::{AgentL2, AgentL2State, AgentStatus, Named, RestoreL2, Restored, Saved, Workload};
+use vmbeam::control::agent::{
+    AgentL2, AgentL2State, AgentStatus, Named, RestoreL2, Restored, Saved, StartL2, Workload,
+};
 
 use crate::{
     migrate::Step,
@@ -75,6 +77,15 @@ pub fn migrate(aged: &mut QemuL1, clean: &mut QemuL1, f: Flags<'_>) -> Result<()
         return Ok(());
     }
     let stats_before = dev.stats()?;
+    // The receiving QEMUs start now, out of the downtime; they touch their
+    // (still empty) windows only once the state is loaded.
+    for m in &moves {
+        let prepared: Result<AgentL2> =
+            clean.agent.call("prepare-l2", StartL2 { name: m.name.clone(), window: m.to }).map_err(Into::into);
+        if let Err(e) = prepared {
+            return Err(rollback(aged, clean, &dev, &mut moves, phase.report, e.context("preparing the clean L1")));
+        }
+    }
 
     phase.enter(Step::Pause);
     for m in &mut moves {
