@@ -146,7 +146,7 @@ l1 = [
     "timeout", "900", "qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", "q35",
     "-m", l1mem, "-smp", os.environ.get("L1_SMP", "1"), "-nographic", "-nodefaults", "-no-reboot",
     "-serial", f"file:{serial}",
-    "-kernel", bz, "-initrd", initrd, "-append", "quiet console=ttyS0 panic=-1",
+    "-kernel", bz, "-initrd", initrd, "-append", "quiet console=ttyS0 panic=-1 rootfstype=ramfs",
     "-S", "-qmp", f"unix:{qmp_path},server=on,wait=off",
     "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x10",
     "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,addr=0x11",
@@ -249,6 +249,11 @@ def answer(what):
         check(r == [HDR // 4096], f"-incoming defer QEMU (before migrate-incoming): win1 resident pages {r}")
         check(h == b"TOUCHME!" * 8, "win1 marked header unchanged")
         check(sha(w0) == saved[2], "win0 unchanged since the save")
+    elif what == "touch-check-loaded":
+        r = resident(w1)
+        h = open(w1, "rb").read()[HDR:HDR + 64]
+        check(r == [HDR // 4096], f"after migrate-incoming (state loaded, not cont): win1 resident pages {r}")
+        check(h == b"TOUCHME!" * 8, "win1 marked header unchanged")
     elif what == "incoming-up":
         check(sha(w0) == saved[2], "win0 unchanged with the restoring QEMU up, before migrate-incoming")
     elif what == "restored":

@@ -49,10 +49,11 @@ for d in $D0 $D1; do
 	ev "window ${d##*/} resource=$(sed -n 3p "$d/resource" | tr ' ' ,) enable=$(cat "$d/enable") cmd=$(od -An -tx2 -j4 -N2 "$d/config" | tr -d ' ')"
 done
 log grep -E '^(MemTotal|MemFree|MemAvailable|Shmem):' /proc/meminfo
+log sh -c "dmesg | grep -E 'Unpacking initramfs|Freeing initrd|Run /init'"
 log $T peek $R1
 ask l1-up
 
-L2="qemu-system-x86_64 -enable-kvm -cpu host -M pc -nodefaults -m 16M -display none -kernel /l2/workload.elf"
+L2="qemu-system-x86_64 -enable-kvm -cpu host -M pc -nodefaults -m 16M -display none -global kvm-apic.vapic=false -kernel /l2/workload.elf"
 mem() { echo "-object memory-backend-file,id=mem0,mem-path=$1,share=on,size=16M -machine memory-backend=mem0"; }
 CAP='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-ignore-shared","state":true}]}}'
 
@@ -91,6 +92,11 @@ B=$!
 log $T qmp /tmp/l2t.qmp '{"execute":"query-status"}' "$CAP"
 sleep 3
 ask touch-check
+# And loading the saved state (x-ignore-shared) into it, without cont.
+log $T qmp /tmp/l2t.qmp '{"execute":"migrate-incoming","arguments":{"uri":"exec:cat /tmp/l2.state"}}'
+log $T wait-migrate /tmp/l2t.qmp 120
+log $T wait-status /tmp/l2t.qmp paused 60
+ask touch-check-loaded
 log $T qmp /tmp/l2t.qmp '{"execute":"quit"}'
 wait $B; ev "l2t-exit rc=$?"
 log cat /tmp/l2t.log

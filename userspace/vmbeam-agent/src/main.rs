@@ -261,7 +261,7 @@ impl Agent {
     fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
         let arrived = Instant::now();
         let prepared =
-            self.l2s.remove(&a.name).filter(|l| l.info().state == AgentL2State::Incoming && l.window.index == a.window);
+            self.l2s.remove(&a.name).filter(|l| l.state() == AgentL2State::Incoming && l.window.index == a.window);
         let mut l2 = match prepared {
             Some(l2) => l2,
             None => {
