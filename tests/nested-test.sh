@@ -95,7 +95,13 @@ else
 fi
 
 pkill -9 -f "$dir/" ; sleep 1
+cp "$dir"/*.log "$dir"/*.console /tmp/ 2>/dev/null
 regions=$("$ctl" status --json | json "d['stats']['regions']" 2>/dev/null || "$ctl" status --json)
 if [ "$regions" = 0 ]; then ok "no_region_outlives_the_l1s"; else not_ok "no_region_outlives_the_l1s" "regions: $regions"; fi
+if [ "$failed" = 1 ]; then
+	for f in "$dir"/*.log "$dir"/*.console; do
+		[ -s "$f" ] && { echo "# --- $f"; tail -n 15 "$f" | sed 's/^/# /'; }
+	done
+fi
 echo "1..$n"
 exit $failed

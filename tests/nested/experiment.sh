@@ -7,12 +7,12 @@
 # RAM in window 0, is saved with QEMU migration (x-ignore-shared) and
 # restored into a new QEMU, while L0 checks the window contents.
 #
-#   tests/nested/experiment.sh [L1_MEM]      (default 512M)
+#   tests/nested/experiment.sh [L1_MEM]      (default 128M, the smallest that works)
 # Output: the run's log, also kept in target/nested/experiment.log.
 set -euo pipefail
 source "$(dirname "$0")/../../scripts/lib.sh"
 
-l1mem=${1:-512M}
+l1mem=${1:-128M}
 kdir=$("$VMBEAM_ROOT/scripts/kernel.sh")
 stage=$VMBEAM_ROOT/target/nested/l1
 mkdir -p "$stage"

@@ -10,7 +10,7 @@ virtio-serial agent port.
 import ctypes, hashlib, json, mmap, os, socket, struct, subprocess, sys, time
 
 bz, initrd, work = sys.argv[1:4]
-l1mem = sys.argv[4] if len(sys.argv) > 4 else "512M"
+l1mem = sys.argv[4] if len(sys.argv) > 4 else "128M"
 WIN = 16 << 20
 HDR = 0x200000
 K, M, MASK = 0x9E3779B9, 0x01000193, 0xFFFFFFFF

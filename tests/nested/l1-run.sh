@@ -44,6 +44,7 @@ ask() {
 }
 
 ev "early-line rc=$early_rc line=[$early]"
+ev "ports $(for p in /sys/class/virtio-ports/*; do echo "${p##*/}=$(cat "$p/name")"; done) $(ls -l $PORT)"
 ev "l1-up cpus=$(nproc) mem=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)kB"
 for d in $D0 $D1; do
 	ev "window ${d##*/} resource=$(sed -n 3p "$d/resource" | tr ' ' ,) enable=$(cat "$d/enable") cmd=$(od -An -tx2 -j4 -N2 "$d/config" | tr -d ' ')"
