@@ -22,6 +22,14 @@ status_json() { "$ctl" l1 status --qmp "$dir/$1.qmp" --json; }
 pass_of() { status_json "$1" | json "next((v['workload'] or {}).get('pass',-1) for v in d['vms'] if v['name']=='$2' and v['state']=='running')" 2>/dev/null || echo -1; }
 pages_at_l0() { "$ctl" l1 status --qmp "$dir/$1.qmp" | sed -n "s/.*window $2 .* \([0-9]*\) pages at L0.*/\1/p"; }
 
+# The vmbeam:fault tracepoint shows any page a VMM touched that is not
+# there (printed when a test fails).
+tracefs=/sys/kernel/tracing
+[ -d $tracefs/events ] || mount -t tracefs nodev $tracefs 2>/dev/null
+echo > $tracefs/trace 2>/dev/null
+echo 'ret != 0' > $tracefs/events/vmbeam/fault/filter 2>/dev/null
+echo 1 > $tracefs/events/vmbeam/fault/enable 2>/dev/null
+
 echo "TAP version 13"
 windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}
 
@@ -83,7 +91,7 @@ fi
 reply=$(python3 - "$dir/clean.agent" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
-f.readline()
+f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()
 for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"execute": "save-l2", "arguments": {"nam": 1}}\n', b'{"execute": "query-commands"}\n'):
     f.write(line); f.flush(); print(json.loads(f.readline()))
 EOF
@@ -98,7 +106,10 @@ pkill -9 -f "$dir/" ; sleep 1
 cp "$dir"/*.log "$dir"/*.console /tmp/ 2>/dev/null
 regions=$("$ctl" status --json | json "d['stats']['regions']" 2>/dev/null || "$ctl" status --json)
 if [ "$regions" = 0 ]; then ok "no_region_outlives_the_l1s"; else not_ok "no_region_outlives_the_l1s" "regions: $regions"; fi
+echo 0 > $tracefs/events/vmbeam/fault/enable 2>/dev/null
 if [ "$failed" = 1 ]; then
+	echo "# refused faults on regions (vmbeam:fault, ret != 0):"
+	grep -v '^#' $tracefs/trace 2>/dev/null | head -n 10 | sed 's/^/#   /'
 	for f in "$dir"/*.log "$dir"/*.console; do
 		[ -s "$f" ] && { echo "# --- $f"; tail -n 15 "$f" | sed 's/^/# /'; }
 	done

@@ -81,6 +81,9 @@ impl L2 {
         };
         let mut l2 =
             Self { name: name.into(), window: window.clone(), child, qmp, state: AgentL2State::Running, detail: None };
+        if incoming {
+            l2.state = AgentL2State::Incoming;
+        }
         // Both sides of a move skip the shared RAM.
         l2.qmp.execute(
             "migrate-set-capabilities",

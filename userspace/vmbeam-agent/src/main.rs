@@ -105,7 +105,6 @@ impl Agent {
                 pid: std::process::id(),
             },
         };
-        send(&mut writer, &greeting)?;
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -121,8 +120,16 @@ impl Agent {
                 }
                 return Ok(()); // closed mid-line
             }
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue; // a client ending a line a dead one left half-written
+            }
             let reply = match serde_json::from_slice::<Request>(&line) {
+                Ok(req) if req.execute == "greeting" => {
+                    send(&mut writer, &serde_json::json!({"greeting": greeting.greeting, "id": req.id}))?;
+                    continue;
+                }
                 Ok(req) => {
+                    eprintln!("vmbeam-agent: {}", req.execute);
                     let id = req.id.clone();
                     match self.dispatch(&req) {
                         Ok(v) => Reply::ok(v, id),

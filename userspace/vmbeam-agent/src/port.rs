@@ -2,9 +2,10 @@
 //!
 //! A virtio-serial port has no `accept`: the guest side sees the host side
 //! connect as `poll` stopping to report `POLLHUP`, and disconnect as a read
-//! of 0 bytes (drivers/char/virtio_console.c). So a session starts when
-//! the hang-up clears and ends at end-of-file; then the port is reopened
-//! (it allows one opener at a time) and the agent waits again.
+//! of 0 bytes (drivers/char/virtio_console.c); a client that leaves and the
+//! next that comes can fall between two reads unseen. So the agent never
+//! greets unasked: each client starts with a `greeting` request whose id
+//! it waits for (`vmbeam::control::Client::connect_agent`).
 
 use std::{
     fs::{File, OpenOptions},
@@ -13,7 +14,7 @@ use std::{
         fd::AsFd,
         unix::net::{UnixListener, UnixStream},
     },
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -21,7 +22,7 @@ use anyhow::{anyhow, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 pub enum Link {
-    Virtio(PathBuf),
+    Virtio(File),
     Unix(UnixListener),
 }
 
@@ -31,14 +32,17 @@ pub enum Stream {
 }
 
 impl Link {
-    /// The virtio-serial port named `name`.
+    /// The virtio-serial port named `name`, opened once for the agent's
+    /// life (it allows one opener at a time).
     pub fn virtio(name: &str) -> Result<Self> {
         let dir = Path::new("/sys/class/virtio-ports");
         for _ in 0..100 {
             for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 let named = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
                 if named.trim() == name {
-                    return Ok(Link::Virtio(Path::new("/dev").join(entry.file_name())));
+                    let dev = Path::new("/dev").join(entry.file_name());
+                    let file = OpenOptions::new().read(true).write(true).open(&dev);
+                    return Ok(Link::Virtio(file.with_context(|| dev.display().to_string())?));
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -51,23 +55,22 @@ impl Link {
         Ok(Link::Unix(UnixListener::bind(path).with_context(|| path.display().to_string())?))
     }
 
-    /// Waits for L0 to connect.
+    /// Waits for L0 to connect. A virtio port has no connections to tell
+    /// apart: this waits until a host side is there, and L0 clients open
+    /// each session with a `greeting` request carrying a nonce, so whatever
+    /// a client before them left behind is told apart by its id.
     pub fn accept(&mut self) -> Result<Stream> {
         match self {
             Link::Unix(l) => Ok(Stream::Unix(l.accept()?.0)),
-            Link::Virtio(dev) => {
-                let file =
-                    OpenOptions::new().read(true).write(true).open(&*dev).with_context(|| dev.display().to_string())?;
-                loop {
-                    let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
-                    poll(&mut fds, PollTimeout::from(1000u16))?;
-                    let hup = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP));
-                    if !hup {
-                        return Ok(Stream::Virtio(file));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
+            Link::Virtio(file) => loop {
+                let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(1000u16))?;
+                let hup = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP));
+                if !hup {
+                    return Ok(Stream::Virtio(file.try_clone()?));
                 }
-            }
+                std::thread::sleep(Duration::from_millis(50));
+            },
         }
     }
 }

@@ -69,7 +69,7 @@ impl QemuL1 {
         let pid = peer_pid(qmp_path)?;
         let name = qmp.execute("query-name", json!({}))?["name"].as_str().unwrap_or("l1").to_string();
         let agent_path = agent_socket(&mut qmp)?;
-        let agent = Client::connect(&agent_path, timeout)
+        let agent = Client::connect_agent(&agent_path, timeout)
             .with_context(|| format!("{name}: the agent at {}", agent_path.display()))?;
         ensure!(
             agent.server().service == AGENT_SERVICE,

@@ -53,6 +53,48 @@ impl Client {
         Ok(Self { conn, server, path })
     }
 
+    /// Connects to an in-L1 agent (`vmbeam-agent`) through its
+    /// virtio-serial socket. A virtio port carries no connections: the agent
+    /// cannot tell a new client from the last, so it greets only when asked,
+    /// and the client asks with a nonce and skips whatever a client before
+    /// it left unread (or half-written: the newline first ends that line).
+    pub fn connect_agent(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ControlError> {
+        let path = path.as_ref().to_path_buf();
+        let stream =
+            UnixStream::connect(&path).map_err(|source| ControlError::Connect { path: path.clone(), source })?;
+        let setup = stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout)));
+        setup.map_err(|source| ControlError::Connect { path: path.clone(), source })?;
+        let mut conn = Connection::new(stream);
+        let nonce = format!("{}.{:?}", std::process::id(), std::time::SystemTime::now());
+        let not_an_agent = |detail: String| ControlError::NotAnL1 { path: path.clone(), detail };
+        let hello =
+            Request { execute: "greeting".into(), arguments: Value::Null, id: Some(Value::from(nonce.clone())) };
+        // Asked again every couple of seconds: a request that reached the
+        // agent between two clients may have been taken for the last one's.
+        let deadline = std::time::Instant::now() + timeout;
+        let retry = Duration::from_secs(2).min(timeout);
+        let _ = conn.stream().set_read_timeout(Some(retry));
+        while std::time::Instant::now() < deadline {
+            conn.send_raw(b"\n", &[]).map_err(|e| not_an_agent(e.to_string()))?;
+            conn.send(&hello, &[]).map_err(|e| not_an_agent(e.to_string()))?;
+            loop {
+                match conn.recv::<Value>() {
+                    Ok((v, _)) if v.get("id") == Some(&Value::from(nonce.clone())) => {
+                        let g: Greeting = serde_json::from_value(v).map_err(|e| not_an_agent(e.to_string()))?;
+                        let _ = conn.stream().set_read_timeout(Some(timeout));
+                        // Replies to our repeated requests may follow: the
+                        // next call skips lines without its own shape.
+                        return Ok(Self { conn, server: g.greeting, path });
+                    }
+                    Ok(_) | Err(CodecError::Json(_)) => continue, // left by an earlier client
+                    Err(CodecError::Timeout) => break,
+                    Err(e) => return Err(not_an_agent(e.to_string())),
+                }
+            }
+        }
+        Err(not_an_agent(format!("no greeting within {timeout:?}")))
+    }
+
     /// Who answered.
     pub fn server(&self) -> &ServerInfo {
         &self.server
@@ -86,7 +128,14 @@ impl Client {
         let arguments = serde_json::to_value(arguments).map_err(|e| bad(e.to_string()))?;
         let request = Request { execute: command.into(), arguments, id: None };
         self.conn.send(&request, fds).map_err(codec)?;
-        let (reply, fds): (Reply, _) = self.conn.recv().map_err(codec)?;
+        let (reply, fds): (Reply, _) = loop {
+            let (value, fds): (Value, _) = self.conn.recv().map_err(codec)?;
+            // A greeting here answers a repeated `greeting` request of
+            // `connect_agent`: not this command's reply.
+            if value.get("greeting").is_none() {
+                break (serde_json::from_value(value).map_err(|e| codec(CodecError::Json(e)))?, fds);
+            }
+        };
         match (reply.ret, reply.error) {
             (_, Some(e)) => Err(ControlError::Remote {
                 name: self.server.name.clone(),
