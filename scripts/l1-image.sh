@@ -8,7 +8,11 @@
 #   VMBEAM_L1_RUN=/path/to/script  installed as /l1/run.sh (experiments: init
 #                                  runs it when there is no agent); or a
 #                                  directory with a run.sh, copied to /l1/
-#   VMBEAM_L1_COMPRESS=gzip|zstd|none   compression of the cpio (gzip)
+#
+# It unpacks to ~51 MB: boot the L1 with `rootfstype=ramfs` below ~192 MiB
+# of RAM (a tmpfs rootfs is capped at half of RAM: "Initramfs unpacking
+# failed: write error"). 128 MiB works that way; 96 MiB runs out of memory
+# while unpacking.
 #
 # Cached under $VMBEAM_CACHE/l1-image-<key>/, the key covering this script,
 # the init, the package versions and every file the image carries; a
@@ -21,7 +25,9 @@ QEMU=/usr/bin/qemu-system-x86_64
 BUSYBOX=/usr/bin/busybox
 INIT=$VMBEAM_ROOT/scripts/l1-init.sh
 # What QEMU 7.2 opens for `-M pc|q35 -nodefaults -kernel` (strace): the BIOS,
-# the kvmvapic option ROM, the multiboot / Linux loader option ROMs.
+# the kvmvapic option ROM (not with -global kvm-apic.vapic=false, which an L2
+# that is restored into absent memory needs), the multiboot / Linux / PVH
+# loader option ROMs.
 FIRMWARE=(
 	/usr/share/seabios/bios-256k.bin
 	/usr/share/qemu/kvmvapic.bin
@@ -30,8 +36,6 @@ FIRMWARE=(
 	/usr/share/qemu/pvh.bin
 )
 AGENT=${VMBEAM_AGENT:-}
-# gzip (the default), zstd or none; the test kernel takes all three.
-COMPRESS=${VMBEAM_L1_COMPRESS:-gzip}
 RUN=${VMBEAM_L1_RUN:-}
 
 [ -x "$QEMU" ] && [ -x "$BUSYBOX" ] || die "qemu-system-x86 and busybox-static are needed: scripts/deps.sh"
@@ -62,16 +66,11 @@ fi
 key=$({
 	cat "$0" "$INIT"
 	dpkg-query -W -f '${Package} ${Version}\n' qemu-system-x86 qemu-system-data seabios busybox-static
-	echo "agent=$AGENT run=$RUN compress=$COMPRESS"
+	echo "agent=$AGENT run=$RUN"
 	sha256sum "${files[@]}"
 } | sha256sum | cut -c1-16)
 dir=$VMBEAM_CACHE/l1-image-$key
-case $COMPRESS in
-gzip) img=$dir/initramfs.cpio.gz; compress=(gzip -1) ;;
-zstd) img=$dir/initramfs.cpio.zst; compress=(zstd -q -T0 -3) ;;
-none) img=$dir/initramfs.cpio; compress=(cat) ;;
-*) die "VMBEAM_L1_COMPRESS=$COMPRESS: gzip, zstd or none" ;;
-esac
+img=$dir/initramfs.cpio.gz
 if [ -f "$img" ]; then
 	echo "$img"
 	exit 0
@@ -115,7 +114,7 @@ echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"
 echo "root:x:0:" >"$root/etc/group"
 
 (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) |
-	"${compress[@]}" >"$dir.tmp/${img##*/}"
+	gzip -1 >"$dir.tmp/initramfs.cpio.gz"
 rm -rf "$root"
 rm -rf "$dir"
 mv "$dir.tmp" "$dir"

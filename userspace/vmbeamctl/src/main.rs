@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod l1;
 mod migrate;
-mod nested;
-mod qemu_l1;
 mod regions;
+mod rejuvenate;
 mod report;
 mod status;
 
@@ -32,10 +31,10 @@ enum Command {
     MigrateAll(migrate::Args),
     /// Real L1 hypervisors (QEMU at L0): boot one, start L2s in it.
     #[command(subcommand)]
-    L1(l1::Command),
+    L1(l1::cli::Command),
     /// Boot a clean L1 shaped like the aged one, move every L2 into it
     /// without copying their memory, shut the aged L1 down.
-    Rejuvenate(nested::RejuvenateArgs),
+    Rejuvenate(rejuvenate::RejuvenateArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,8 +43,8 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(&args),
         Command::Regions(args) => regions::run(&args),
         Command::MigrateAll(args) => return migrate::run(&args),
-        Command::L1(cmd) => l1::run(&cmd),
-        Command::Rejuvenate(args) => return nested::rejuvenate(&args),
+        Command::L1(cmd) => l1::cli::run(&cmd),
+        Command::Rejuvenate(args) => return rejuvenate::rejuvenate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

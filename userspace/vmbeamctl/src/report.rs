@@ -67,6 +67,15 @@ pub struct L2Report {
 }
 
 impl L2Report {
+    /// Compares the page frames that backed the L2 on the aged side with
+    /// the clean side's (0: not present): zero copy means all the same.
+    pub fn compare_frames(&mut self, aged: &[u64], clean: &[u64]) {
+        let both: Vec<_> = aged.iter().zip(clean).filter(|(a, c)| **a != 0 && **c != 0).collect();
+        self.frames_compared = both.len() as u64;
+        self.frames_same = both.iter().filter(|(a, c)| a == c).count() as u64;
+        self.bytes_copied = (self.frames_compared > 0).then(|| (self.frames_compared - self.frames_same) * 4096);
+    }
+
     pub fn planned(vm: &L2Info, target: Window) -> Self {
         let pages = vm.region.map_or(vm.window.size / 4096, |r| r.pages_present);
         Self {
@@ -210,7 +219,7 @@ fn print_text(r: &Report) {
         let pages: u64 = probed.iter().map(|p| p.pages).sum();
         let vmm: u64 = probed.iter().map(|p| p.vmm_denied).sum();
         let guest: u64 = probed.iter().map(|p| p.guest_denied).sum();
-        println!("  aged L1 after the move: VMM loads denied {vmm}/{pages} sampled pages (SIGBUS), guest reads denied {guest}/{pages} (KVM_RUN EFAULT)");
+        println!("  aged L1 after the move: its VMM denied {vmm}/{pages} pages (SIGBUS), its guest {guest}/{pages} (KVM_RUN EFAULT)");
     }
     if let Some(m) = &r.module {
         println!(

@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde_json::json;
 use vmbeam::control::agent::{AgentL2, AgentStatus, StartL2};
 
-use crate::qemu_l1::{self, LaunchArgs, QemuL1};
+use super::qemu::{self, LaunchArgs, QemuL1};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -37,7 +37,7 @@ pub fn run(cmd: &Command) -> Result<()> {
     let timeout = Duration::from_secs(60);
     match cmd {
         Command::Start(a) => {
-            let l1 = qemu_l1::launch(a)?;
+            let l1 = qemu::launch(a)?;
             println!(
                 "{}",
                 json!({"name": l1.name, "pid": l1.pid, "qmp": l1.qmp_path,

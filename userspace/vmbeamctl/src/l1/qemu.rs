@@ -1,5 +1,6 @@
 //! A real L1 hypervisor: Linux + KVM + QEMU (the in-L1 agent drives the L2
-//! QEMUs), run by a QEMU at L0 whose windows are vmbeam regions.
+//! QEMUs), run by a QEMU at L0 whose windows are vmbeam regions; and a pair
+//! of them as a [`Pair`].
 //!
 //! Window `K` of an L1 is, at L0, QEMU object `winK` (a
 //! `memory-backend-file` whose mem-path is `/proc/self/fd/N`, a region fd
@@ -25,6 +26,9 @@ use vmbeam::{
     qmp::Qmp,
     Device, Region,
 };
+
+mod pair;
+pub use pair::QemuPair;
 
 /// The chardev QEMU exposes the agent's virtio-serial port through.
 pub const AGENT_CHARDEV: &str = "vmbeam-agent";

@@ -1,0 +1,94 @@
+//! `vmbeamctl rejuvenate`: the whole cycle an operator runs on an aged
+//! real L1: boot a clean L1 shaped like it (the same windows, empty; a
+//! newer kernel or image if given), move every L2 with the migrate-all
+//! flow, then shut the aged L1 down.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+
+use crate::{
+    l1::qemu::{self, LaunchArgs, QemuL1, QemuPair},
+    migrate::{self, Migration},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct RejuvenateArgs {
+    /// The aged L1's QMP socket.
+    #[arg(long, value_name = "QMP_SOCKET")]
+    pub aged: PathBuf,
+    /// Name of the clean L1 (default: the aged one's with `-clean`).
+    #[arg(long)]
+    pub clean_name: Option<String>,
+    /// Directory for the clean L1's sockets and logs.
+    #[arg(long, default_value = "/run/vmbeam")]
+    pub dir: PathBuf,
+    /// Kernel and initramfs of the clean L1 (a newer one, or the same).
+    #[arg(long, env = "VMBEAM_L1_KERNEL")]
+    pub kernel: PathBuf,
+    #[arg(long, env = "VMBEAM_L1_INITRD")]
+    pub initrd: PathBuf,
+    #[arg(long, default_value = "384M")]
+    pub memory: String,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: u64,
+}
+
+/// The whole cycle: boot a clean L1 shaped like the aged one, move every
+/// L2, shut the aged L1 down.
+pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
+    let timeout = Duration::from_secs(a.timeout_s);
+    let started = Instant::now();
+    let aged = QemuL1::connect(&a.aged, timeout).context("the aged L1");
+    let clean_name = aged.as_ref().map_or_else(
+        |_| "clean".to_string(),
+        |l1| a.clean_name.clone().unwrap_or_else(|| format!("{}-clean", l1.name)),
+    );
+    let args = migrate::Args {
+        from: a.aged.clone(),
+        to: a.dir.join(format!("{clean_name}.qmp")),
+        dry_run: false,
+        json: a.json,
+        timeout_s: a.timeout_s,
+        downtime_ms: None,
+        no_verify: false,
+        stop_at: None,
+        inject_failure: None,
+    };
+    let mut m = Migration::new(&args);
+    let result = aged.and_then(|aged| {
+        eprintln!("rejuvenate: booting clean L1 `{clean_name}` with {} empty windows", aged.windows.len());
+        let boot = Instant::now();
+        let launch = LaunchArgs {
+            name: clean_name.clone(),
+            dir: a.dir.clone(),
+            windows: aged.windows.iter().map(|w| w.size).collect(),
+            empty: true,
+            memory: a.memory.clone(),
+            kernel: a.kernel.clone(),
+            initrd: a.initrd.clone(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            boot_timeout_s: a.timeout_s,
+        };
+        let clean = qemu::launch(&launch)?;
+        m.report.warnings.push(format!("clean L1 {clean_name} booted in {:.1} s", boot.elapsed().as_secs_f64()));
+        eprintln!("rejuvenate: moving every L2 from {} to {clean_name}", aged.name);
+        let mut pair = QemuPair::new(vmbeam::Device::open()?, aged, clean);
+        m.run(&mut pair)?;
+        let aged = pair.into_aged();
+        let name = aged.name.clone();
+        aged.shut_down(Duration::from_secs(30))?;
+        m.report.warnings.push(format!(
+            "aged L1 {name} shut down; the whole rejuvenation took {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        anyhow::Ok(())
+    });
+    migrate::finish(m, result, a.json)
+}
