@@ -24,7 +24,9 @@ trap 'rm -f "$out"' EXIT
 # vng writes stdout and stderr through two truncating opens of one file:
 # pipe through cat, never redirect both to a file.
 set +e
-vng --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
+# A bound on the whole boot: TCG can stall a CPU of the test kernel for
+# good (nested SVM); CI must fail then, not hang.
+timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
 	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \

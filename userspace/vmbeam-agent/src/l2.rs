@@ -47,11 +47,7 @@ impl L2 {
         let _ = std::fs::remove_file(&qmp_path);
         let size = window.size;
         let mut cmd = Command::new(&cfg.qemu);
-        // kvmvapic patches guest memory (its ROM copy at 0xc0000) when a
-        // state is loaded: off, so a receiving QEMU touches its window only
-        // once it runs, and the pages are there by then.
-        cmd.args(["-enable-kvm", "-cpu", "host", "-M", "pc", "-nodefaults", "-display", "none"])
-            .args(["-global", "kvm-apic.vapic=false", "-m"])
+        cmd.args(["-enable-kvm", "-cpu", "host", "-M", "pc", "-nodefaults", "-display", "none", "-m"])
             .arg(format!("{}M", size >> 20))
             .arg("-object")
             .arg(format!("memory-backend-file,id=mem0,mem-path={},share=on,size={size}", window.bar.display()))

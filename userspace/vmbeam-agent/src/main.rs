@@ -155,10 +155,6 @@ impl Agent {
                 let a: StartL2 = args(req)?;
                 self.start(&a).map_err(generic)
             }
-            "prepare-l2" => {
-                let a: StartL2 = args(req)?;
-                self.prepare(&a).map_err(generic)
-            }
             "save-l2" => {
                 let a: Named = args(req)?;
                 let cfg = self.cfg.clone();
@@ -251,15 +247,6 @@ impl Agent {
     fn start(&mut self, a: &StartL2) -> Result<Value> {
         let w = self.free_window(&a.name, a.window)?;
         let mut l2 = L2::start(&self.cfg, &a.name, &w, false)?;
-        let info = l2.info();
-        self.l2s.insert(a.name.clone(), l2);
-        Ok(json!(info))
-    }
-
-    /// Starts the receiving QEMU of a coming L2 ahead of its downtime.
-    fn prepare(&mut self, a: &StartL2) -> Result<Value> {
-        let w = self.free_window(&a.name, a.window)?;
-        let mut l2 = L2::start(&self.cfg, &a.name, &w, true)?;
         let info = l2.info();
         self.l2s.insert(a.name.clone(), l2);
         Ok(json!(info))

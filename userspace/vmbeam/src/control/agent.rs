@@ -10,7 +10,6 @@
 //! | `query-status` | –                | [`AgentStatus`]    |
 //! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
-//! | `prepare-l2`   | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
@@ -21,11 +20,10 @@
 //! own migration and the `x-ignore-shared` capability: its RAM is the
 //! window, which the stream skips. The L2 stays stopped until `resume-l2`
 //! (a rollback) or `kill-l2` (it moved). `restore-l2` starts a QEMU on a
-//! window with `-incoming defer`, loads the state and resumes it;
-//! `prepare-l2` starts that QEMU ahead of time (before the aged side
-//! stops the L2), so only loading the state is left for the downtime. A
-//! prepared QEMU does not touch its window until the state is loaded: the
-//! window's pages are not there yet.
+//! window with `-incoming defer`, loads the state and resumes it. It runs
+//! once the window's pages have arrived: a QEMU loading a state writes
+//! guest RAM (kvmvapic patches its ROM copy at 0xc0000), so it cannot be
+//! started ahead on a window whose pages are still on their way.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +33,6 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "query-status",
     "query-vms",
     "start-l2",
-    "prepare-l2",
     "save-l2",
     "resume-l2",
     "restore-l2",
@@ -85,7 +82,7 @@ pub struct Workload {
 #[serde(rename_all = "kebab-case")]
 pub enum AgentL2State {
     Running,
-    /// Started by `prepare-l2`: waits for `restore-l2`.
+    /// Started with `-incoming`: its state is being loaded.
     Incoming,
     /// Stopped by `save-l2`, its state saved.
     Saved,

@@ -213,8 +213,14 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
         let _ = std::fs::remove_file(p);
     }
     let dev = Device::open()?;
-    let mut cmd = Command::new(&a.qemu);
-    cmd.args(["-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", "q35", "-smp", "1", "-m", &a.memory])
+    // Under a shell that logs how QEMU ended: a QEMU killed by a signal
+    // writes nothing itself.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#""$@"; echo "vmbeam: QEMU exited with status $? (over 128: killed by signal status-128)" >&2"#)
+        .arg("sh")
+        .arg(&a.qemu)
+        .args(["-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", "q35", "-smp", "1", "-m", &a.memory])
         .args(["-nodefaults", "-nographic", "-no-reboot", "-S", "-name", &a.name])
         .arg("-kernel")
         .arg(&a.kernel)
@@ -245,14 +251,16 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
     }
     .spawn()
     .with_context(|| format!("starting {}", a.qemu.display()))?;
+    // The shell leads its own session: its process group is QEMU's too.
     let pid = child.id();
     let fail = |e: anyhow::Error| {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(pid as i32)), nix::sys::signal::Signal::SIGKILL);
         let log = std::fs::read_to_string(file("log")).unwrap_or_default();
         e.context(format!("L1 {}: QEMU log: {}", a.name, log.trim()))
     };
     let mut qmp = wait_for_qmp(&qmp_path, pid, Duration::from_secs(30)).map_err(fail)?;
-    plug_windows(&dev, &mut qmp, pid, a).map_err(fail)?;
+    let qemu_pid = peer_pid(&qmp_path).map_err(fail)?;
+    plug_windows(&dev, &mut qmp, qemu_pid, a).map_err(fail)?;
     qmp.execute("cont", json!({})).map_err(|e| fail(e.into()))?;
     drop(qmp);
     let deadline = Instant::now() + Duration::from_secs(a.boot_timeout_s);
