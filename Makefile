@@ -36,7 +36,7 @@ userspace: deps
 
 test: lint module userspace l1-image
 	$(CARGO) test --workspace
-	@tests/run.sh
+	@tests/run-all.sh
 
 test-nested: module userspace l1-image
 	@tests/run.sh --nested

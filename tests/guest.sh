@@ -86,11 +86,12 @@ case $mode in
 	for t in "${SELFTESTS[@]}"; do
 		run_selftest "$t"
 	done
-	# The smallest real nested case: one L2 between two real L1s.
-	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
 --nested)
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 2
+	;;
+--nested-smoke) # the smallest real nested case: one L2 between two real L1s
+	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
 --demo)
 	"$VMBEAM_TESTS/nested-demo.sh" "$bin" || top_fail=1

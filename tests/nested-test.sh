@@ -58,22 +58,50 @@ done
 if [ "$started" = 1 ] && [ "$p0" -ge 1 ]; then ok "l2_qemus_run_the_workload_on_windows"
 else not_ok "l2_qemus_run_the_workload_on_windows" "vm0 pass $p0"; fi
 
-if [ "$l2s" -gt 1 ]; then
-	out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --inject-failure transfer --json)
-	rc=$?
+# After a failed migration every L2 runs on in the aged L1, its window's
+# pages back there; the clean L1's window is empty again.
+rolled_back() { # name rc out
+	local name=$1 rc=$2 out=$3 p1 back clean0
 	sleep 2
-	p1=$(pass_of aged vm0)
-	back=$(pages_at_l0 aged 0) clean0=$(pages_at_l0 clean 0)
-	if [ $rc = 1 ] && [ "$p1" -gt "$p0" ] && [ "$back" = 4096 ] && [ "$clean0" = 0 ] &&
+	p1=$(pass_of aged vm1) back=$(pages_at_l0 aged 1) clean0=$(pages_at_l0 "${4:-clean}" 1)
+	if [ "$rc" = 1 ] && [ "$p1" -gt "$p0" ] && [ "$back" = 4096 ] && [ "${clean0:-0}" = 0 ] &&
 		echo "$out" | json "d['rolled_back']" | grep -q resumed; then
-		ok "failure_after_the_transfer_rolls_back_to_the_aged_l1"
+		ok "$name"
 	else
-		not_ok "failure_after_the_transfer_rolls_back_to_the_aged_l1" "rc $rc, pass $p0 -> $p1, pages aged $back clean $clean0" "$out"
+		not_ok "$name" "rc $rc, pass $p0 -> $p1, pages aged $back clean $clean0" "$out"
 	fi
+	p0=$(pass_of aged vm1)
+}
+
+if [ "$l2s" -gt 1 ]; then
+	p0=$(pass_of aged vm1)
+	for step in pause transfer; do
+		out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --inject-failure $step --json)
+		rolled_back "failure_after_${step}_leaves_the_l2s_running_on_the_aged_l1" $? "$out"
+	done
+
+	# The clean L1 dies after the transfer: the pages come back (vmbeamctl
+	# holds the clean windows' regions), the L2s resume on the aged L1.
+	"$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --stop-at transfer --json >"$dir/killed.json" &
+	mig=$!
+	for _ in $(seq 200); do
+		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
+		sleep 0.1
+	done
+	pkill -9 -f "unix:$dir/clean.qmp"
+	sleep 1
+	kill -CONT $mig
+	wait $mig
+	rolled_back "clean_l1_killed_after_the_transfer_l2s_back_on_the_aged_l1" $? "$(cat "$dir/killed.json")" none
+	"$ctl" l1 start --name clean2 --dir "$dir" --windows "$windows" --empty >/dev/null ||
+		not_ok "a_second_clean_l1_boots" "$(tail -5 "$dir"/clean2.log)"
+	clean=clean2
+else
+	clean=clean
 fi
 
 before=$(pass_of aged vm0)
-out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --json)
+out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --json)
 rc=$?
 echo "$out" | json "'\n'.join('# %s: %d/%d frames same, copied %s, downtime %.0f ms, passes %s -> %s, checksum ok %s' % (l['name'], l['frames_same'], l['frames_compared'], l['bytes_copied'], l['downtime_ms'] or -1, l['passes_at_pause'], l['passes_after'], l['checksum_ok']) for l in d['l2'])" 2>/dev/null
 if [ $rc = 0 ] && echo "$out" | json "d['ok'] and d['totals']['bytes_copied']==0 and len(d['l2'])==$l2s and all(l['frames_compared']>0 and l['frames_same']==l['frames_compared'] and l['bytes_copied']==0 and l['checksum_ok'] and l['passes_after']>l['passes_at_pause'] for l in d['l2'])" | grep -q True; then
@@ -83,7 +111,7 @@ else
 fi
 
 sleep 2
-after=$(pass_of clean vm0)
+after=$(pass_of $clean vm0)
 aged0=$(pages_at_l0 aged 0)
 if [ "$after" -gt "$before" ] && [ "$aged0" = 0 ] && [ "$(pass_of aged vm0)" = -1 ]; then
 	ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing"
@@ -92,7 +120,7 @@ else
 fi
 
 # A malformed message to an agent gets an error object; the agent goes on.
-reply=$(python3 - "$dir/clean.agent" <<'EOF'
+reply=$(python3 - "$dir/$clean.agent" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
 f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()

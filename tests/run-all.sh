@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# make test's part in the test kernel: the selftests in one boot, the
+# smallest real nested case in a second one (bounded: TCG can stall a CPU
+# of the test kernel running nested SVM, and then only that boot is lost).
+# Prints one closing line over both: "selftests: N passed, N failed, N skipped".
+set -uo pipefail
+here=$(dirname "$0")
+total=(0 0 0) status=0
+for mode in --test --nested-smoke; do
+	out=$(mktemp /tmp/vmbeam-run.XXXXXX)
+	if [ $mode = --nested-smoke ]; then
+		VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-420} "$here/run.sh" $mode | tee "$out"
+	else
+		"$here/run.sh" $mode | tee "$out"
+	fi
+	rc=${PIPESTATUS[0]}
+	[ "$rc" = 0 ] || status=1
+	read -r p f s < <(sed -n 's/^selftests: \([0-9]*\) passed, \([0-9]*\) failed, \([0-9]*\) skipped$/\1 \2 \3/p' "$out" | tail -n1)
+	total=($((total[0] + ${p:-0})) $((total[1] + ${f:-1})) $((total[2] + ${s:-0})))
+	rm -f "$out"
+done
+echo "selftests: ${total[0]} passed, ${total[1]} failed, ${total[2]} skipped"
+exit $status
