@@ -9,14 +9,14 @@ total=(0 0 0) status=0
 for mode in --test --nested-smoke; do
 	out=$(mktemp /tmp/vmbeam-run.XXXXXX)
 	if [ $mode = --nested-smoke ]; then
-		VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-420} "$here/run.sh" $mode | tee "$out"
+		VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-240} "$here/run.sh" $mode | tee "$out"
 		rc=${PIPESTATUS[0]}
 		if [ "$rc" != 0 ] || grep -q '# SKIP the test kernel stopped answering' "$out"; then
 			# Measured here: TCG's nested SVM stalls a CPU of the test kernel
 			# or resets an L1 in about half of the boots that run L2s. One
 			# more boot; its result is the one counted, both are shown.
 			echo "# the real nested case failed or stalled in this boot: one more boot (see README, Tests)"
-			VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-420} "$here/run.sh" $mode | tee "$out"
+			VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-240} "$here/run.sh" $mode | tee "$out"
 			rc=${PIPESTATUS[0]}
 		fi
 	else
