@@ -4,6 +4,7 @@
 //! when one failed, and 4 (the kselftest skip code) when it cannot run here.
 
 pub mod guest;
+pub mod require;
 pub mod tap;
 pub mod vmm;
 

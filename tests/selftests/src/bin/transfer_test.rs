@@ -13,6 +13,7 @@ use vmbeam::{Device, Region, Transfer};
 use vmbeam_selftests::{
     check,
     guest::programs::fill_sum,
+    require::{self, errno_is},
     vmm::{pfns, Program, Request, Vmm},
     Tap, TestResult,
 };
@@ -30,13 +31,6 @@ fn count(size: u64, stride: u32) -> u32 {
 fn run(vmm: &mut Vmm, program: Program, offset: u64, count: u32, stride: u32) -> Result<u32, String> {
     let (v, _) = vmm.ok(&Request::Run { slot: SLOT, program, offset, count, stride }, &[])?;
     Ok(v as u32)
-}
-
-fn errno_is(what: &str, got: Result<impl std::fmt::Debug, vmbeam::Error>, want: nix::errno::Errno) -> TestResult {
-    match got {
-        Err(e) if e.errno() == Some(want) => Ok(()),
-        other => Err(format!("{what}: expected {want} ({}), got {other:?}", want.desc())),
-    }
 }
 
 /// An aged VMM with a VM and a region it filled, and a clean VMM with a VM.
@@ -94,13 +88,7 @@ impl Pair {
 }
 
 fn main() {
-    let dev = match Device::open() {
-        Ok(d) => d,
-        Err(e) => Tap::skip_all(&e.to_string()),
-    };
-    if !std::path::Path::new("/dev/kvm").exists() {
-        Tap::skip_all("/dev/kvm missing");
-    }
+    let dev = require::vmbeam_and_kvm();
     let mut tap = Tap::new(19);
     let stats0 = dev.stats().expect("stats");
     let tracing = enable_tracepoints();

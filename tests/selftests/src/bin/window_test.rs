@@ -21,6 +21,7 @@ use vmbeam::{Device, Region};
 use vmbeam_selftests::{
     check,
     guest::programs::fill_sum,
+    require::{self, errno_is},
     vmm::{pfns, Program, Request, Vmm},
     Tap, TestResult,
 };
@@ -30,13 +31,6 @@ const PAGE: u64 = 4096;
 const GPA: u64 = 0x100_0000;
 const SLOT: u32 = 1;
 const SLOT2: u32 = 2;
-
-fn errno_is(what: &str, got: Result<impl std::fmt::Debug, vmbeam::Error>, want: Errno) -> TestResult {
-    match got {
-        Err(e) if e.errno() == Some(want) => Ok(()),
-        other => Err(format!("{what}: expected {want} ({}), got {other:?}", want.desc())),
-    }
-}
 
 fn run(vmm: &mut Vmm, slot: u32, program: Program, size: u64) -> Result<u32, String> {
     let count = (size / 4) as u32;
@@ -66,13 +60,7 @@ fn vmm_with_vm() -> Result<(Vmm, OwnedFd), String> {
 }
 
 fn main() {
-    let dev = match Device::open() {
-        Ok(d) => d,
-        Err(e) => Tap::skip_all(&e.to_string()),
-    };
-    if !std::path::Path::new("/dev/kvm").exists() {
-        Tap::skip_all("/dev/kvm missing");
-    }
+    let dev = require::vmbeam_and_kvm();
     let mut tap = Tap::new(7);
     tap.test("reopened_region_fd_is_the_same_region", || reopened(&dev));
     tap.test("reopen_outlives_the_first_fd", || reopen_after_close(&dev));

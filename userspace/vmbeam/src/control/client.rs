@@ -41,11 +41,7 @@ impl Client {
     /// `timeout`.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ControlError> {
         let path = path.as_ref().to_path_buf();
-        let stream =
-            UnixStream::connect(&path).map_err(|source| ControlError::Connect { path: path.clone(), source })?;
-        let setup = stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout)));
-        setup.map_err(|source| ControlError::Connect { path: path.clone(), source })?;
-        let mut conn = Connection::new(stream);
+        let mut conn = open(&path, timeout)?;
         let server = match conn.recv::<Greeting>() {
             Ok((g, _)) => g.greeting,
             Err(e) => return Err(ControlError::NotAnL1 { path, detail: e.to_string() }),
@@ -60,11 +56,7 @@ impl Client {
     /// it left unread (or half-written: the newline first ends that line).
     pub fn connect_agent(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, ControlError> {
         let path = path.as_ref().to_path_buf();
-        let stream =
-            UnixStream::connect(&path).map_err(|source| ControlError::Connect { path: path.clone(), source })?;
-        let setup = stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout)));
-        setup.map_err(|source| ControlError::Connect { path: path.clone(), source })?;
-        let mut conn = Connection::new(stream);
+        let mut conn = open(&path, timeout)?;
         let nonce = format!("{}.{:?}", std::process::id(), std::time::SystemTime::now());
         let not_an_agent = |detail: String| ControlError::NotAnL1 { path: path.clone(), detail };
         let hello =
@@ -154,4 +146,12 @@ impl Client {
         self.conn.send_raw(bytes, &[])?;
         Ok(self.conn.recv::<Value>()?.0)
     }
+}
+
+/// A connection to the socket at `path` whose reads and writes time out.
+fn open(path: &Path, timeout: Duration) -> Result<Connection, ControlError> {
+    let connect = |source| ControlError::Connect { path: path.to_path_buf(), source };
+    let stream = UnixStream::connect(path).map_err(connect)?;
+    stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout))).map_err(connect)?;
+    Ok(Connection::new(stream))
 }
