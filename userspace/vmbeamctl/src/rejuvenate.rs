@@ -61,8 +61,8 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
         stop_at: None,
         inject_failure: None,
     };
-    let mut m = Migration::new(&args);
-    let result = aged.and_then(|aged| {
+    // The clean L1 boots first: its boot is not a step of the migration.
+    let booted = aged.and_then(|aged| {
         eprintln!("rejuvenate: booting clean L1 `{clean_name}` with {} empty windows", aged.windows.len());
         let boot = Instant::now();
         let launch = LaunchArgs {
@@ -77,7 +77,11 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
             boot_timeout_s: a.timeout_s,
         };
         let clean = qemu::launch(&launch)?;
-        m.report.warnings.push(format!("clean L1 {clean_name} booted in {:.1} s", boot.elapsed().as_secs_f64()));
+        anyhow::Ok((aged, clean, boot.elapsed()))
+    });
+    let mut m = Migration::new(&args);
+    let result = booted.and_then(|(aged, clean, boot)| {
+        m.report.warnings.push(format!("clean L1 {clean_name} booted in {:.1} s", boot.as_secs_f64()));
         eprintln!("rejuvenate: moving every L2 from {} to {clean_name}", aged.name);
         let mut pair = QemuPair::new(vmbeam::Device::open()?, aged, clean);
         m.run(&mut pair)?;
