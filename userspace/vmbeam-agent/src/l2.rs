@@ -88,10 +88,6 @@ impl L2 {
         Ok(l2)
     }
 
-    pub fn state(&self) -> AgentL2State {
-        self.state
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -123,6 +123,7 @@ impl Agent {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue; // a client ending a line a dead one left half-written
             }
+            let mut power_off = false;
             let reply = match serde_json::from_slice::<Request>(&line) {
                 Ok(req) if req.execute == "greeting" => {
                     send(&mut writer, &serde_json::json!({"greeting": greeting.greeting, "id": req.id}))?;
@@ -132,15 +133,18 @@ impl Agent {
                     eprintln!("vmbeam-agent: {}", req.execute);
                     let id = req.id.clone();
                     match self.dispatch(&req) {
-                        Ok(v) => Reply::ok(v, id),
+                        Ok(v) => {
+                            power_off = req.execute == "poweroff";
+                            Reply::ok(v, id)
+                        }
                         Err(e) => Reply::err(e, id),
                     }
                 }
                 Err(e) => Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None),
             };
             send(&mut writer, &reply)?;
-            if matches!(reply.ret, Some(Value::String(ref s)) if s == "poweroff") {
-                poweroff();
+            if power_off {
+                poweroff(); // after the reply: L0 learns it was taken
             }
         }
     }
@@ -179,7 +183,7 @@ impl Agent {
                 for l2 in self.l2s.values_mut() {
                     l2.kill();
                 }
-                Ok(json!("poweroff"))
+                Ok(json!({}))
             }
             other => Err(ErrorBody {
                 class: ErrorClass::CommandNotFound,
@@ -254,15 +258,8 @@ impl Agent {
 
     fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
         let arrived = Instant::now();
-        let prepared =
-            self.l2s.remove(&a.name).filter(|l| l.state() == AgentL2State::Incoming && l.window.index == a.window);
-        let mut l2 = match prepared {
-            Some(l2) => l2,
-            None => {
-                let w = self.free_window(&a.name, a.window)?;
-                L2::start(&self.cfg, &a.name, &w, true)?
-            }
-        };
+        let w = self.free_window(&a.name, a.window)?;
+        let mut l2 = L2::start(&self.cfg, &a.name, &w, true)?;
         let start_us = arrived.elapsed().as_micros() as u64;
         if let Err(e) = l2.restore(&self.cfg, &a.state) {
             l2.kill();
