@@ -18,11 +18,11 @@ use core::{
 use kernel::{
     alloc::{flags::GFP_KERNEL, KVVec},
     error::{from_err_ptr, to_result},
-    new_mutex,
+    new_condvar, new_mutex,
     prelude::*,
     sync::{
         lock::{mutex::MutexBackend, Guard},
-        Arc, ArcBorrow, Mutex,
+        Arc, ArcBorrow, CondVar, Mutex,
     },
 };
 
@@ -147,7 +147,9 @@ pub(crate) struct RegionState {
     pub(crate) pages: Pages,
     /// The VM whose creator process may map the region.
     pub(crate) owner: Option<Owner>,
-    /// A transfer took the region and has not finished: nobody may map it.
+    /// A transfer claimed the region and has not finished: faults and mmaps
+    /// wait for its outcome ([`Region::lock_settled`]). Cleared only by
+    /// [`Region::end_move`].
     pub(crate) moving: bool,
 }
 
@@ -156,7 +158,8 @@ pub(crate) struct RegionState {
 unsafe impl Send for RegionState {}
 
 impl RegionState {
-    /// Whether a process with address space `mm` may map the region now.
+    /// Whether a process with address space `mm` may map the region now
+    /// (callers hold the lock from [`Region::lock_settled`]).
     fn may_map(&self, mm: *mut Mm) -> bool {
         !self.moving && self.owner.as_ref().is_some_and(|o| o.mm() == mm)
     }
@@ -167,6 +170,7 @@ impl RegionState {
 /// # Invariants
 ///
 /// `size == state.pages.len() * PAGE_SIZE` and never changes.
+/// `settled` is notified whenever `state.moving` goes back to false.
 /// `open_files` counts the open files of the region; each holds one `Arc`
 /// reference. Its changes that matter to a reopen (the first file, the
 /// last close) happen where no open can race: before the first file is
@@ -177,6 +181,9 @@ pub(crate) struct Region {
     open_files: AtomicUsize,
     #[pin]
     state: Mutex<RegionState>,
+    /// A move of the region ended (committed or aborted).
+    #[pin]
+    settled: CondVar,
 }
 
 impl Region {
@@ -189,6 +196,7 @@ impl Region {
                 size: npages * PAGE_SIZE,
                 open_files: AtomicUsize::new(0),
                 state <- new_mutex!(RegionState { pages, owner: None, moving: false }),
+                settled <- new_condvar!("vmbeam::Region::settled"),
             }),
             GFP_KERNEL,
         )?;
@@ -239,6 +247,26 @@ impl Region {
 
     pub(crate) fn lock(&self) -> RegionGuard<'_> {
         self.state.lock()
+    }
+
+    /// The region lock, taken once no move is in progress. A fault or mmap
+    /// that meets a move waits for its outcome instead of failing: a move
+    /// that is aborted must be invisible, and one that commits decides who
+    /// may map. Moves never sleep on anything a faulting task holds (no
+    /// `mmap_lock`, no KVM lock), so the wait is bounded by the move.
+    pub(crate) fn lock_settled(&self) -> RegionGuard<'_> {
+        let mut state = self.lock();
+        while state.moving {
+            self.settled.wait(&mut state);
+        }
+        state
+    }
+
+    /// Ends a move, committed or aborted, and wakes the faults and mmaps
+    /// waiting for its outcome.
+    pub(crate) fn end_move(&self, state: &mut RegionGuard<'_>) {
+        state.moving = false;
+        self.settled.notify_all();
     }
 
     /// A file and a reserved fd for the region; the fd becomes visible to
@@ -385,7 +413,7 @@ extern "C" fn vmbeam_rs_region_mmap(
     if !in_range {
         return EINVAL.to_errno();
     }
-    if !region.lock().may_map(mm) {
+    if !region.lock_settled().may_map(mm) {
         return EACCES.to_errno();
     }
     0
@@ -403,7 +431,7 @@ extern "C" fn vmbeam_rs_region_fault(
 ) -> c_int {
     // SAFETY: the faulting VMA holds a reference to the region file.
     let region = unsafe { region_of(region) };
-    let state = region.lock();
+    let state = region.lock_settled();
     if !state.may_map(mm) {
         return EFAULT.to_errno();
     }

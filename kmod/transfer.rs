@@ -2,13 +2,21 @@
 
 //! Transfer of regions between VMs.
 //!
-//! A batch runs in three phases. *Check*: every entry is validated and its
-//! region marked moving; any failure unmarks them all and returns, so no
-//! region changed owner or lost a mapping. *Revoke*: each region loses its
-//! owner and every mapping of it is zapped (KVM's MMU notifier drops the old
-//! VM's stage-2 entries with them). *Grant*: each region gets its new owner,
-//! whose VMM maps the same pages. Revoke and grant cannot fail: everything
-//! that could was done in the check phase.
+//! A batch runs in four phases. *Check*: every entry is validated (fds,
+//! owner, no region twice) without touching any region, so a refused batch
+//! is invisible: nobody's fault or mmap even waits. *Claim*: each region is
+//! marked moving; this fails only if a concurrent call took or rebound one
+//! since the check, and then the claimed ones are released again (faults
+//! that met them waited, and go on as if nothing happened). *Revoke*: each
+//! region loses its owner and every mapping of it is zapped (KVM's MMU
+//! notifier drops the old VM's stage-2 entries with them). *Grant*: each
+//! region gets its new owner, whose VMM maps the same pages, and the move
+//! ends. Revoke and grant cannot fail: everything that could was done
+//! before.
+//!
+//! A fault or mmap that meets a moving region waits for the move's outcome
+//! ([`Region::lock_settled`]): the new owner then maps, the old one gets
+//! SIGBUS (KVM_RUN `EFAULT`), as if it had come after the move.
 
 use core::{ffi::c_long, sync::atomic::Ordering::Relaxed};
 
@@ -18,17 +26,25 @@ use kernel::{
     uaccess::UserSlice,
 };
 
-use crate::{device::check_unused, owner::Owner, region::RegionFile, stats::STATS, trace, uapi};
+use crate::{
+    device::check_unused,
+    owner::Owner,
+    region::{Region, RegionFile},
+    stats::STATS,
+    trace, uapi,
+};
 
-/// One checked transfer: its region is marked moving.
+/// One checked transfer.
 struct Move {
     file: RegionFile,
+    from: Owner,
     to: Option<Owner>,
     /// The previous owner, kept to be dropped after all locks are released.
-    from: Option<Owner>,
+    old: Option<Owner>,
 }
 
 impl Move {
+    /// Validates an entry; changes nothing.
     fn check(t: &uapi::vmbeam_transfer) -> Result<Self> {
         check_unused(t.flags, 0, &t.reserved)?;
         let file = RegionFile::get(t.region_fd)?;
@@ -37,35 +53,47 @@ impl Move {
         if from.same_vm(&to) {
             return Err(EINVAL);
         }
-        let mut state = file.region().lock();
+        let state = file.region().lock();
+        let moving = state.moving;
+        let owned_by_from = state.owner.as_ref().is_some_and(|o| o.same_vm(&from));
+        drop(state);
+        if moving {
+            return Err(EBUSY);
+        }
+        if !owned_by_from {
+            return Err(EPERM);
+        }
+        Ok(Self { file, from, to: Some(to), old: None })
+    }
+
+    fn region(&self) -> &Region {
+        self.file.region()
+    }
+
+    /// Marks the region moving, checking again what a concurrent call may
+    /// have changed since [`Move::check`].
+    fn claim(&self) -> Result {
+        let mut state = self.region().lock();
         if state.moving {
             return Err(EBUSY);
         }
-        if !state
-            .owner
-            .as_ref()
-            .is_some_and(|owner| owner.same_vm(&from))
-        {
+        if !state.owner.as_ref().is_some_and(|o| o.same_vm(&self.from)) {
             return Err(EPERM);
         }
         state.moving = true;
-        drop(state);
-        Ok(Self {
-            file,
-            to: Some(to),
-            from: None,
-        })
+        Ok(())
     }
 
-    /// Undoes `check`.
-    fn abort(&self) {
-        self.file.region().lock().moving = false;
+    /// Undoes [`Move::claim`].
+    fn release(&self) {
+        let region = self.region();
+        region.end_move(&mut region.lock());
     }
 
     fn revoke(&mut self) {
         let region = self.file.region();
         let mut state = region.lock();
-        self.from = state.owner.take();
+        self.old = state.owner.take();
         self.file.revoke(&state, 0, region.npages());
         drop(state);
         STATS.revocations.fetch_add(1, Relaxed);
@@ -73,9 +101,10 @@ impl Move {
 
     /// Returns the pages granted.
     fn grant(&mut self) -> u64 {
-        let mut state = self.file.region().lock();
+        let region = self.file.region();
+        let mut state = region.lock();
         state.owner = self.to.take();
-        state.moving = false;
+        region.end_move(&mut state);
         let pages = state.pages.present() as u64;
         drop(state);
         STATS.transfers.fetch_add(1, Relaxed);
@@ -97,14 +126,29 @@ pub(crate) fn transfer(entries: &[uapi::vmbeam_transfer]) -> Result<c_long> {
     ret.map(|_| 0)
 }
 
+/// `EBUSY` if two moves name the same region (through any of its files).
+fn check_distinct(moves: &[Move]) -> Result {
+    let mut regions = KVVec::with_capacity(moves.len(), GFP_KERNEL)?;
+    for m in moves {
+        regions.push(m.region() as *const Region as usize, GFP_KERNEL)?;
+    }
+    regions.sort_unstable();
+    if regions.windows(2).any(|w| w[0] == w[1]) {
+        return Err(EBUSY);
+    }
+    Ok(())
+}
+
 /// Returns the number of pages transferred.
 fn transfer_all(entries: &[uapi::vmbeam_transfer]) -> Result<u64> {
     let mut moves = KVec::with_capacity(entries.len(), GFP_KERNEL)?;
     for entry in entries {
-        let checked =
-            Move::check(entry).and_then(|m| moves.push(m, GFP_KERNEL).map_err(Into::into));
-        if let Err(err) = checked {
-            moves.iter().for_each(Move::abort);
+        moves.push(Move::check(entry)?, GFP_KERNEL)?;
+    }
+    check_distinct(&moves)?;
+    for (claimed, m) in moves.iter().enumerate() {
+        if let Err(err) = m.claim() {
+            moves[..claimed].iter().for_each(Move::release);
             return Err(err);
         }
     }

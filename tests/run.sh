@@ -31,7 +31,7 @@ timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run
 	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "env VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 set -e
 
 rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)

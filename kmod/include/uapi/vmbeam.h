@@ -23,8 +23,10 @@
 /*
  * Bumped on any change of this file. 2: region fds reopen through
  * /proc/PID/fd/N, VMBEAM_BIND, empty regions, VMBEAM_GATHER_INTO.
+ * 3: a refused transfer is invisible to faults and mmaps; a fault or mmap
+ * that meets a move waits for its outcome (see struct vmbeam_transfer).
  */
-#define VMBEAM_API_VERSION 2
+#define VMBEAM_API_VERSION 3
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -173,6 +175,12 @@ struct vmbeam_region_info {
  * The old owner's mappings are zapped (its VMM then gets SIGBUS, its
  * KVM_RUN -EFAULT, its mmap -EACCES); the new owner's creator process mmaps
  * the region and faults in the same pages. Nothing is copied.
+ *
+ * The rule for faults and mmaps: a transfer that is refused is invisible
+ * (no fault fails and no mmap is refused because of it, whatever entry of
+ * the batch was bad). A fault or mmap that meets a region in the middle
+ * of a transfer that goes through waits for it, then behaves as after it:
+ * the new owner maps, the old owner gets SIGBUS / -EFAULT / -EACCES.
  */
 struct vmbeam_transfer {
 	__s32 region_fd;
@@ -192,9 +200,10 @@ struct vmbeam_transfer {
  * @flags:     in: must be 0.
  * @reserved:  in: must be 0.
  *
- * All or nothing: every entry is checked and every region marked moving
- * before any is revoked; then one revoke phase, one grant phase. If any
- * entry fails the check, no region changes owner or loses a mapping.
+ * All or nothing: every entry is checked before any region is touched,
+ * then every region is marked moving, then one revoke phase, one grant
+ * phase. If any entry fails, no region changes owner or loses a mapping,
+ * and no fault or mmap of any region in the batch fails meanwhile.
  * -EBADF: a fd is not open; -EINVAL: not a region / not a KVM VM fd /
  * from == to; -EPERM: from_vm_fd is not the region's owner; -EBUSY: a
  * region is already moving (another transfer, or twice in this batch).

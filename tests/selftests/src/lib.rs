@@ -3,7 +3,9 @@
 //! Each selftest binary prints TAP 13, exits 0 when every test passed, 1
 //! when one failed, and 4 (the kselftest skip code) when it cannot run here.
 
+mod churn;
 pub mod guest;
+pub mod pair;
 pub mod require;
 pub mod tap;
 pub mod vmm;

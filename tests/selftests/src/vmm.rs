@@ -56,6 +56,20 @@ pub enum Request {
     Touch { slot: u32, offset: u64 },
     /// mmap the slot's region again; replies with the errno on failure.
     Remap { slot: u32 },
+    /// Remember the first dword of every page of slot `slot` (read through
+    /// its mapping now) as what [`Request::Churn`] must find.
+    Snapshot { slot: u32 },
+    /// For `millis`, round after round: mmap slot `slot`'s region afresh
+    /// (no populate), read the first dword of every page, munmap. The reads
+    /// are this process's own (`guest: false`: every page a fresh user
+    /// fault) or its guest's through a temporary memslot (`guest: true`:
+    /// every page a fresh KVM fault). Replies with the rounds made, or
+    /// `Err` counting refused mmaps, SIGBUS, KVM_RUN errors and values that
+    /// differ from the [`Request::Snapshot`]. With `revocable`, losing the
+    /// region is expected (refused mmaps, SIGBUS, KVM_RUN `EFAULT` are not
+    /// failures, wrong values still are) and the reply counts the rounds
+    /// in which every read succeeded.
+    Churn { slot: u32, millis: u64, guest: bool, revocable: bool },
     /// Exit.
     Quit,
 }
@@ -71,6 +85,8 @@ struct Slot {
     hva: u64,
     size: u64,
     gpa: u64,
+    /// First dword of every page, from [`Request::Snapshot`].
+    expected: Vec<u32>,
 }
 
 /// The child process.
@@ -185,14 +201,18 @@ fn errno_of(e: &vmbeam::Error) -> i32 {
 }
 
 fn map_region(fd: &OwnedFd, size: u64) -> Result<u64, (i32, String)> {
+    map_region_with(fd, size, MapFlags::MAP_POPULATE)
+}
+
+fn map_region_with(fd: &OwnedFd, size: u64, extra: MapFlags) -> Result<u64, (i32, String)> {
     // SAFETY: a fresh shared mapping of a region fd at an address the kernel
-    // picks; it is only ever touched through this VMM's guest and `touch`.
+    // picks; it is only ever touched through this VMM's guest and probes.
     let addr = unsafe {
         mmap(
             None,
             std::num::NonZeroUsize::new(size as usize).ok_or((libc::EINVAL, "size 0".into()))?,
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+            MapFlags::MAP_SHARED | extra,
             fd,
             0,
         )
@@ -276,6 +296,19 @@ fn handle(
             let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
             map_region(&s.region, s.size)
         }
+        Request::Snapshot { slot } => {
+            let s = slots.get_mut(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
+            // SAFETY: the slot's own live mapping.
+            s.expected = (0..s.size / 4096)
+                .map(|page| unsafe { read_dword(s.hva + page * 4096) }.ok_or((libc::EFAULT, "SIGBUS".into())))
+                .collect::<Result<_, _>>()?;
+            Ok(s.expected.len() as u64)
+        }
+        Request::Churn { slot, millis, guest, revocable } => {
+            let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
+            let vm = if guest { Some(vm.as_mut().ok_or((libc::ENODEV, "no VM yet".into()))?) } else { None };
+            crate::churn::run(s.region.as_fd(), &s.expected, millis, vm, revocable)
+        }
         Request::Quit => Ok(0),
     }
 }
@@ -289,7 +322,7 @@ fn attach(vm: &TestVm, slots: &mut BTreeMap<u32, Slot>, region: OwnedFd, slot: u
     // SAFETY: the mapping lives as long as this process (never unmapped).
     unsafe { vm.add_memslot(slot, gpa, hva, size) }
         .map_err(|e| (e.errno(), format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
-    slots.insert(slot, Slot { region, hva, size, gpa });
+    slots.insert(slot, Slot { region, hva, size, gpa, expected: Vec::new() });
     Ok(hva)
 }
 
@@ -297,4 +330,24 @@ fn attach(vm: &TestVm, slots: &mut BTreeMap<u32, Slot>, region: OwnedFd, slot: u
 /// page not present.
 pub fn pfns(pid: Pid, hva: u64, len: u64) -> Result<Vec<u64>, String> {
     vmbeam::pagemap::frames(pid.as_raw() as u32, hva, len).map_err(|e| format!("pagemap: {e}"))
+}
+
+/// Reads the dword at `addr` byte by byte through the SIGBUS probe.
+///
+/// # Safety
+///
+/// `addr..addr+4` must lie in a live mapping of this process.
+pub(crate) unsafe fn read_dword(addr: u64) -> Option<u32> {
+    let mut bytes = [0u8; 4];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        // SAFETY: the caller's guarantee.
+        *b = unsafe { probe::read_byte((addr + i as u64) as *const u8) }?;
+    }
+    Some(u32::from_le_bytes(bytes))
+}
+
+/// Maps `region` afresh without populating it (for [`crate::churn`]).
+pub(crate) fn map_unpopulated(region: BorrowedFd<'_>, size: u64) -> Result<u64, (i32, String)> {
+    let fd = region.try_clone_to_owned().map_err(|e| (0, e.to_string()))?;
+    map_region_with(&fd, size, MapFlags::empty())
 }

@@ -12,80 +12,11 @@ use std::{
 use vmbeam::{Device, Region, Transfer};
 use vmbeam_selftests::{
     check,
-    guest::programs::fill_sum,
+    pair::{count, run, Pair, CLEAN_GPA, MIB, SLOT},
     require::{self, errno_is},
     vmm::{pfns, Program, Request, Vmm},
     Tap, TestResult,
 };
-
-const MIB: u64 = 1 << 20;
-const AGED_GPA: u64 = 0x100_0000; // 16 MiB
-const CLEAN_GPA: u64 = 0x4000_0000; // 1 GiB: another address on purpose
-const SLOT: u32 = 1;
-
-/// Dwords a guest program visits over `size` bytes at `stride`.
-fn count(size: u64, stride: u32) -> u32 {
-    (size / u64::from(stride)) as u32
-}
-
-fn run(vmm: &mut Vmm, program: Program, offset: u64, count: u32, stride: u32) -> Result<u32, String> {
-    let (v, _) = vmm.ok(&Request::Run { slot: SLOT, program, offset, count, stride }, &[])?;
-    Ok(v as u32)
-}
-
-/// An aged VMM with a VM and a region it filled, and a clean VMM with a VM.
-struct Pair {
-    aged: Vmm,
-    clean: Vmm,
-    aged_vm: OwnedFd,
-    clean_vm: OwnedFd,
-    region: OwnedFd,
-    aged_hva: u64,
-    size: u64,
-    stride: u32,
-    written: u32,
-}
-
-impl Pair {
-    fn new(size: u64, stride: u32, seed: u32) -> Result<Self, String> {
-        let mut aged = Vmm::spawn();
-        let mut clean = Vmm::spawn();
-        let (_, aged_vm) = aged.ok(&Request::CreateVm, &[])?;
-        let (_, clean_vm) = clean.ok(&Request::CreateVm, &[])?;
-        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: AGED_GPA }, &[])?;
-        let written = run(&mut aged, Program::Fill { seed }, 0, count(size, stride), stride)?;
-        check(written == fill_sum(seed, count(size, stride)), || {
-            format!("aged guest reported {written:#x}, host computes {:#x}", fill_sum(seed, count(size, stride)))
-        })?;
-        Ok(Self {
-            aged,
-            clean,
-            aged_vm: aged_vm.ok_or("no VM fd")?,
-            clean_vm: clean_vm.ok_or("no VM fd")?,
-            region: region.ok_or("no region fd")?,
-            aged_hva,
-            size,
-            stride,
-            written,
-        })
-    }
-
-    fn transfer(&self) -> Transfer<'_> {
-        Transfer { region: self.region.as_fd(), from_vm: self.aged_vm.as_fd(), to_vm: self.clean_vm.as_fd() }
-    }
-
-    /// The clean VMM maps the region and its guest sums it.
-    fn clean_reads(&mut self) -> Result<(u64, u32), String> {
-        let (hva, _) = self.clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[self.region.as_fd()])?;
-        let sum = run(&mut self.clean, Program::Sum, 0, count(self.size, self.stride), self.stride)?;
-        Ok((hva, sum))
-    }
-
-    fn finish(self) {
-        self.aged.quit();
-        self.clean.quit();
-    }
-}
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
