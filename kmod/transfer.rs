@@ -63,7 +63,12 @@ impl Move {
         if !owned_by_from {
             return Err(EPERM);
         }
-        Ok(Self { file, from, to: Some(to), old: None })
+        Ok(Self {
+            file,
+            from,
+            to: Some(to),
+            old: None,
+        })
     }
 
     fn region(&self) -> &Region {
