@@ -7,6 +7,10 @@
 #   make test      every test: lint, cargo test, selftests in the test kernel
 #                  (the smallest real nested case among them)
 #   make test-nested  the real nested tests alone (two L2s, failures)
+#   make fuzz      the uAPI fuzzer in the test kernel, 1,000,000 ioctls
+#                  (VMBEAM_FUZZ_IOCTLS=N for another count)
+#   make stress    transfer, move-rule and migrate selftests 50 times in one
+#                  boot (VMBEAM_STRESS_RUNS=N for another count)
 #   make l1-image  build (or find cached) the L1 hypervisor's initramfs
 #   make kernel    build (or find cached) the test kernel
 #   make module    build vmbeam.ko          (CLIPPY=1 to lint it)
@@ -18,7 +22,7 @@ KCONFIG ?= default
 export KCONFIG
 CARGO ?= cargo
 
-.PHONY: all deps kernel module userspace test test-nested demo demo-lab l1-image lint clean
+.PHONY: all deps kernel module userspace test test-nested fuzz stress demo demo-lab l1-image lint clean
 
 all: module userspace
 
@@ -41,6 +45,12 @@ test: lint module userspace l1-image
 # Bounded: TCG stalls nested SVM now and then (README, Tests).
 test-nested: module userspace l1-image
 	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-600} tests/run.sh --nested
+
+fuzz: module userspace l1-image
+	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-7200} tests/run.sh --fuzz
+
+stress: module userspace l1-image
+	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-7200} tests/run.sh --stress
 
 demo: module userspace l1-image
 	@tests/run.sh --demo

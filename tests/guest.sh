@@ -9,7 +9,7 @@ mode=$1 ko=$2 bin=$3
 VMBEAM_TESTS=$(dirname "$0")
 
 # VMBEAM_SELFTESTS="a b" runs only those (a quick loop while working on one).
-read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test window_test migrate_test module_test}"
+read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test fuzz_test window_test migrate_test module_test}"
 # What the harness treats as a kernel bug, whatever the tests said. Lockdep
 # reports by their headers (the boot banner "RCU lockdep checking is
 # enabled" is not one); "lockdep is turned off" means one was printed.
@@ -87,6 +87,19 @@ case $mode in
 	for t in "${SELFTESTS[@]}"; do
 		run_selftest "$t"
 	done
+	;;
+--stress) # the transfer and migration selftests again and again, one boot
+	runs=${VMBEAM_STRESS_RUNS:-50}
+	start=$(date +%s)
+	for ((run = 1; run <= runs; run++)); do
+		for t in transfer_test move_rule_test migrate_test; do
+			run_selftest_cmd "$t run $run/$runs" "$bin/$t"
+		done
+	done
+	echo "# stress: $runs runs in $(($(date +%s) - start)) s"
+	;;
+--fuzz) # the long fuzz run (make fuzz)
+	run_selftest_cmd fuzz_test "$bin/fuzz_test" --ioctls "${VMBEAM_FUZZ_IOCTLS:-1000000}"
 	;;
 --nested)
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 2

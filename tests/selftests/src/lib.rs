@@ -4,6 +4,7 @@
 //! when one failed, and 4 (the kselftest skip code) when it cannot run here.
 
 mod churn;
+pub mod fuzz;
 pub mod guest;
 pub mod pair;
 pub mod require;

@@ -350,7 +350,12 @@ fn vcpu_loop(shared: &Shared) {
                 word[..n].copy_from_slice(&data[..n]);
                 Exit::Out(port, u32::from_le_bytes(word))
             }
+            VcpuExit::InternalError => Exit::Other(String::new()),
             other => Exit::Other(format!("{other:?}")),
+        });
+        let exit = exit.map(|e| match e {
+            Exit::Other(what) if what.is_empty() => Exit::Other(internal_error(&mut vcpu)),
+            e => e,
         });
         stopped_at = cpu::monotonic_ns();
         match exit {
@@ -388,4 +393,16 @@ fn vcpu_loop(shared: &Shared) {
             }
         }
     }
+}
+
+/// KVM_EXIT_INTERNAL_ERROR with what KVM said about it (suberror 1 is an
+/// instruction KVM could not emulate, 3 an event it could not deliver) and
+/// where the guest was.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
+    // the union member KVM filled in.
+    let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let rip = vcpu.get_regs().map_or_else(|e| format!("? ({e})"), |r| format!("{:#x}", r.rip));
+    format!("InternalError: suberror {}, data {:x?}, rip {rip}", internal.suberror, &internal.data[..n])
 }
