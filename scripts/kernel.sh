@@ -6,6 +6,11 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 dir=$(kernel_dir)
+mkdir -p "$(dirname "$dir")"
+# One build per tree at a time: a second make (or a helper) waits for the
+# first instead of deleting its half-built tree.
+exec 9>"$dir.lock"
+flock 9
 if [ -f "$dir/.vmbeam-built" ]; then
 	echo "$dir"
 	exit 0

@@ -1,0 +1,278 @@
+//! Allocation failure at every allocation of every module path, with the
+//! kernel's own fault injection (failslab, fail_page_alloc): region
+//! creation, bind, gather (new region and into a window), transfer batch.
+//!
+//! For each path, `/proc/thread-self/fail-nth` makes the 1st, 2nd, 3rd ...
+//! fault-injectable allocation of the call fail, until a call runs through
+//! with no allocation left to fail. Every injected failure must end in a
+//! clean result (success, if the path has a fallback, or -ENOMEM) that
+//! moved and lost nothing: the source keeps every page, the owner keeps its
+//! region and its data, and once the fds close the module holds nothing.
+//! The harness fails the run on any WARNING, BUG or leak report in dmesg.
+
+use std::{
+    io::{Read, Seek, Write},
+    os::fd::{AsFd, AsRawFd},
+};
+
+use nix::errno::Errno;
+use vmbeam::{Device, Region, Transfer};
+use vmbeam_selftests::{check, guest::TestVm, require, Tap, TestResult};
+
+const PAGES: u64 = 64;
+/// Far more allocations than any one call makes: a path still failing
+/// after this many is looping.
+const MAX_NTH: u32 = 4000;
+
+/// The debugfs knobs that let failslab and fail_page_alloc fail the
+/// GFP_KERNEL, order-0 allocations the module makes, quietly (a stack dump
+/// per failure would read as an error in dmesg), and only when fail-nth
+/// asks (probability 0).
+fn setup_fault_injection() -> Result<(), String> {
+    let debugfs = "/sys/kernel/debug";
+    if !std::path::Path::new(&format!("{debugfs}/failslab")).exists() {
+        let _ = std::process::Command::new("mount").args(["-t", "debugfs", "none", debugfs]).status();
+    }
+    let settings = [
+        ("failslab/ignore-gfp-wait", "N"),
+        ("failslab/verbose", "0"),
+        ("failslab/probability", "0"),
+        ("fail_page_alloc/ignore-gfp-wait", "N"),
+        ("fail_page_alloc/ignore-gfp-highmem", "N"),
+        ("fail_page_alloc/min-order", "0"),
+        ("fail_page_alloc/verbose", "0"),
+        ("fail_page_alloc/probability", "0"),
+    ];
+    for (knob, value) in settings {
+        std::fs::write(format!("{debugfs}/{knob}"), value).map_err(|e| format!("{debugfs}/{knob}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `/proc/thread-self/fail-nth`: this thread's n-th injectable
+/// allocation fails.
+struct FailNth(std::fs::File);
+
+impl FailNth {
+    fn open() -> Result<Self, String> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/thread-self/fail-nth")
+            .map(Self)
+            .map_err(|e| format!("/proc/thread-self/fail-nth: {e}"))
+    }
+
+    fn arm(&mut self, n: u32) {
+        let _ = self.0.write_all(n.to_string().as_bytes());
+    }
+
+    /// Disarms; returns whether the failure was injected.
+    fn fired(&mut self) -> bool {
+        let mut s = String::new();
+        let _ = self.0.rewind().and_then(|_| self.0.read_to_string(&mut s));
+        let left: u32 = s.trim().parse().unwrap_or(0);
+        self.arm(0);
+        let _ = self.0.rewind();
+        left == 0
+    }
+}
+
+/// Runs `op` with its 1st, 2nd, ... allocation failing until it runs
+/// through; `check_after` judges each outcome. Returns how many
+/// allocations the path has.
+fn every_nth<S>(
+    fail: &mut FailNth,
+    mut setup: impl FnMut() -> Result<S, String>,
+    mut op: impl FnMut(&mut S) -> Result<(), vmbeam::Error>,
+    mut check_after: impl FnMut(&mut S, bool) -> TestResult,
+) -> Result<u32, String> {
+    for n in 1..=MAX_NTH {
+        let mut state = setup()?;
+        fail.arm(n);
+        let got = op(&mut state);
+        let fired = fail.fired();
+        match &got {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(Errno::ENOMEM) && fired => {}
+            Err(e) => return Err(format!("allocation {n} (injected: {fired}): {e}")),
+        }
+        check_after(&mut state, got.is_ok()).map_err(|e| format!("after allocation {n} failed: {e}"))?;
+        if !fired {
+            return Ok(n - 1);
+        }
+    }
+    Err(format!("still failing after {MAX_NTH} allocations"))
+}
+
+fn err(e: vmbeam::Error) -> String {
+    e.to_string()
+}
+
+/// A VM with a region of PAGES pages bound to it, mapped, every page's
+/// first byte set to its index.
+struct Owned {
+    vm: TestVm,
+    region: Region,
+    map: *mut u8,
+}
+
+impl Owned {
+    fn new(dev: &Device) -> Result<Self, String> {
+        let vm = TestVm::new()?;
+        let region = dev.create_region(PAGES * 4096).map_err(err)?;
+        region.bind(vm.vm_borrowed()).map_err(err)?;
+        // SAFETY: a fresh shared mapping of the region, unmapped in Drop.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (PAGES * 4096) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                region.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        check(map != libc::MAP_FAILED, || format!("mmap: {}", std::io::Error::last_os_error()))?;
+        let map = map.cast::<u8>();
+        for page in 0..PAGES {
+            // SAFETY: inside the mapping.
+            unsafe { map.add((page * 4096) as usize).write_volatile(page as u8) };
+        }
+        Ok(Self { vm, region, map })
+    }
+
+    /// Every page present, owned, and holding its index.
+    fn intact(&self) -> TestResult {
+        let info = self.region.info().map_err(err)?;
+        check(info.owned && info.pages_present == PAGES, || format!("source region now {info:?}"))?;
+        for page in 0..PAGES {
+            // SAFETY: inside the mapping; the region is ours (checked).
+            let got = unsafe { self.map.add((page * 4096) as usize).read_volatile() };
+            check(got == page as u8, || format!("page {page} holds {got}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`.
+        unsafe { libc::munmap(self.map.cast(), (PAGES * 4096) as usize) };
+    }
+}
+
+fn main() {
+    let dev = require::vmbeam_and_kvm();
+    if let Err(why) = setup_fault_injection() {
+        Tap::skip_all(&format!("no fault injection in this kernel (CONFIG_FAULT_INJECTION_DEBUG_FS): {why}"));
+    }
+    let mut fail = FailNth::open().unwrap_or_else(|e| Tap::skip_all(&e));
+    let stats0 = dev.stats().expect("stats");
+    let mut tap = Tap::new(6);
+    let note = |what: &str, n: u32| println!("# {what}: {n} allocations, each failed once");
+
+    tap.test("create_region_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok(None),
+            |made: &mut Option<Region>| dev.create_region(PAGES * 4096).map(|r| *made = Some(r)),
+            |made, ok| {
+                let st = dev.stats().map_err(err)?;
+                let want = stats0.regions + u64::from(ok);
+                check(st.regions == want, || format!("{} regions, expected {want}", st.regions))?;
+                *made = None;
+                Ok(())
+            },
+        )?;
+        note("create", n);
+        Ok(())
+    });
+
+    tap.test("bind_fails_cleanly_at_every_allocation", || {
+        let vm = TestVm::new()?;
+        let n = every_nth(
+            &mut fail,
+            || dev.create_region(4096).map_err(err),
+            |r| r.bind(vm.vm_borrowed()),
+            |r, ok| {
+                let info = r.info().map_err(err)?;
+                check(info.owned == ok, || format!("bind {}: region {info:?}", if ok { "succeeded" } else { "failed" }))
+            },
+        )?;
+        note("bind", n);
+        Ok(())
+    });
+
+    tap.test("gather_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok((Owned::new(&dev)?, None)),
+            |(s, out): &mut (Owned, Option<Region>)| {
+                dev.gather(s.region.as_fd(), &[5 * 4096, 2 * 4096, 9 * 4096]).map(|r| *out = Some(r))
+            },
+            |(s, out), ok| {
+                if ok {
+                    let got = out.take().ok_or("no region")?.info().map_err(err)?;
+                    check(got.pages_present == 3, || format!("gathered region {got:?}"))
+                } else {
+                    s.intact()
+                }
+            },
+        )?;
+        note("gather", n);
+        Ok(())
+    });
+
+    tap.test("gather_into_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok((Owned::new(&dev)?, dev.create_empty_region(8 * 4096).map_err(err)?)),
+            |(s, dst)| dev.gather_into(s.region.as_fd(), &[4096, 7 * 4096], dst.as_fd(), 4096),
+            |(s, dst), ok| {
+                let got = dst.info().map_err(err)?;
+                if ok {
+                    check(got.pages_present == 2, || format!("window after gather-into: {got:?}"))
+                } else {
+                    check(got.pages_present == 0, || format!("window after a failed gather-into: {got:?}"))?;
+                    s.intact()
+                }
+            },
+        )?;
+        note("gather-into", n);
+        Ok(())
+    });
+
+    tap.test("transfer_batch_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok((Owned::new(&dev)?, Owned::new(&dev)?, TestVm::new()?)),
+            |(one, two, to)| {
+                let (one_vm, two_vm) = (one.vm.vm_borrowed(), two.vm.vm_borrowed());
+                dev.transfer_batch(&[
+                    Transfer { region: one.region.as_fd(), from_vm: one_vm, to_vm: to.vm_borrowed() },
+                    Transfer { region: two.region.as_fd(), from_vm: two_vm, to_vm: to.vm_borrowed() },
+                ])
+            },
+            |(one, two, to), ok| {
+                if ok {
+                    return Ok(());
+                }
+                one.intact()?;
+                two.intact()?;
+                // Still the old owners': they can give the regions away.
+                let back =
+                    Transfer { region: one.region.as_fd(), from_vm: one.vm.vm_borrowed(), to_vm: to.vm_borrowed() };
+                dev.transfer(back).map_err(|e| format!("the old owner cannot move its region any more: {e}"))
+            },
+        )?;
+        note("transfer batch", n);
+        Ok(())
+    });
+
+    tap.test("counters_return_to_baseline", || {
+        let st = dev.stats().map_err(err)?;
+        check(st.regions == stats0.regions && st.pages_owned == stats0.pages_owned, || format!("{st:?}"))
+    });
+    tap.finish()
+}
