@@ -31,6 +31,9 @@ pub struct L1 {
     ram: GuestRegionMmap<()>,
     _ram_region: Region,
     pub l2s: Vec<L2>,
+    /// L2s handed over ahead of their memory (`stage-regions`), checked and
+    /// held, not running; each with the control session that staged it.
+    staged: Vec<(u64, Checked)>,
     next_slot: u32,
     next_vcpu: u64,
     seed: u32,
@@ -53,6 +56,7 @@ impl L1 {
             ram,
             _ram_region: ram_region,
             l2s: Vec::new(),
+            staged: Vec::new(),
             next_slot: 0,
             next_vcpu: 0,
             seed: cpu::monotonic_ns() as u32 | 1,
@@ -186,13 +190,77 @@ impl L1 {
     /// to this VM, or ownerless), all or none: every check runs before any
     /// L2 is set up, and none starts before all are. Returns their windows.
     pub fn receive(&mut self, handoffs: &[Handoff], fds: Vec<OwnedFd>) -> Result<Vec<Window>> {
+        let checked = self.check_handoffs(handoffs, fds, true)?;
+        self.start(checked)
+    }
+
+    /// The first half of a receive, before the memory moves: the L2s are
+    /// checked as `receive` does (their regions may still be the sender's)
+    /// and held for `session`. Nothing runs until [`L1::commit`]; if the
+    /// session ends first, [`L1::settle`] decides. Returns their windows.
+    pub fn stage(&mut self, session: u64, handoffs: &[Handoff], fds: Vec<OwnedFd>) -> Result<Vec<Window>> {
+        ensure!(!self.staged.iter().any(|(s, _)| *s == session), "L2s are staged already: commit or drop them first");
+        let checked = self.check_handoffs(handoffs, fds, false)?;
+        let windows = checked.iter().map(|c| c.window).collect();
+        self.staged.extend(checked.into_iter().map(|c| (session, c)));
+        Ok(windows)
+    }
+
+    /// Starts the L2s `session` staged, all or none; their regions must be
+    /// this VM's now (or ownerless: bound here).
+    pub fn commit(&mut self, session: u64) -> Result<Vec<Window>> {
+        let staged = self.take_staged(session);
+        ensure!(!staged.is_empty(), "no L2 staged by this connection");
+        for c in &staged {
+            let info = c.region.info()?;
+            ensure!(!info.owned || info.mine, "{}: its region is not this L1's (no transfer yet?)", c.handoff.name);
+        }
+        self.start(staged)
+    }
+
+    /// Forgets what `session` staged; returns how many.
+    pub fn drop_staged(&mut self, session: u64) -> usize {
+        self.take_staged(session).len()
+    }
+
+    /// The session that staged L2s ended without committing or dropping
+    /// them (its driver died). The memory decides, so that exactly one L1
+    /// runs each L2: those whose regions came here (the transfer happened,
+    /// or the sender died) start here; the others are forgotten and the
+    /// sender resumes them.
+    pub fn settle(&mut self, session: u64) {
+        let (ours, theirs): (Vec<_>, Vec<_>) =
+            self.take_staged(session).into_iter().partition(|c| c.region.info().is_ok_and(|i| i.mine || !i.owned));
+        for c in theirs {
+            tracing::warn!("{}: staged, but its memory never came: forgotten", c.handoff.name);
+        }
+        if ours.is_empty() {
+            return;
+        }
+        let names: Vec<String> = ours.iter().map(|c| c.handoff.name.clone()).collect();
+        match self.start(ours) {
+            Ok(_) => tracing::warn!("{names:?}: their memory is here and their driver is gone: started here"),
+            Err(e) => tracing::error!("{names:?}: their memory is here but they cannot start: {e:#}"),
+        }
+    }
+
+    fn take_staged(&mut self, session: u64) -> Vec<Checked> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.staged).into_iter().partition(|(s, _)| *s == session);
+        self.staged = rest;
+        mine.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Every check of a receive, before anything changes. With `ours`, each
+    /// region must already be this VM's (or ownerless).
+    fn check_handoffs(&self, handoffs: &[Handoff], fds: Vec<OwnedFd>, ours: bool) -> Result<Vec<Checked>> {
         ensure!(!handoffs.is_empty(), "no L2 to receive");
-        let incoming: Vec<&str> = handoffs.iter().map(|h| h.name.as_str()).collect();
-        self.forget_sent(&incoming);
         let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-        let mut planned: Vec<(Window, Region)> = Vec::new();
+        let mut checked: Vec<Checked> = Vec::new();
         for h in handoffs {
-            ensure!(self.l2s.iter().all(|l| l.name != h.name), "an L2 named {} is already here", h.name);
+            let here = self.l2s.iter().any(|l| l.name == h.name && !l.sent)
+                || self.staged.iter().any(|(_, c)| c.handoff.name == h.name);
+            ensure!(!here, "an L2 named {} is already here", h.name);
             ensure!(handoffs.iter().filter(|o| o.name == h.name).count() == 1, "{} is listed twice", h.name);
             let fd = fds
                 .get_mut(h.fd)
@@ -202,24 +270,32 @@ impl L1 {
             let info = region.info().with_context(|| format!("{}: fd {} is not a vmbeam region", h.name, h.fd))?;
             ensure!(info.size == h.window.size, "{}: region is {} bytes, window {}", h.name, info.size, h.window.size);
             ensure!(
-                info.mine || !info.owned,
+                !ours || info.mine || !info.owned,
                 "{}: the region belongs to another VM (transfer it to this L1 first)",
                 h.name
             );
             ensure!(!info.moving, "{}: the region is in the middle of a transfer", h.name);
             let window = Window { gpa: h.target_gpa.unwrap_or(h.window.gpa), size: h.window.size };
             self.check_window(&window).with_context(|| h.name.clone())?;
-            if let Some((_, _)) = planned.iter().find(|(w, _)| w.overlaps(&window)) {
-                bail!("{}: its window overlaps another L2 received with it", h.name);
+            let staged_windows = self.staged.iter().map(|(_, c)| &c.window);
+            if checked.iter().map(|c| &c.window).chain(staged_windows).any(|w| w.overlaps(&window)) {
+                bail!("{}: its window overlaps another L2 received or staged with it", h.name);
             }
             let code = workload::CODE_GPA..workload::CODE_GPA + workload::CODE.len() as u64;
             ensure!(code.contains(&h.regs.rip), "{}: rip {:#x} is not in the workload", h.name, h.regs.rip);
             ensure!(h.regs.rsi == h.window.gpa, "{}: rsi is not its window (not a lab workload?)", h.name);
-            planned.push((window, region));
+            checked.push(Checked { handoff: h.clone(), window, region });
         }
+        Ok(checked)
+    }
 
+    /// Sets up and starts checked L2s whose regions are this VM's (or
+    /// ownerless: bound here), all or none.
+    fn start(&mut self, checked: Vec<Checked>) -> Result<Vec<Window>> {
+        let incoming: Vec<&str> = checked.iter().map(|c| c.handoff.name.as_str()).collect();
+        self.forget_sent(&incoming);
         let mut ready = Vec::new();
-        for (h, (window, region)) in handoffs.iter().zip(planned) {
+        for Checked { handoff: h, window, region } in checked {
             let set_up = (|| -> Result<L2> {
                 if !region.info()?.owned {
                     region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
@@ -251,6 +327,13 @@ impl L1 {
         // SAFETY: the caller keeps the memory mapped.
         unsafe { kvm_util::set_memslot(&self.vm, slot, gpa, hva, size) }
     }
+}
+
+/// An L2 handed over, checked, not yet set up.
+struct Checked {
+    handoff: Handoff,
+    window: Window,
+    region: Region,
 }
 
 /// Moves the workload's window pointers (rsi: header, rdi: cursor) from

@@ -382,8 +382,9 @@ fn vcpu_loop(shared: &Shared) {
                 shared.stop_with(VcpuState::Failed, format!("unexpected out {value:#x} to port {port:#x}"));
             }
             Ok(Exit::Other(what)) => {
+                let regs = describe_regs(&vcpu);
                 drop(vcpu);
-                shared.stop_with(VcpuState::Failed, format!("unexpected vCPU exit {what}"));
+                shared.stop_with(VcpuState::Failed, format!("unexpected vCPU exit {what}; {regs}"));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => {
@@ -405,4 +406,16 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
     let n = (internal.ndata as usize).min(internal.data.len());
     let rip = vcpu.get_regs().map_or_else(|e| format!("? ({e})"), |r| format!("{:#x}", r.rip));
     format!("InternalError: suberror {}, data {:x?}, rip {rip}", internal.suberror, &internal.data[..n])
+}
+
+/// The registers the workload uses, for a failure report: whether a wild
+/// exit came from a wild jump (rip outside the code) or a wild pointer.
+fn describe_regs(vcpu: &VcpuFd) -> String {
+    match vcpu.get_regs() {
+        Ok(r) => format!(
+            "rip {:#x} rsi {:#x} rdi {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rbp {:#x} rsp {:#x} rflags {:#x}",
+            r.rip, r.rsi, r.rdi, r.rax, r.rbx, r.rcx, r.rdx, r.rbp, r.rsp, r.rflags
+        ),
+        Err(e) => format!("registers unreadable: {e}"),
+    }
 }

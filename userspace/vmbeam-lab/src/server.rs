@@ -7,7 +7,10 @@ use std::{
         fd::{AsFd, OwnedFd},
         unix::net::{UnixListener, UnixStream},
     },
-    sync::{mpsc, Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc, Arc, Mutex, MutexGuard,
+    },
 };
 
 use anyhow::Result;
@@ -57,11 +60,17 @@ pub fn serve(listener: UnixListener, l1: L1) -> Result<()> {
 /// A pause lasts as long as the connection that asked for it: when the
 /// connection closes, its paused L2s that still belong to this L1 resume.
 /// A migration whose driver died must not leave VMs stopped; one that
-/// completed left nothing here to resume.
+/// completed left nothing here to resume. Likewise L2s the connection
+/// staged here and did not commit start here if their memory came (the
+/// transfer happened) and are forgotten if it did not: the region's owner
+/// decides, so exactly one L1 runs each L2 whenever the driver dies.
 fn session(stream: UnixStream, l1: &Mutex<L1>) -> bool {
+    static SESSIONS: AtomicU64 = AtomicU64::new(1);
+    let id = SESSIONS.fetch_add(1, Relaxed);
     let mut paused_here = Vec::new();
-    let quit = serve_client(stream, l1, &mut paused_here);
+    let quit = serve_client(stream, l1, id, &mut paused_here);
     let mut l1 = lock(l1);
+    l1.settle(id);
     for name in paused_here {
         match resume(&mut l1, &name) {
             Ok(true) => tracing::warn!("{name}: resumed: the connection that paused it closed"),
@@ -76,7 +85,7 @@ fn lock(l1: &Mutex<L1>) -> MutexGuard<'_, L1> {
     l1.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn serve_client(stream: UnixStream, l1: &Mutex<L1>, paused_here: &mut Vec<String>) -> bool {
+fn serve_client(stream: UnixStream, l1: &Mutex<L1>, session: u64, paused_here: &mut Vec<String>) -> bool {
     let mut conn = Connection::new(stream);
     let greeting = Greeting {
         greeting: ServerInfo {
@@ -106,7 +115,7 @@ fn serve_client(stream: UnixStream, l1: &Mutex<L1>, paused_here: &mut Vec<String
             Err(e) => (Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None), Vec::new(), false),
             Ok(req) => {
                 tracing::debug!(command = %req.execute, fds = fds.len(), "request");
-                let handled = handle(&mut lock(l1), &req, fds);
+                let handled = handle(&mut lock(l1), session, &req, fds);
                 if let (Ok(Outcome::Return(v, _)), "pause") = (&handled, req.execute.as_str()) {
                     let paused: Vec<Paused> = serde_json::from_value(v.clone()).unwrap_or_default();
                     paused_here.extend(paused.into_iter().map(|p| p.name));
@@ -160,7 +169,7 @@ fn select(l1: &L1, sel: &Selection) -> Result<Vec<usize>, ErrorBody> {
         .collect()
 }
 
-fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
+fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handled {
     let no_fds = |fds: &Vec<OwnedFd>| {
         if fds.is_empty() {
             Ok(())
@@ -168,7 +177,7 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
             Err(ErrorBody::with_errno(format!("{} takes no fds ({} sent)", req.execute, fds.len()), libc::EINVAL))
         }
     };
-    if req.execute != "receive-regions" {
+    if !matches!(req.execute.as_str(), "receive-regions" | "stage-regions") {
         no_fds(&fds)?;
     }
     match req.execute.as_str() {
@@ -247,6 +256,19 @@ fn handle(l1: &mut L1, req: &Request, fds: Vec<OwnedFd>) -> Handled {
             tracing::info!(count = windows.len(), "received L2s");
             ret(windows)
         }
+        "stage-regions" => {
+            let a: ReceiveArgs = serde_json::from_value(req.arguments.clone())
+                .map_err(|e| ErrorBody::generic(format!("invalid arguments for stage-regions: {e}")))?;
+            let windows = l1.stage(session, &a.vms, fds).map_err(|e| ErrorBody::generic(format!("{e:#}")))?;
+            tracing::info!(count = windows.len(), "staged L2s");
+            ret(windows)
+        }
+        "commit-staged" => {
+            let windows = l1.commit(session).map_err(|e| ErrorBody::generic(format!("{e:#}")))?;
+            tracing::info!(count = windows.len(), "started staged L2s");
+            ret(windows)
+        }
+        "drop-staged" => ret(l1.drop_staged(session)),
         "probe" => {
             let mut out = Vec::new();
             for i in select(l1, &args(req)?)? {

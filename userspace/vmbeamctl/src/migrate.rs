@@ -8,10 +8,16 @@
 //! |----------|-------------------------------------------------|-------------------------------------|
 //! | plan     | query both L1s, place every L2 (then: ready the clean side) | nothing changed         |
 //! | pause    | the aged L1 stops the L2s                        | L2s resumed on the aged L1          |
-//! | send     | the aged L1 hands over what moves besides memory | L2s resumed on the aged L1          |
+//! | send     | the aged L1 hands over what moves besides memory; the clean L1 holds it (lab: staged) | L2s resumed on the aged L1 |
 //! | transfer | the memory moves at L0 (lab: one `VMBEAM_TRANSFER_BATCH`; real: `VMBEAM_GATHER_INTO` into windows plugged ahead) | all or nothing: resumed on the aged |
 //! | receive  | the clean L1 takes the L2s and resumes them      | memory moved back, resumed on the aged |
 //! | verify   | a full workload pass on the clean L1, the aged L1 denied, same page frames | reported |
+//!
+//! If vmbeamctl itself dies, the L1s settle without it: the lab L1 that
+//! owns an L2's region runs it (the aged one resumes what it still owns,
+//! the clean one starts what it staged and now owns), so the transfer is
+//! the one commit point and no single death leaves an L2 without a
+//! hypervisor (README, "Kill points").
 //!
 //! Downtime of an L2 is measured, not estimated: from the moment it
 //! stopped on the aged L1 to its first instruction on the clean L1, both

@@ -151,7 +151,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(12);
+    let mut tap = Tap::new(16);
 
     tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -362,22 +362,30 @@ fn main() {
         check(alive == 3, || format!("{alive} regions alive, expected 3 (the clean L1's)"))
     });
 
-    tap.test("vmbeamctl_killed_mid_migration_its_l2s_resume_on_the_aged", || {
-        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
-        let mut child = stopped_migration(&aged, &clean, "send")?;
-        let paused = aged.vms()?;
-        check(paused.iter().all(|v| v.state == L2State::Sent), || format!("before the kill: {paused:?}"))?;
-        // The driver dies holding the region fds, before any transfer.
-        child.kill().map_err(|e| e.to_string())?;
-        let _ = child.wait();
-        let deadline = Instant::now() + TIMEOUT;
-        while aged.vms()?.iter().any(|v| v.state != L2State::Running) {
-            check(Instant::now() < deadline, || format!("still stopped: {:?}", aged.vms()))?;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
-        all_home(&aged, 2)
-    });
+    // SIGKILL of vmbeamctl after each step: the region's owner decides
+    // where the L2s run (the transfer is the one commit point), and no L2
+    // is left stopped or lost.
+    for (step, lands_in_clean) in
+        [("plan", false), ("pause", false), ("send", false), ("transfer", true), ("receive", true)]
+    {
+        let side = if lands_in_clean { "run_on_in_the_clean" } else { "resume_on_the_aged" };
+        tap.test(&format!("vmbeamctl_killed_after_{step}_its_l2s_{side}"), || {
+            let (aged, clean) = (Lab::start("aged", 1)?, Lab::start("clean", 0)?);
+            aged.progresses(1)?;
+            let mut child = stopped_migration(&aged, &clean, step)?;
+            child.kill().map_err(|e| e.to_string())?;
+            let _ = child.wait();
+            let (home, away) = if lands_in_clean { (&clean, &aged) } else { (&aged, &clean) };
+            let deadline = Instant::now() + TIMEOUT;
+            while home.vms()?.iter().filter(|v| v.state == L2State::Running).count() != 1 {
+                check(Instant::now() < deadline, || format!("no L2 running where it should: {:?}", home.vms()))?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let elsewhere: Vec<_> = away.vms()?.into_iter().filter(|v| v.state == L2State::Running).collect();
+            check(elsewhere.is_empty(), || format!("also running on the other L1: {elsewhere:?}"))?;
+            all_home(home, 1)
+        });
+    }
 
     tap.test("no_region_outlives_the_lab_l1s", || {
         let alive = regions_alive(&dev)?;

@@ -30,6 +30,9 @@ pub const COMMANDS: &[&str] = &[
     "get-vm-fd",
     "send-regions",
     "receive-regions",
+    "stage-regions",
+    "commit-staged",
+    "drop-staged",
     "probe",
     "quit",
 ];

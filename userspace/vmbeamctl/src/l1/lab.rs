@@ -92,11 +92,26 @@ impl Pair for LabPair {
         Ok(())
     }
 
+    /// Takes the L2s' state and region fds from the aged L1 and stages them
+    /// on the clean one before any memory moves. From then on, whichever L1
+    /// owns a region runs its L2 if this process dies (`settle` in the lab
+    /// L1): the transfer is the one commit point.
     fn send(&mut self, _report: &mut Report) -> Result<()> {
         let (sent, fds): (Sent, Vec<OwnedFd>) =
             self.aged.call_with_fds("send-regions", Selection::of(&self.names), &[])?;
         ensure!(fds.len() == sent.vms.len() + 1, "send-regions: {} fds for {} L2s", fds.len(), sent.vms.len());
-        self.sent = Some((sent, fds));
+        let (sent, fds) = self.sent.insert((sent, fds));
+        let handoffs: Vec<Handoff> = sent
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let target = self.moving.iter().find(|m| m.info.name == h.name).map(|m| m.target.gpa);
+                Handoff { fd: i, target_gpa: target, ..h.clone() }
+            })
+            .collect();
+        let region_fds: Vec<_> = sent.vms.iter().map(|h| fds[h.fd].as_fd()).collect();
+        self.clean.call_with_fds::<Vec<Window>>("stage-regions", ReceiveArgs { vms: handoffs }, &region_fds)?;
         Ok(())
     }
 
@@ -124,18 +139,7 @@ impl Pair for LabPair {
     }
 
     fn receive(&mut self, _report: &mut Report) -> Result<()> {
-        let (sent, fds) = self.sent.as_ref().ok_or_else(|| anyhow!("no region fds from the aged L1"))?;
-        let handoffs: Vec<Handoff> = sent
-            .vms
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let target = self.moving.iter().find(|m| m.info.name == h.name).map(|m| m.target.gpa);
-                Handoff { fd: i, target_gpa: target, ..h.clone() }
-            })
-            .collect();
-        let region_fds: Vec<_> = sent.vms.iter().map(|h| fds[h.fd].as_fd()).collect();
-        self.clean.call_with_fds::<Vec<Window>>("receive-regions", ReceiveArgs { vms: handoffs }, &region_fds)?;
+        self.clean.call::<Vec<Window>>("commit-staged", ())?;
         Ok(())
     }
 
@@ -186,7 +190,12 @@ impl Pair for LabPair {
         }
     }
 
-    fn resume_aged(&mut self, _report: &mut Report) -> Result<usize> {
+    fn resume_aged(&mut self, report: &mut Report) -> Result<usize> {
+        if self.sent.is_some() {
+            if let Err(e) = self.clean.call::<usize>("drop-staged", ()) {
+                report.warnings.push(format!("dropping what the clean L1 staged: {e}"));
+            }
+        }
         let resumed: Vec<String> = self.aged.call("resume", Selection::of(&self.names))?;
         Ok(resumed.len().max(self.names.len()))
     }
