@@ -6,6 +6,8 @@
 #   make demo-lab  the same flow between lab L1s (vmbeam-lab)
 #   make test      every test: lint, cargo test, selftests in the test kernel
 #                  (the smallest real nested case among them)
+#   make test-debug   make test on the debug kernel (KASAN, lockdep,
+#                  kmemleak, DEBUG_VM): KCONFIG=debug
 #   make test-nested  the real nested tests alone (two L2s, failures)
 #   make fuzz      the uAPI fuzzer in the test kernel, 1,000,000 ioctls
 #                  (VMBEAM_FUZZ_IOCTLS=N for another count)
@@ -22,7 +24,7 @@ KCONFIG ?= default
 export KCONFIG
 CARGO ?= cargo
 
-.PHONY: all deps kernel module userspace test test-nested fuzz stress demo demo-lab l1-image lint clean
+.PHONY: all deps kernel module userspace test test-debug test-nested fuzz stress demo demo-lab l1-image lint clean
 
 all: module userspace
 
@@ -41,6 +43,9 @@ userspace: deps
 test: lint module userspace l1-image
 	$(CARGO) test --workspace
 	@tests/run-all.sh
+
+test-debug:
+	@$(MAKE) --no-print-directory test KCONFIG=debug
 
 # Bounded: TCG stalls nested SVM now and then (README, Tests).
 test-nested: module userspace l1-image

@@ -11,7 +11,7 @@
 //! The harness fails the run on any WARNING, BUG or leak report in dmesg.
 
 use std::{
-    io::{Read, Seek, Write},
+    io::{Read, Write},
     os::fd::{AsFd, AsRawFd},
 };
 
@@ -50,31 +50,41 @@ fn setup_fault_injection() -> Result<(), String> {
 }
 
 /// `/proc/thread-self/fail-nth`: this thread's n-th injectable
-/// allocation fails.
-struct FailNth(std::fs::File);
+/// allocation fails. The file cannot seek and is read once per open, so
+/// each arming opens a fresh reader first (that open's own allocations
+/// happen before the count starts).
+struct FailNth {
+    writer: std::fs::File,
+    reader: Option<std::fs::File>,
+}
+
+fn open_fail_nth() -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/thread-self/fail-nth")
+        .map_err(|e| format!("/proc/thread-self/fail-nth: {e}"))
+}
 
 impl FailNth {
     fn open() -> Result<Self, String> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/proc/thread-self/fail-nth")
-            .map(Self)
-            .map_err(|e| format!("/proc/thread-self/fail-nth: {e}"))
+        Ok(Self { writer: open_fail_nth()?, reader: None })
     }
 
-    fn arm(&mut self, n: u32) {
-        let _ = self.0.write_all(n.to_string().as_bytes());
+    fn arm(&mut self, n: u32) -> Result<(), String> {
+        self.reader = Some(open_fail_nth()?);
+        self.writer.write_all(n.to_string().as_bytes()).map_err(|e| format!("arm fail-nth: {e}"))
     }
 
     /// Disarms; returns whether the failure was injected.
-    fn fired(&mut self) -> bool {
-        let mut s = String::new();
-        let _ = self.0.rewind().and_then(|_| self.0.read_to_string(&mut s));
-        let left: u32 = s.trim().parse().unwrap_or(0);
-        self.arm(0);
-        let _ = self.0.rewind();
-        left == 0
+    fn fired(&mut self) -> Result<bool, String> {
+        let mut buf = [0u8; 16];
+        let mut reader = self.reader.take().ok_or("fail-nth not armed")?;
+        let n = reader.read(&mut buf).map_err(|e| format!("read fail-nth: {e}"))?;
+        self.writer.write_all(b"0").map_err(|e| format!("disarm fail-nth: {e}"))?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let left: u32 = text.trim().parse().map_err(|e| format!("fail-nth says {text:?}: {e}"))?;
+        Ok(left == 0)
     }
 }
 
@@ -89,9 +99,9 @@ fn every_nth<S>(
 ) -> Result<u32, String> {
     for n in 1..=MAX_NTH {
         let mut state = setup()?;
-        fail.arm(n);
+        fail.arm(n)?;
         let got = op(&mut state);
-        let fired = fail.fired();
+        let fired = fail.fired()?;
         match &got {
             Ok(()) => {}
             Err(e) if e.errno() == Some(Errno::ENOMEM) && fired => {}
@@ -170,7 +180,7 @@ fn main() {
     let mut fail = FailNth::open().unwrap_or_else(|e| Tap::skip_all(&e));
     let stats0 = dev.stats().expect("stats");
     let mut tap = Tap::new(6);
-    let note = |what: &str, n: u32| println!("# {what}: {n} allocations, each failed once");
+    let note = |what: &str, n: u32| println!("# {what}: {n} injectable allocations on its path, each failed once");
 
     tap.test("create_region_fails_cleanly_at_every_allocation", || {
         let n = every_nth(
