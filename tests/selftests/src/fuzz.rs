@@ -92,6 +92,8 @@ const POOL_MAX: usize = 96;
 /// Most regions and VMs in the pool, so neither kind crowds out the other.
 const REGIONS_MAX: usize = 48;
 const VMS_MAX: usize = 12;
+/// Most fds of each other kind (vCPUs, /dev/kvm, memfds, pipes...).
+const OTHERS_MAX: usize = 6;
 /// Largest region a worker creates (keeps 4 workers far from OOM).
 const REGION_MAX_PAGES: u64 = 1024;
 
@@ -757,7 +759,12 @@ impl Worker {
 
     fn reopen(&mut self) {
         let Some(fd) = self.pool.pick(&mut self.rng, None) else { return };
-        if self.pool.len() < POOL_MAX {
+        let room = match fd.kind {
+            Kind::Region => REGIONS_MAX,
+            Kind::Vm => VMS_MAX,
+            _ => OTHERS_MAX,
+        };
+        if self.pool.len() < POOL_MAX && self.pool.count(fd.kind) < room {
             if let Ok(new) = open(&format!("/proc/self/fd/{}", fd.raw)) {
                 self.pool.add(Fd::new(new, fd.kind));
             }
@@ -766,15 +773,24 @@ impl Worker {
     }
 
     fn new_vm(&mut self) {
-        if self.pool.len() >= POOL_MAX || self.pool.count(Kind::Vm) >= VMS_MAX {
+        if self.pool.count(Kind::Vm) >= VMS_MAX {
             return self.pool.close_kind(&mut self.rng, Kind::Vm);
+        }
+        if self.pool.len() >= POOL_MAX {
+            // Make room, but never at the VMs' expense: without VMs nothing
+            // binds or moves.
+            self.pool.close_kind(&mut self.rng, Kind::Region);
         }
         let Some(kvm) = self.pool.pick(&mut self.rng, Some(Kind::Kvm)) else { return };
         if let Ok(vm) = self.ioctl(kvm.raw, KVM_CREATE_VM, 0, false) {
             if self.rng.gen_bool(0.3) {
                 let id = self.rng.gen_range(0..4);
                 if let Ok(vcpu) = self.ioctl(vm, KVM_CREATE_VCPU, id, false) {
-                    self.pool.add(Fd::new(vcpu, Kind::Vcpu));
+                    if self.pool.count(Kind::Vcpu) < OTHERS_MAX {
+                        self.pool.add(Fd::new(vcpu, Kind::Vcpu));
+                    } else {
+                        close(Fd::new(vcpu, Kind::Vcpu));
+                    }
                 }
             }
             self.pool.add(Fd::new(vm, Kind::Vm));

@@ -13,11 +13,12 @@
 //! only if a sum is wrong while the vCPU looked healthy, which would be
 //! memory corruption.
 //!
-//!   vcpu_churn_test [--seconds S] [--region | --no-thp]
+//!   vcpu_churn_test [--seconds S] [--region | --memfd | --no-thp]
 //!
 //! `--region` backs the summed memory by a vmbeam region (as the lab's L2
-//! windows are) instead of anonymous memory; `--no-thp` keeps anonymous
-//! memory in 4 KiB pages, so KVM maps it page by page as it does a region.
+//! windows are) instead of anonymous memory; `--memfd` by a shmem memfd
+//! (4 KiB pages, as a region's, and no vmbeam); `--no-thp` asks for 4 KiB
+//! anonymous pages.
 
 use std::{
     sync::{
@@ -87,6 +88,24 @@ fn main() {
         assert_ne!(p, libc::MAP_FAILED, "mmap region");
         _region = Some(region);
         p.cast::<u8>()
+    } else if args.iter().any(|a| a == "--memfd") {
+        _region = None;
+        // SAFETY: plain syscalls; the shared shmem mapping (4 KiB pages)
+        // lives as long as the process.
+        unsafe {
+            let fd = libc::memfd_create(c"churn".as_ptr(), 0);
+            assert!(fd >= 0 && libc::ftruncate(fd, DATA_BYTES as i64) == 0, "memfd");
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                DATA_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "mmap memfd");
+            p.cast::<u8>()
+        }
     } else {
         _region = None;
         let p = anon(DATA_BYTES);
