@@ -1,7 +1,7 @@
 //! KVM set-up shared by the lab L1 and the selftests' VMMs (as
 //! `tools/testing/selftests/kvm/lib/kvm_util.c` is for KVM's own tests).
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_CAP_DISABLE_QUIRKS2};
 use kvm_ioctls::{VcpuFd, VmFd};
 
 /// 32-bit protected mode, flat 4 GiB segments, no paging: guest code
@@ -41,4 +41,21 @@ pub unsafe fn set_memslot(vm: &VmFd, slot: u32, gpa: u64, hva: u64, size: u64) -
         kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: hva };
     // SAFETY: the caller keeps the memory mapped.
     unsafe { vm.set_user_memory_region(region) }
+}
+
+/// `KVM_X86_QUIRK_SLOT_ZAP_ALL` (uapi/asm/kvm.h, 6.12): not in kvm-bindings
+/// 0.10 yet.
+const KVM_X86_QUIRK_SLOT_ZAP_ALL: u64 = 1 << 7;
+
+/// Makes deleting a memslot zap only that slot's stage-2 entries instead
+/// of every entry of the VM (the default quirk). A lab L1 adds and removes
+/// L2 windows while its other L2s run; with the quirk each removal makes
+/// every running L2 fault all of its memory back in, and under TCG's
+/// emulated SVM a vCPU taking that many nested page faults sometimes
+/// resumes at a wild rip (`vcpu_churn_test`, README "Tests"). Returns false
+/// where the kernel does not have the quirk to disable.
+pub fn zap_only_deleted_slots(vm: &VmFd) -> bool {
+    let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
+    cap.args[0] = KVM_X86_QUIRK_SLOT_ZAP_ALL;
+    vm.enable_cap(&cap).is_ok()
 }

@@ -44,6 +44,9 @@ impl L1 {
         ensure!((2 * PAGE..=WINDOW_BASE).contains(&ram_bytes), "RAM must be 8 KiB .. 256 MiB");
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+        if !kvm_util::zap_only_deleted_slots(&vm) {
+            tracing::debug!("KVM_X86_QUIRK_SLOT_ZAP_ALL cannot be disabled here: removing a window zaps every L2");
+        }
         let dev = Device::open()?;
         let ram_region = dev.create_region(ram_bytes).context("creating the L1 RAM region")?;
         ram_region.bind(borrow(&vm)).context("binding the L1 RAM region")?;

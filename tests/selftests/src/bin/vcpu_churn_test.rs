@@ -13,12 +13,13 @@
 //! only if a sum is wrong while the vCPU looked healthy, which would be
 //! memory corruption.
 //!
-//!   vcpu_churn_test [--seconds S] [--region | --memfd | --no-thp]
+//!   vcpu_churn_test [--seconds S] [--region | --memfd | --no-thp] [--zap-slot-only]
 //!
 //! `--region` backs the summed memory by a vmbeam region (as the lab's L2
 //! windows are) instead of anonymous memory; `--memfd` by a shmem memfd
 //! (4 KiB pages, as a region's, and no vmbeam); `--no-thp` asks for 4 KiB
-//! anonymous pages.
+//! anonymous pages. `--zap-slot-only` disables KVM_X86_QUIRK_SLOT_ZAP_ALL,
+//! as the lab L1 does.
 
 use std::{
     sync::{
@@ -64,6 +65,9 @@ fn main() {
     let mut tap = Tap::new(1);
     let kvm = Kvm::new().expect("/dev/kvm");
     let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+    if args.iter().any(|a| a == "--zap-slot-only") {
+        assert!(kvm_util::zap_only_deleted_slots(&vm), "cannot disable KVM_X86_QUIRK_SLOT_ZAP_ALL");
+    }
     let code = anon(4096);
     // SAFETY: SUM fits the fresh code page.
     unsafe { std::ptr::copy_nonoverlapping(programs::SUM.as_ptr(), code, programs::SUM.len()) };
@@ -162,7 +166,7 @@ fn main() {
                                 let regs = vcpu.get_regs().map(|r| format!("rip {:#x} rdi {:#x}", r.rip, r.rdi));
                                 first_wild.get_or_insert(format!("vCPU {id}: {what}, {regs:?}"));
                                 wild.fetch_add(1, Relaxed);
-                                break;
+                                return first_wild; // its state is gone: this vCPU is done
                             }
                         }
                     }
