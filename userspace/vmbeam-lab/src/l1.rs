@@ -136,6 +136,9 @@ impl L1 {
         self.seed = self.seed.wrapping_mul(0x2c9277b5).wrapping_add(0xac564b05);
         let regs = Regs { rsi: window.gpa, rip: workload::CODE_GPA + workload::INIT, ..Default::default() };
         let l2 = self.attach(name, window, region, Some(self.seed))?;
+        if let Err(e) = l2.prefault() {
+            tracing::warn!("{}: {e}", l2.name);
+        }
         l2.start(&regs, false).context("starting the workload")?;
         self.l2s.push(l2);
         Ok(())
@@ -316,6 +319,11 @@ impl L1 {
             }
         }
         let windows = ready.iter().map(|(l2, _)| l2.window).collect();
+        for (l2, _) in &ready {
+            if let Err(e) = l2.prefault() {
+                tracing::warn!("{}: {e}", l2.name);
+            }
+        }
         for (l2, regs) in ready {
             l2.start(&regs, true).with_context(|| format!("starting {}", l2.name))?;
             self.l2s.push(l2);

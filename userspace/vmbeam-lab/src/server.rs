@@ -309,6 +309,11 @@ fn resume(l1: &mut L1, name: &str) -> Result<bool, ErrorBody> {
         l2.region.bind(vm.as_fd()).map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
         tracing::info!("{name}: its region was ownerless; bound to this L1 again");
     }
+    // Its memory may have been away (revoked, moved back): map it into the
+    // VM again before the vCPU runs, not one nested page fault at a time.
+    if let Err(e) = l2.prefault() {
+        tracing::warn!("{name}: {e}");
+    }
     l2.resume().map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
     Ok(true)
 }
