@@ -1,0 +1,261 @@
+//! The module's commands, with valid, near-valid and random arguments.
+
+use rand::Rng;
+use vmbeam::uapi;
+
+use super::{
+    pool::{bump, Fd, Kind, POOL_MAX, REGIONS_MAX, REGION_MAX_PAGES},
+    worker::Worker,
+};
+
+impl Worker {
+    pub(super) fn create_region(&mut self) {
+        if self.pool.len() >= POOL_MAX || self.pool.count(Kind::Region) >= REGIONS_MAX {
+            return self.pool.close_kind(&mut self.rng, Kind::Region);
+        }
+        let arg = uapi::vmbeam_region_create {
+            size: self.size(),
+            flags: self.flags(uapi::VMBEAM_CREATE_EMPTY),
+            pad: u32::from(self.rng.gen_range(0..30) == 0),
+            reserved: self.reserved(),
+        };
+        let addr = self.place(arg);
+        let dev = self.pool.device;
+        if let Ok(fd) = self.ioctl(dev, uapi::VMBEAM_IOCTL_CREATE_REGION, addr, true) {
+            bump(&self.pool.reached.regions);
+            self.pool.add(Fd::new(fd, Kind::Region));
+        }
+    }
+
+    pub(super) fn bind(&mut self, dups: &mut Vec<Fd>) {
+        let (region, region_kind) = self.fd_arg(Kind::Region, dups);
+        let region_fd = dups.last().copied();
+        let (vm, vm_kind) = self.fd_arg(Kind::Vm, dups);
+        let vm_fd = dups.last().copied();
+        let bound = if self.rng.gen_bool(0.5) {
+            let arg = uapi::vmbeam_region_bind { vm_fd: vm, flags: self.flags(0), reserved: self.reserved() };
+            let addr = self.place(arg);
+            let oracle = Self::oracle(region_kind, &[vm_kind]);
+            self.ioctl(region, uapi::VMBEAM_IOCTL_REGION_BIND, addr, oracle).is_ok()
+        } else {
+            let arg = uapi::vmbeam_bind {
+                region_fd: region,
+                vm_fd: vm,
+                flags: self.flags(0),
+                pad: 0,
+                reserved: self.reserved(),
+            };
+            let addr = self.place(arg);
+            let dev = self.pool.device;
+            let oracle = Self::oracle(Some(Kind::Device), &[region_kind, vm_kind]);
+            self.ioctl(dev, uapi::VMBEAM_IOCTL_BIND, addr, oracle).is_ok()
+        };
+        if bound {
+            bump(&self.pool.reached.binds);
+            if let (Some(r), Some(v), Some(Kind::Region), Some(Kind::Vm)) = (region_fd, vm_fd, region_kind, vm_kind) {
+                self.pool.note_owner(r, v);
+            }
+        }
+    }
+
+    pub(super) fn info(&mut self, dups: &mut Vec<Fd>) {
+        let (region, kind) = self.fd_arg(Kind::Region, dups);
+        let arg = uapi::vmbeam_region_info { flags: self.flags(0), reserved: self.reserved(), ..Default::default() };
+        let addr = self.place(arg);
+        let _ = self.ioctl(region, uapi::VMBEAM_IOCTL_REGION_INFO, addr, Self::oracle(kind, &[]));
+    }
+
+    /// One transfer entry; half the time naming a region's real owner (so
+    /// that transfers go through), and the (region, new owner) it names.
+    pub(super) fn entry(&mut self, dups: &mut Vec<Fd>) -> (uapi::vmbeam_transfer, bool, Option<(Fd, Fd)>) {
+        let owned = if self.rng.gen_bool(0.7) { self.pool.pick_owned(&mut self.rng) } else { None };
+        let (region_fd, a, from_vm_fd, b) = match owned {
+            Some((region, from)) => {
+                dups.extend([region, from]);
+                (region.raw, Some(region.kind), from.raw, Some(from.kind))
+            }
+            None => {
+                let (r, a) = self.fd_arg(Kind::Region, dups);
+                let (f, b) = self.fd_arg(Kind::Vm, dups);
+                (r, a, f, b)
+            }
+        };
+        let region = dups.iter().find(|f| f.raw == region_fd).copied();
+        let (to_vm_fd, c) = self.fd_arg(Kind::Vm, dups);
+        let to = dups.last().copied().filter(|f| f.raw == to_vm_fd);
+        let t =
+            uapi::vmbeam_transfer { region_fd, from_vm_fd, to_vm_fd, flags: self.flags(0), reserved: self.reserved() };
+        let moved = match (region, to) {
+            (Some(r), Some(v)) if r.kind == Kind::Region && v.kind == Kind::Vm => Some((r, v)),
+            _ => None,
+        };
+        (t, Self::oracle(Some(Kind::Device), &[a, b, c]), moved)
+    }
+
+    pub(super) fn transfer(&mut self, dups: &mut Vec<Fd>) {
+        let (t, oracle, moved) = self.entry(dups);
+        let addr = self.place(t);
+        let dev = self.pool.device;
+        if self.ioctl(dev, uapi::VMBEAM_IOCTL_TRANSFER, addr, oracle).is_ok() {
+            bump(&self.pool.reached.transfers);
+            if let Some((r, v)) = moved {
+                self.pool.note_owner(r, v);
+            }
+        }
+    }
+
+    pub(super) fn batch(&mut self, dups: &mut Vec<Fd>) {
+        let n = if self.rng.gen_bool(0.8) { self.rng.gen_range(1..=2) } else { self.rng.gen_range(3..=6) };
+        let mut oracle = true;
+        let mut entries = Vec::with_capacity(n);
+        let mut moves = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (t, o, moved) = self.entry(dups);
+            oracle &= o;
+            entries.push(t);
+            moves.push(moved);
+        }
+        let count = match self.rng.gen_range(0..15) {
+            0 => 0,
+            1 => uapi::VMBEAM_TRANSFER_BATCH_MAX + 1,
+            2 => n as u32 + 1, // reads past the entries (EFAULT or garbage)
+            _ => n as u32,
+        };
+        let transfers = if self.rng.gen_range(0..15) == 0 { 0x10 } else { entries.as_ptr() as u64 };
+        let arg = uapi::vmbeam_transfer_batch { transfers, count, flags: self.flags(0), reserved: self.reserved() };
+        let addr = self.place(arg);
+        let dev = self.pool.device;
+        if self.ioctl(dev, uapi::VMBEAM_IOCTL_TRANSFER_BATCH, addr, oracle).is_ok() {
+            bump(&self.pool.reached.batches);
+            for (r, v) in moves.into_iter().flatten() {
+                self.pool.note_owner(r, v);
+            }
+        }
+    }
+
+    pub(super) fn gather(&mut self, dups: &mut Vec<Fd>) {
+        let (src_fd, a) = self.fd_arg(Kind::Region, dups);
+        let into = self.rng.gen_bool(0.5);
+        let (dst_fd, b) = if into { self.fd_arg(Kind::Region, dups) } else { (0, Some(Kind::Closed)) };
+        let n = self.rng.gen_range(1..=32);
+        let offsets: Vec<u64> = (0..n)
+            .map(|_| match self.rng.gen_range(0..20) {
+                0 => self.rng.gen(),
+                1 => self.rng.gen_range(0..REGION_MAX_PAGES * 4096),
+                _ => self.rng.gen_range(0..64) * 4096,
+            })
+            .collect();
+        let count = match self.rng.gen_range(0..15) {
+            0 => 0,
+            1 => u64::from(uapi::VMBEAM_GATHER_MAX) + 1,
+            2 => self.rng.gen(),
+            _ => n,
+        };
+        let arg = uapi::vmbeam_gather {
+            offsets: if self.rng.gen_range(0..15) == 0 { 0x10 } else { offsets.as_ptr() as u64 },
+            count,
+            src_fd,
+            flags: if into { uapi::VMBEAM_GATHER_INTO } else { self.flags(0) },
+            dst_fd,
+            pad: u32::from(self.rng.gen_range(0..30) == 0),
+            dst_offset: if into { self.rng.gen_range(0..64) * 4096 } else { 0 },
+        };
+        let addr = self.place(arg);
+        let dev = self.pool.device;
+        let oracle = Self::oracle(Some(Kind::Device), &[a, b]);
+        if let Ok(fd) = self.ioctl(dev, uapi::VMBEAM_IOCTL_GATHER, addr, oracle) {
+            bump(&self.pool.reached.gathers);
+            if fd > 0 {
+                self.pool.add(Fd::new(fd, Kind::Region));
+            }
+        }
+    }
+
+    /// A well-formed life of a region: created, bound to a pool VM, moved
+    /// to another in a batch, some pages gathered out of it. Every call is
+    /// valid when made; the other workers' calls race it.
+    pub(super) fn valid_chain(&mut self, dups: &mut Vec<Fd>) {
+        let (Some(a), Some(b)) =
+            (self.pool.pick(&mut self.rng, Some(Kind::Vm)), self.pool.pick(&mut self.rng, Some(Kind::Vm)))
+        else {
+            return;
+        };
+        dups.extend([a, b]);
+        let dev = self.pool.device;
+        let pages = self.rng.gen_range(1..=64u64);
+        let create = uapi::vmbeam_region_create { size: pages * 4096, ..Default::default() };
+        let Ok(raw) = self.ioctl(dev, uapi::VMBEAM_IOCTL_CREATE_REGION, (&raw const create) as u64, true) else {
+            return;
+        };
+        bump(&self.pool.reached.regions);
+        let region = Fd::new(raw, Kind::Region);
+        dups.push(region);
+        let bind = uapi::vmbeam_bind { region_fd: region.raw, vm_fd: a.raw, ..Default::default() };
+        if self.ioctl(dev, uapi::VMBEAM_IOCTL_BIND, (&raw const bind) as u64, true).is_err() {
+            return;
+        }
+        bump(&self.pool.reached.binds);
+        if a.origin == b.origin {
+            return;
+        }
+        let entries =
+            [uapi::vmbeam_transfer { region_fd: region.raw, from_vm_fd: a.raw, to_vm_fd: b.raw, ..Default::default() }];
+        let batch = uapi::vmbeam_transfer_batch { transfers: entries.as_ptr() as u64, count: 1, ..Default::default() };
+        if self.ioctl(dev, uapi::VMBEAM_IOCTL_TRANSFER_BATCH, (&raw const batch) as u64, true).is_err() {
+            return;
+        }
+        bump(&self.pool.reached.batches);
+        let offsets: Vec<u64> = (0..pages).filter(|_| self.rng.gen_bool(0.3)).map(|p| p * 4096).collect();
+        if !offsets.is_empty() {
+            let gather = uapi::vmbeam_gather {
+                offsets: offsets.as_ptr() as u64,
+                count: offsets.len() as u64,
+                src_fd: region.raw,
+                ..Default::default()
+            };
+            if let Ok(fd) = self.ioctl(dev, uapi::VMBEAM_IOCTL_GATHER, (&raw const gather) as u64, true) {
+                bump(&self.pool.reached.gathers);
+                dups.push(Fd::new(fd, Kind::Region));
+            }
+        }
+        if self.pool.count(Kind::Region) < REGIONS_MAX {
+            // SAFETY: a dup of our own region fd, now owned by the pool.
+            let keep = unsafe { libc::dup(region.raw) };
+            if keep >= 0 {
+                self.pool.add(Fd::new(keep, Kind::Region));
+                self.pool.note_owner(Fd::new(keep, Kind::Region), b);
+            }
+        }
+    }
+
+    /// A command number in vmbeam's range (or anywhere) with a random
+    /// direction and size, on any kind of fd.
+    pub(super) fn random_command(&mut self, dups: &mut Vec<Fd>) {
+        let (fd, kind) = self.fd_arg(Kind::Device, dups);
+        let oracle = Self::oracle(kind, &[]);
+        let cmd = match self.rng.gen_range(0..4) {
+            0 => self.rng.gen(),
+            _ => {
+                let dir: u32 = self.rng.gen_range(0..4);
+                let size: u32 = self.rng.gen_range(0..256);
+                let nr: u32 = self.rng.gen_range(0..24);
+                (dir << 30) | (size << 16) | (0xBE << 8) | nr
+            }
+        };
+        let addr = self.arg_addr(64);
+        let _ = self.ioctl(fd, cmd, addr, oracle);
+    }
+
+    pub(super) fn version_or_stats(&mut self) {
+        let dev = self.pool.device;
+        if self.rng.gen_bool(0.5) {
+            let arg = uapi::vmbeam_version { flags: self.flags(0), reserved: self.reserved(), ..Default::default() };
+            let addr = self.place(arg);
+            let _ = self.ioctl(dev, uapi::VMBEAM_IOCTL_GET_VERSION, addr, true);
+        } else {
+            let arg = uapi::vmbeam_stats { flags: self.flags(0), reserved: self.reserved(), ..Default::default() };
+            let addr = self.place(arg);
+            let _ = self.ioctl(dev, uapi::VMBEAM_IOCTL_GET_STATS, addr, true);
+        }
+    }
+}
