@@ -60,6 +60,23 @@ impl Tap {
         }
     }
 
+    /// Like [`Tap::test`], but a failure whose message contains `marker`
+    /// (a known fault of the machine under the test, not of the code under
+    /// it) is printed as a diagnostic and the test runs once more; the second
+    /// run's result counts. Any other failure counts at once.
+    pub fn test_retrying_on(&mut self, marker: &str, name: &str, f: impl Fn() -> TestResult) {
+        self.test(name, || match f() {
+            Err(msg) if msg.contains(marker) => {
+                for line in msg.lines() {
+                    println!("# {line}");
+                }
+                println!("# {name}: failed on {marker}; once more");
+                f()
+            }
+            result => result,
+        });
+    }
+
     /// Prints a skipped test line.
     pub fn skip(&mut self, name: &str, reason: &str) {
         println!("ok {} {name} # SKIP {reason}", self.next);

@@ -449,10 +449,17 @@ fn internal_error(vcpu: &mut VcpuFd) -> String {
 /// exit came from a wild jump (rip outside the code) or a wild pointer.
 fn describe_regs(vcpu: &VcpuFd) -> String {
     match vcpu.get_regs() {
-        Ok(r) => format!(
-            "rip {:#x} rsi {:#x} rdi {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rbp {:#x} rsp {:#x} rflags {:#x}",
-            r.rip, r.rsi, r.rdi, r.rax, r.rbx, r.rcx, r.rdx, r.rbp, r.rsp, r.rflags
-        ),
+        Ok(r) => {
+            let code = workload::CODE_GPA..=workload::CODE_GPA + workload::CODE.len() as u64;
+            // The workload only ever jumps within its code, and its code is
+            // not in the window, so a rip outside it is the CPU's doing, not
+            // the memory's (README: "A lab L2 vCPU sometimes left KVM_RUN").
+            let wild = if code.contains(&r.rip) { "" } else { "; WILD_RIP: rip outside the workload code" };
+            format!(
+                "rip {:#x} rsi {:#x} rdi {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rbp {:#x} rsp {:#x} rflags {:#x}{wild}",
+                r.rip, r.rsi, r.rdi, r.rax, r.rbx, r.rcx, r.rdx, r.rbp, r.rsp, r.rflags
+            )
+        }
         Err(e) => format!("registers unreadable: {e}"),
     }
 }

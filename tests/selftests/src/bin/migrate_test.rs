@@ -27,6 +27,10 @@ use vmbeam_selftests::{check, Tap, TestResult};
 
 const L2_SIZE: &str = "8M";
 const TIMEOUT: Duration = Duration::from_secs(20);
+/// What vmbeam-lab adds to an L2's failure when its vCPU left the workload's
+/// code: TCG's emulated SVM, not vmbeam (README, "A lab L2 vCPU sometimes
+/// left KVM_RUN with a wild rip"); such a test runs once more.
+const WILD_RIP: &str = "WILD_RIP";
 
 fn exe(name: &str) -> PathBuf {
     std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
@@ -153,7 +157,7 @@ fn main() {
     }
     let mut tap = Tap::new(16);
 
-    tap.test("migrate_all_moves_every_l2_with_data_frames_and_access", || {
+    tap.test_retrying_on(WILD_RIP, "migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
         let before = dev.stats().map_err(|e| e.to_string())?;
@@ -201,7 +205,7 @@ fn main() {
         check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
     });
 
-    tap.test("round_trip_there_and_back_keeps_every_byte", || {
+    tap.test_retrying_on(WILD_RIP, "round_trip_there_and_back_keeps_every_byte", || {
         let (a, b) = (Lab::start("a", 2)?, Lab::start("b", 0)?);
         for (from, to) in [(&a, &b), (&b, &a)] {
             let (code, r, _) = migrate(from, to, &[])?;
@@ -213,7 +217,7 @@ fn main() {
         check(there.iter().all(|v| v.state == L2State::Migrated), || format!("b: {there:?}"))
     });
 
-    tap.test("dry_run_changes_nothing", || {
+    tap.test_retrying_on(WILD_RIP, "dry_run_changes_nothing", || {
         let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         let before = dev.stats().map_err(|e| e.to_string())?;
         let (code, r, _) = migrate(&aged, &clean, &["--dry-run"])?;
@@ -230,7 +234,7 @@ fn main() {
     });
 
     for step in ["pause", "send"] {
-        tap.test(&format!("failure_after_{step}_resumes_every_l2_on_the_aged_l1"), || {
+        tap.test_retrying_on(WILD_RIP, &format!("failure_after_{step}_resumes_every_l2_on_the_aged_l1"), || {
             let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
             let before = dev.stats().map_err(|e| e.to_string())?;
             let (code, r, _) = migrate(&aged, &clean, &["--inject-failure", step])?;
@@ -245,7 +249,7 @@ fn main() {
         });
     }
 
-    tap.test("downtime_budget_exceeded_before_the_transfer_rolls_back", || {
+    tap.test_retrying_on(WILD_RIP, "downtime_budget_exceeded_before_the_transfer_rolls_back", || {
         let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         // Paused for at least some ns by the time the transfer would start.
         let (code, r, _) = migrate(&aged, &clean, &["--downtime-ms", "0"])?;
@@ -257,7 +261,7 @@ fn main() {
         all_home(&aged, 2)
     });
 
-    tap.test("failure_after_the_grant_transfers_back_and_resumes_on_the_aged_l1", || {
+    tap.test_retrying_on(WILD_RIP, "failure_after_the_grant_transfers_back_and_resumes_on_the_aged_l1", || {
         let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
         let (code, r, _) = migrate(&aged, &clean, &["--inject-failure", "transfer"])?;
@@ -268,7 +272,7 @@ fn main() {
         all_home(&aged, 2)
     });
 
-    tap.test("malformed_control_messages_get_errors_and_change_nothing", || {
+    tap.test_retrying_on(WILD_RIP, "malformed_control_messages_get_errors_and_change_nothing", || {
         let lab = Lab::start("lab", 2)?;
         let mut c = lab.client()?;
         let cases: [(&[u8], &str); 5] = [
@@ -324,7 +328,7 @@ fn main() {
         check(status.success(), || format!("after quit: {status}"))
     });
 
-    tap.test("clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
+    tap.test_retrying_on(WILD_RIP, "clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
         let (aged, mut clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
         let child = stopped_migration(&aged, &clean, "transfer")?;
@@ -342,7 +346,7 @@ fn main() {
         check(alive == 3, || format!("{alive} regions alive, expected 3 (the aged L1's)"))
     });
 
-    tap.test("aged_l1_killed_mid_migration_its_l2s_live_on_in_the_clean", || {
+    tap.test_retrying_on(WILD_RIP, "aged_l1_killed_mid_migration_its_l2s_live_on_in_the_clean", || {
         let (mut aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
         aged.progresses(1)?;
         let child = stopped_migration(&aged, &clean, "send")?;
@@ -369,7 +373,7 @@ fn main() {
         [("plan", false), ("pause", false), ("send", false), ("transfer", true), ("receive", true)]
     {
         let side = if lands_in_clean { "run_on_in_the_clean" } else { "resume_on_the_aged" };
-        tap.test(&format!("vmbeamctl_killed_after_{step}_its_l2s_{side}"), || {
+        tap.test_retrying_on(WILD_RIP, &format!("vmbeamctl_killed_after_{step}_its_l2s_{side}"), || {
             let (aged, clean) = (Lab::start("aged", 1)?, Lab::start("clean", 0)?);
             aged.progresses(1)?;
             let mut child = stopped_migration(&aged, &clean, step)?;
@@ -387,7 +391,7 @@ fn main() {
         });
     }
 
-    tap.test("no_region_outlives_the_lab_l1s", || {
+    tap.test_retrying_on(WILD_RIP, "no_region_outlives_the_lab_l1s", || {
         let alive = regions_alive(&dev)?;
         check(alive == 0, || format!("{alive} regions alive after every lab L1 exited"))
     });
