@@ -17,6 +17,8 @@
 #   make kernel    build (or find cached) the test kernel
 #   make module    build vmbeam.ko          (CLIPPY=1 to lint it)
 #   make lint      clippy + rustfmt on everything
+#   make vmlinux-h regenerate bpf/vmlinux.h (committed) from the test
+#                  kernel's BTF, for the eBPF probes in bpf/
 #
 # KCONFIG=debug selects the debug kernel (KASAN, lockdep, kmemleak, DEBUG_VM).
 
@@ -24,7 +26,7 @@ KCONFIG ?= default
 export KCONFIG
 CARGO ?= cargo
 
-.PHONY: all deps kernel module userspace test test-debug test-nested fuzz stress demo demo-lab l1-image lint clean
+.PHONY: all deps kernel module userspace test test-debug test-nested fuzz stress demo demo-lab l1-image lint vmlinux-h clean
 
 all: module userspace
 
@@ -67,6 +69,10 @@ demo-lab: module userspace
 # keyed by what it holds).
 l1-image: userspace
 	@VMBEAM_AGENT=$(CURDIR)/target/debug/vmbeam-agent scripts/l1-image.sh >/dev/null
+
+vmlinux-h: kernel
+	bpftool btf dump file "$$(scripts/kernel.sh)/vmlinux" format c >bpf/vmlinux.h.tmp
+	mv bpf/vmlinux.h.tmp bpf/vmlinux.h
 
 lint: deps
 	@scripts/module.sh CLIPPY=1

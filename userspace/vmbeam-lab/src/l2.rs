@@ -71,6 +71,8 @@ struct Ctl {
 struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// The vCPU thread's id, for tracing its guest entries and exits.
+    tid: std::sync::OnceLock<u32>,
     /// Held by the vCPU thread while it is in KVM_RUN; others take it only
     /// while the vCPU is paused. Never taken while holding `ctl`.
     vcpu: Mutex<VcpuFd>,
@@ -131,6 +133,7 @@ impl L2 {
                 detail: None,
             }),
             cv: Condvar::new(),
+            tid: std::sync::OnceLock::new(),
             vcpu: Mutex::new(vcpu),
         });
         let worker = shared.clone();
@@ -288,6 +291,7 @@ impl L2 {
             hva: self.memory.as_ptr() as u64,
             paused_at_ns: ctl.paused_at_ns,
             resumed_at_ns: ctl.resumed_at_ns,
+            vcpu_tid: self.shared.tid.get().copied(),
             region,
             detail: ctl.detail.clone(),
         }
@@ -358,6 +362,7 @@ enum Exit {
 }
 
 fn vcpu_loop(shared: &Shared) {
+    let _ = shared.tid.set(nix::unistd::gettid().as_raw() as u32);
     let mut stopped_at = cpu::monotonic_ns();
     loop {
         let resume_rip = {

@@ -12,6 +12,7 @@ mod regions;
 mod rejuvenate;
 mod report;
 mod status;
+mod trace;
 
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -35,6 +36,9 @@ enum Command {
     /// Boot a clean L1 shaped like the aged one, move every L2 into it
     /// without copying their memory, shut the aged L1 down.
     Rejuvenate(rejuvenate::RejuvenateArgs),
+    /// Count and time page faults (vmbeam regions, KVM stage-2, user) and
+    /// guest entries with eBPF, per process and thread, until Ctrl-C.
+    Trace(trace::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::MigrateAll(args) => return migrate::run(&args),
         Command::L1(cmd) => l1::cli::run(&cmd),
         Command::Rejuvenate(args) => return rejuvenate::rejuvenate(&args),
+        Command::Trace(args) => trace::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

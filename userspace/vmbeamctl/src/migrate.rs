@@ -38,7 +38,9 @@ use serde::Serialize;
 use crate::{
     l1::{self, lab::LabPair, monotonic_ns, qemu::QemuPair, Pair},
     report::{self, ModuleDelta, Report},
+    trace::MigrationTrace,
 };
+use vmbeam_probes::Phase;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -68,6 +70,13 @@ pub struct Args {
     /// clean L1, the aged L1 denied every page, same page frames).
     #[arg(long)]
     pub no_verify: bool,
+    /// Attach eBPF probes to both L1 processes for the migration: each
+    /// L2's downtime as the kernel saw it (its vCPU's last guest exit on
+    /// the aged L1 to its first guest entry on the clean one) and the page
+    /// faults of its vCPUs before, during and after the move, added to the
+    /// report. Needs root and a kernel with BTF.
+    #[arg(long)]
+    pub trace: bool,
     /// Testing: SIGSTOP ourselves after this step.
     #[arg(long, hide = true, value_enum)]
     pub stop_at: Option<Step>,
@@ -105,6 +114,11 @@ pub fn finish(mut m: Migration<'_>, result: Result<()>, json: bool) -> ExitCode 
         m.report.ok = false;
         m.report.error = Some(format!("{e:#}"));
     }
+    if let Some(trace) = m.trace.take() {
+        if let Err(e) = trace.finish(&mut m.report) {
+            m.report.warnings.push(format!("--trace: {e:#}"));
+        }
+    }
     m.close_step();
     m.progress.finish_and_clear();
     report::print(&mut m.report, json);
@@ -122,6 +136,7 @@ pub struct Migration<'a> {
     progress: ProgressBar,
     step: Step,
     step_started: Instant,
+    trace: Option<MigrationTrace>,
 }
 
 impl<'a> Migration<'a> {
@@ -138,7 +153,7 @@ impl<'a> Migration<'a> {
             ProgressBar::hidden()
         };
         let report = Report { dry_run: args.dry_run, failed_step: Some(Step::Plan), ..Default::default() };
-        Self { args, report, progress, step: Step::Plan, step_started: Instant::now() }
+        Self { args, report, progress, step: Step::Plan, step_started: Instant::now(), trace: None }
     }
 
     fn enter(&mut self, step: Step, what: &str) {
@@ -182,6 +197,10 @@ impl<'a> Migration<'a> {
             self.report.ok = true;
             return Ok(());
         }
+        if self.args.trace {
+            let pids = [&self.report.from, &self.report.to].into_iter().flatten().map(|e| e.pid).collect();
+            self.trace = Some(MigrationTrace::attach(pids)?);
+        }
         let stats_before = dev.stats()?;
         if let Err(e) = pair.prepare(&mut self.report) {
             return Err(self.resume_on_aged(pair, e));
@@ -189,6 +208,7 @@ impl<'a> Migration<'a> {
 
         // Before the memory moves every failure resumes the L2s where they were.
         self.enter(Step::Pause, "pausing the L2 VMs on the aged L1");
+        self.set_trace_phase(Phase::During);
         let stopped = pair.pause(&mut self.report).and_then(|()| {
             self.after(Step::Pause)?;
             self.enter(Step::Send, "taking what moves besides memory");
@@ -213,6 +233,8 @@ impl<'a> Migration<'a> {
             return Err(self.move_back(pair, e));
         }
         self.report.committed = true;
+        // The clean L1 has started them: what follows is "after".
+        self.set_trace_phase(Phase::After);
         self.after(Step::Receive)?;
 
         self.enter(Step::Verify, "verifying on the clean L1");
@@ -227,6 +249,12 @@ impl<'a> Migration<'a> {
         self.report.failed_step = None;
         self.report.ok = true;
         Ok(())
+    }
+
+    fn set_trace_phase(&mut self, phase: Phase) {
+        if let Some(t) = &mut self.trace {
+            t.phase(phase);
+        }
     }
 
     fn check_budget(&self, deadline: Instant) -> Result<()> {

@@ -36,6 +36,9 @@ pub struct RejuvenateArgs {
     pub memory: String,
     #[arg(long)]
     pub json: bool,
+    /// Attach the eBPF probes for the migration (see `migrate-all --trace`).
+    #[arg(long)]
+    pub trace: bool,
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_s: u64,
 }
@@ -60,6 +63,7 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
         no_verify: false,
         stop_at: None,
         inject_failure: None,
+        trace: a.trace,
     };
     // The clean L1 boots first: its boot is not a step of the migration.
     let booted = aged.and_then(|aged| {

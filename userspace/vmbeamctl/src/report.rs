@@ -25,6 +25,9 @@ pub struct Report {
     pub error: Option<String>,
     pub rolled_back: Option<String>,
     pub warnings: Vec<String>,
+    /// What the eBPF probes saw (`--trace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<vmbeam_probes::Summary>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +67,14 @@ pub struct L2Report {
     pub checksum_ok: Option<bool>,
     /// What the aged L1 could still read after the move (nothing).
     pub old_owner: Option<Probe>,
+    /// The threads that ran its vCPU on each side (lab L1s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_vcpu_tid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_vcpu_tid: Option<u32>,
+    /// What the eBPF probes saw of it (`--trace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::L2Trace>,
 }
 
 impl L2Report {
@@ -86,6 +97,7 @@ impl L2Report {
             to_window: Some(target),
             // Overwritten by the count at the pause.
             passes_at_pause: vm.passes,
+            from_vcpu_tid: vm.vcpu_tid,
             ..Default::default()
         }
     }

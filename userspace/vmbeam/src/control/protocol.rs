@@ -194,6 +194,9 @@ pub struct L2Info {
     /// CLOCK_MONOTONIC ns of the first guest instruction after it was
     /// received here.
     pub resumed_at_ns: Option<u64>,
+    /// The thread that runs its vCPU (lab L1s), for tracing at L0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_tid: Option<u32>,
     pub region: Option<RegionState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -148,6 +148,7 @@ impl Pair for LabPair {
         for vm in &resumed {
             if let Some(l) = report.l2.iter_mut().find(|l| l.name == vm.name) {
                 l.resumed_at_ns = vm.resumed_at_ns;
+                l.to_vcpu_tid = vm.vcpu_tid;
             }
         }
         if !full {
@@ -335,6 +336,7 @@ mod tests {
             hva: 0,
             paused_at_ns: None,
             resumed_at_ns: None,
+            vcpu_tid: None,
             region: Some(RegionState { owned: true, mine: true, moving: false, pages_present: size / 4096 }),
             detail: None,
         }

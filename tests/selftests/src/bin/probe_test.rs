@@ -1,0 +1,211 @@
+//! The eBPF probes (`vmbeam-probes`, `vmbeamctl trace`): what they count
+//! is what happened (one region fault per page a new owner touches after a
+//! transfer, the revocation and the first fault after it, the vCPU's first
+//! guest entry after the move); attaching and detaching leaves nothing
+//! behind; `trace --json` parses and its histograms add up; without the
+//! privileges it says what is missing.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use serde_json::Value;
+use vmbeam_probes::{Kind, Options, Phase, Probes, Summary};
+use vmbeam_selftests::{check, pair::Pair, require, Tap};
+
+const PAGES: u64 = 1024;
+
+fn exe(name: &str) -> PathBuf {
+    std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
+}
+
+/// Programs, maps and links loaded in the whole kernel.
+fn bpf_objects() -> (usize, usize, usize) {
+    use libbpf_rs::query::{LinkInfoIter, MapInfoIter, ProgInfoIter};
+    (ProgInfoIter::default().count(), MapInfoIter::default().count(), LinkInfoIter::default().count())
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Every histogram in a JSON `faults` object: its buckets sum to its count.
+fn histograms_add_up(faults: &Value, whose: &str) -> Result<u64, String> {
+    let mut total = 0;
+    for (kind, by_phase) in faults.as_object().ok_or(format!("{whose}: faults is not an object"))? {
+        for (phase, h) in by_phase.as_object().ok_or(format!("{whose}: {kind} is not an object"))? {
+            let count = h["count"].as_u64().ok_or(format!("{whose}: {kind}/{phase}: no count"))?;
+            let buckets = h["buckets"].as_array().ok_or(format!("{whose}: {kind}/{phase}: no buckets"))?;
+            let sum: u64 = buckets.iter().filter_map(|b| b["count"].as_u64()).sum();
+            check(sum == count, || format!("{whose}: {kind}/{phase}: buckets sum to {sum}, count {count}"))?;
+            total += count;
+        }
+    }
+    Ok(total)
+}
+
+fn main() {
+    let dev = require::vmbeam_and_kvm();
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Tap::skip_all("no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)");
+    }
+    let mut tap = Tap::new(5);
+
+    tap.test("a_new_owner_touching_n_pages_records_n_region_faults", || {
+        let mut pair = Pair::new(PAGES * 4096, 4096, 0x5eed)?;
+        let clean_pid = pair.clean.pid.as_raw() as u32;
+        let probes = Probes::attach(&Options { pids: vec![clean_pid] }).map_err(|e| e.to_string())?;
+        dev.transfer_batch(&[pair.transfer()]).map_err(|e| e.to_string())?;
+        let (_, sum) = pair.clean_reads()?;
+        check(sum == pair.written, || format!("clean guest summed {sum:#x}, aged wrote {:#x}", pair.written))?;
+        let s = Summary::gather(&probes).map_err(|e| e.to_string())?;
+        pair.finish();
+        let process = s.processes.iter().find(|p| p.pid == clean_pid).ok_or("no record of the clean VMM")?;
+        let count = |kind| process.faults.get(&kind).map_or(0, |by| by.values().map(|h| h.count).sum::<u64>());
+        // Lazy grant: the guest's first read of each page is one fault.
+        check(count(Kind::RegionFault) == PAGES, || {
+            format!("{} region faults for {PAGES} pages read once: {}", count(Kind::RegionFault), s.render())
+        })?;
+        check(count(Kind::KvmFault) >= 1, || format!("no KVM stage-2 fault recorded: {}", s.render()))?;
+        check(s.move_start_ns.is_some() && s.move_done_ns >= s.move_start_ns, || {
+            format!("transfer not seen: {:?} {:?}", s.move_start_ns, s.move_done_ns)
+        })?;
+        let region = s.regions.iter().find(|r| r.revoked_pages > 0).ok_or("no revocation seen")?;
+        check(region.revoked_pages >= PAGES && region.revoke_to_first_fault_us.is_some(), || {
+            format!("region after the transfer: {region:?}")
+        })?;
+        let entered = s.threads.iter().any(|t| t.pid == clean_pid && t.first_entry_after_move_ns > s.move_done_ns);
+        check(entered, || format!("no guest entry of the clean VMM after the move: {:?}", s.threads))?;
+        let kinds: Vec<&str> = s.events.iter().map(|e| e.event).collect();
+        for want in ["transfer_start", "transfer_done", "revoke", "first_fault_after_revoke"] {
+            check(kinds.contains(&want), || format!("event {want} missing from {kinds:?}"))?;
+        }
+        println!(
+            "# {PAGES} pages: {} region faults, {} KVM stage-2 faults",
+            count(Kind::RegionFault),
+            count(Kind::KvmFault)
+        );
+        Ok(())
+    });
+
+    tap.test("phases_split_the_counts_where_the_front_end_says", || {
+        let toucher = std::thread::spawn(|| touch_anonymous(256));
+        let _ = toucher.join();
+        let mut probes = Probes::attach(&Options { pids: vec![std::process::id()] }).map_err(|e| e.to_string())?;
+        for phase in Phase::ALL {
+            probes.set_phase(phase);
+            std::thread::spawn(|| touch_anonymous(64)).join().map_err(|_| "toucher panicked")?;
+        }
+        let s = Summary::gather(&probes).map_err(|e| e.to_string())?;
+        let me = s.processes.iter().find(|p| p.pid == std::process::id()).ok_or("no record of this process")?;
+        let by_phase = me.faults.get(&Kind::UserFault).ok_or("no user faults")?;
+        for phase in Phase::ALL {
+            let n = by_phase.get(&phase).map_or(0, |h| h.count);
+            check(n >= 64, || format!("{phase:?}: {n} user faults for 64 fresh pages touched"))?;
+        }
+        Ok(())
+    });
+
+    tap.test("attach_and_detach_twenty_times_leaves_nothing_behind", || {
+        let objects = bpf_objects();
+        let mem = mem_available_kib();
+        for i in 0..20 {
+            let probes = Probes::attach(&Options::default()).map_err(|e| format!("attach {i}: {e}"))?;
+            let during = bpf_objects();
+            check(during.0 > objects.0 && during.2 > objects.2, || format!("attach {i}: {objects:?} -> {during:?}"))?;
+            Summary::gather(&probes).map_err(|e| e.to_string())?;
+        }
+        let after = bpf_objects();
+        check(after == objects, || format!("(programs, maps, links) {objects:?} before, {after:?} after"))?;
+        let lost = mem.saturating_sub(mem_available_kib());
+        check(lost < 8 << 10, || format!("MemAvailable fell by {lost} KiB over 20 attach/detach"))?;
+        Ok(())
+    });
+
+    tap.test("trace_json_parses_and_every_histogram_sums_to_its_count", || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    touch_anonymous(128);
+                }
+            })
+        };
+        let pid = std::process::id().to_string();
+        // One run ends at --duration, one at Ctrl-C: both print.
+        let timed = Command::new(exe("vmbeamctl")).args(["trace", "--pid", &pid, "--duration", "2", "--json"]).output();
+        let child = Command::new(exe("vmbeamctl"))
+            .args(["trace", "--pid", &pid, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT);
+        let interrupted = child.wait_with_output();
+        stop.store(true, Ordering::Relaxed);
+        let _ = busy.join();
+        for (how, out) in [("--duration", timed), ("Ctrl-C", interrupted)] {
+            let out = out.map_err(|e| format!("{how}: {e}"))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            check(out.status.success(), || format!("{how}: {:?}: {stderr}", out.status))?;
+            let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{how}: not JSON: {e}"))?;
+            let processes = v["processes"].as_array().ok_or(format!("{how}: no processes"))?;
+            let me = processes.iter().find(|p| p["pid"] == std::process::id()).ok_or(format!("{how}: {v}"))?;
+            let n = histograms_add_up(&me["faults"], how)?;
+            check(n > 0, || format!("{how}: no faults counted while a thread faulted all along"))?;
+            check(processes.iter().all(|p| p["pid"] == std::process::id()), || format!("{how}: other pids: {v}"))?;
+        }
+        Ok(())
+    });
+
+    tap.test("trace_without_privileges_says_what_is_missing", || {
+        let out = Command::new(exe("vmbeamctl"))
+            .args(["trace", "--duration", "0"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        check(out.status.code() == Some(1), || format!("as nobody: {:?}: {stderr}", out.status))?;
+        check(stderr.contains("CAP_BPF"), || format!("as nobody, the message names no capability: {stderr}"))
+    });
+
+    tap.finish();
+}
+
+/// Maps `pages` fresh anonymous pages, writes each once, unmaps them: that
+/// many user page faults.
+fn touch_anonymous(pages: usize) {
+    let len = pages * 4096;
+    // SAFETY: a fresh private anonymous mapping, written within its length
+    // and unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        for i in 0..pages {
+            std::ptr::write_volatile((p as *mut u8).add(i * 4096), 1);
+        }
+        libc::munmap(p, len);
+    }
+}
