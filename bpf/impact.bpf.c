@@ -219,7 +219,7 @@ int BPF_PROG(vmbeam_fault, unsigned long region, unsigned long pgoff, int ret)
 	if (!traced(id >> 32))
 		return 0;
 	start = bpf_map_lookup_elem(&mm_fault_start, &tid);
-	record(IMPACT_REGION_FAULT, start && *start <= now ? now - *start : 0);
+	record(ret == 0 ? IMPACT_REGION_FAULT : IMPACT_REGION_DENIED, start && *start <= now ? now - *start : 0);
 
 	r = bpf_map_lookup_elem(&regions, &key);
 	if (!r) {

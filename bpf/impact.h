@@ -20,7 +20,7 @@ enum impact_phase {
 
 /* What was timed. */
 enum impact_kind {
-	/* A fault on a vmbeam region mapping (vmbeam:fault), timed from the
+	/* A mapped fault on a vmbeam region (vmbeam:fault), timed from the
 	 * handle_mm_fault() that led to it: the VMM's own touch or KVM's GUP. */
 	IMPACT_REGION_FAULT = 0,
 	/* A KVM stage-2 fault (kvm:kvm_page_fault), timed from the guest exit
@@ -29,7 +29,10 @@ enum impact_kind {
 	/* A user page fault (exceptions:page_fault_user), timed to the end
 	 * of its handle_mm_fault(). */
 	IMPACT_USER_FAULT = 2,
-	IMPACT_KINDS = 3,
+	/* A fault on a region mapping that was refused (SIGBUS, or EFAULT
+	 * for KVM): the old owner touching memory that moved away. */
+	IMPACT_REGION_DENIED = 3,
+	IMPACT_KINDS = 4,
 };
 
 struct impact_hist_key {

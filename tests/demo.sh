@@ -32,8 +32,8 @@ sleep 1 # let the workloads run a pass or two
 step "vmbeamctl migrate-all --dry-run"
 "$bin/vmbeamctl" migrate-all --from "$dir/aged.sock" --to "$dir/clean.sock" --dry-run || exit 1
 
-step "vmbeamctl migrate-all"
-"$bin/vmbeamctl" migrate-all --from "$dir/aged.sock" --to "$dir/clean.sock"
+step "vmbeamctl migrate-all --trace (eBPF: downtime and faults as the kernel saw them)"
+"$bin/vmbeamctl" migrate-all --from "$dir/aged.sock" --to "$dir/clean.sock" --trace
 rc=$?
 
 step "vmbeamctl regions"

@@ -33,7 +33,7 @@ timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run
 	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 set -e
 
 rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)

@@ -49,16 +49,19 @@ pub enum Kind {
     KvmFault = 1,
     /// User page faults (`exceptions:page_fault_user`).
     UserFault = 2,
+    /// Refused faults on regions (the old owner after a move).
+    RegionDenied = 3,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::RegionFault, Kind::KvmFault, Kind::UserFault];
+    pub const ALL: [Kind; 4] = [Kind::RegionFault, Kind::RegionDenied, Kind::KvmFault, Kind::UserFault];
 
     pub fn label(self) -> &'static str {
         match self {
             Kind::RegionFault => "vmbeam region faults",
             Kind::KvmFault => "KVM stage-2 faults",
             Kind::UserFault => "user page faults",
+            Kind::RegionDenied => "refused region faults",
         }
     }
 }
@@ -196,7 +199,7 @@ impl Probes {
         entries(&self.skel.maps.hists, |k: types::impact_hist_key| k)
             .into_iter()
             .filter_map(|(k, h)| {
-                let kind = *Kind::ALL.get(k.kind as usize)?;
+                let kind = *Kind::ALL.iter().find(|kind| **kind as u32 == k.kind)?;
                 let phase = *Phase::ALL.get(k.phase as usize)?;
                 Some(((k.tid, k.tgid, kind, phase), h))
             })

@@ -239,6 +239,9 @@ fn print_text(r: &Report) {
             m.transfers, m.pages_transferred, m.revocations, m.bytes_copied
         );
     }
+    if let Some(summary) = &r.trace {
+        print_trace(r, summary);
+    }
     for s in &r.skipped {
         println!("  skipped: {s}");
     }
@@ -255,5 +258,43 @@ fn print_text(r: &Report) {
         (None, true) if r.dry_run => println!("OK: the plan checks out; nothing was changed"),
         (None, true) => println!("OK"),
         (None, false) => println!("FAILED"),
+    }
+}
+
+/// `--trace`: per L2 the kernel's downtime and its vCPUs' faults by phase,
+/// then each L1 process's histograms.
+fn print_trace(r: &Report, summary: &vmbeam_probes::Summary) {
+    use vmbeam_probes::{Kind, Phase};
+    println!("  eBPF probes (--trace): downtime = last guest exit on the aged L1 -> first guest entry on the clean L1");
+    println!("  {:<14} {:>10}   faults of its vCPU threads before / during / after", "L2", "downtime");
+    for l in &r.l2 {
+        let Some(t) = &l.trace else { continue };
+        let down = t.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms"));
+        let counts: Vec<String> = Kind::ALL
+            .iter()
+            .map(|k| {
+                let by = t.faults.get(k);
+                let n: Vec<String> =
+                    Phase::ALL.iter().map(|p| by.and_then(|b| b.get(p)).map_or(0, |h| h.count).to_string()).collect();
+                format!("{} {}", k.label(), n.join("/"))
+            })
+            .collect();
+        println!("  {:<14} {:>10}   {}", l.name, down, counts.join(", "));
+    }
+    for p in &summary.processes {
+        println!("  pid {} ({}):", p.pid, p.comm);
+        let mut text = String::new();
+        vmbeam_probes::write_faults(&mut text, &p.faults, true, "    ");
+        print!("{text}");
+    }
+    for region in summary.regions.iter().filter(|x| x.revoked_pages > 0) {
+        let gap = region.revoke_to_first_fault_us.map_or("none".into(), |us| format!("{:.2} ms", us / 1e3));
+        println!(
+            "  region inode {}: {} pages revoked; revoke to its first fault after: {gap}",
+            region.inode, region.revoked_pages
+        );
+    }
+    if !summary.missing.is_empty() {
+        println!("  not traced (absent here): {}", summary.missing.join(", "));
     }
 }
