@@ -9,7 +9,11 @@
  *   and give the last guest exit before the move and the first guest entry
  *   after it (an L2's downtime, when the front end knows its two vCPU
  *   threads);
- * - exceptions:page_fault_user and handle_mm_fault() time user faults.
+ * - exceptions:page_fault_user counts user faults.
+ *
+ * Tracepoints only, no kprobe or fentry: patching the entry of a function
+ * as hot as handle_mm_fault() while other CPUs fault in it crashed the TCG
+ * test kernel (an int3 nobody claimed, a jump to 0).
  *
  * Raw tracepoints: their arguments are the TP_PROTO arguments, so nothing
  * here depends on a trace event's record layout.
@@ -59,22 +63,6 @@ struct {
 	__type(value, struct impact_hist);
 } hists SEC(".maps");
 
-/* tid -> when its current handle_mm_fault() began. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u32);
-	__type(value, __u64);
-} mm_fault_start SEC(".maps");
-
-/* tid -> when its current user page fault began. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u32);
-	__type(value, __u64);
-} user_fault_start SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
@@ -104,8 +92,9 @@ static __always_inline __u32 log2_u64(__u64 v)
 	return r;
 }
 
-/* Counts one event of `kind` for the current thread, `delta_ns` long. */
-static __always_inline void record(__u32 kind, __u64 delta_ns)
+/* Counts one event of `kind` for the current thread, `delta_ns` long
+ * (with `timed` false: only counted). */
+static __always_inline void record(__u32 kind, bool timed, __u64 delta_ns)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct impact_hist_key key = { .tid = (__u32)id, .tgid = id >> 32, .kind = kind, .phase = phase };
@@ -123,10 +112,12 @@ static __always_inline void record(__u32 kind, __u64 delta_ns)
 		if (!h)
 			return;
 	}
+	__sync_fetch_and_add(&h->count, 1);
+	if (!timed)
+		return;
 	slot = log2_u64(delta_ns / 1000);
 	if (slot >= IMPACT_SLOTS)
 		slot = IMPACT_SLOTS - 1;
-	__sync_fetch_and_add(&h->count, 1);
 	__sync_fetch_and_add(&h->total_ns, delta_ns);
 	__sync_fetch_and_add(&h->slots[slot], 1);
 }
@@ -209,17 +200,14 @@ int BPF_PROG(vmbeam_revoke, unsigned long region, unsigned long first, unsigned 
 }
 
 SEC("raw_tp/fault")
-int BPF_PROG(vmbeam_fault, unsigned long region, unsigned long pgoff, int ret)
+int BPF_PROG(vmbeam_fault, unsigned long region, unsigned long pgoff, int ret, __u64 ns)
 {
 	__u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns(), key = region;
-	__u32 tid = (__u32)id;
 	struct impact_region *r;
-	__u64 *start;
 
 	if (!traced(id >> 32))
 		return 0;
-	start = bpf_map_lookup_elem(&mm_fault_start, &tid);
-	record(ret == 0 ? IMPACT_REGION_FAULT : IMPACT_REGION_DENIED, start && *start <= now ? now - *start : 0);
+	record(ret == 0 ? IMPACT_REGION_FAULT : IMPACT_REGION_DENIED, true, ns);
 
 	r = bpf_map_lookup_elem(&regions, &key);
 	if (!r) {
@@ -242,40 +230,8 @@ int BPF_PROG(vmbeam_fault, unsigned long region, unsigned long pgoff, int ret)
 SEC("raw_tp/page_fault_user")
 int BPF_PROG(page_fault_user, unsigned long address, struct pt_regs *regs, unsigned long error_code)
 {
-	__u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns();
-	__u32 tid = (__u32)id;
-
-	if (traced(id >> 32))
-		bpf_map_update_elem(&user_fault_start, &tid, &now, BPF_ANY);
-	return 0;
-}
-
-SEC("kprobe/handle_mm_fault")
-int BPF_KPROBE(handle_mm_fault_entry)
-{
-	__u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns();
-	__u32 tid = (__u32)id;
-
-	if (traced(id >> 32))
-		bpf_map_update_elem(&mm_fault_start, &tid, &now, BPF_ANY);
-	return 0;
-}
-
-SEC("kretprobe/handle_mm_fault")
-int BPF_KRETPROBE(handle_mm_fault_exit)
-{
-	__u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns();
-	__u32 tid = (__u32)id;
-	__u64 *start;
-
-	if (!traced(id >> 32))
-		return 0;
-	start = bpf_map_lookup_elem(&user_fault_start, &tid);
-	if (start) {
-		record(IMPACT_USER_FAULT, *start <= now ? now - *start : 0);
-		bpf_map_delete_elem(&user_fault_start, &tid);
-	}
-	bpf_map_delete_elem(&mm_fault_start, &tid);
+	if (traced(bpf_get_current_pid_tgid() >> 32))
+		record(IMPACT_USER_FAULT, false, 0);
 	return 0;
 }
 
@@ -317,7 +273,7 @@ int BPF_PROG(kvm_entry, struct kvm_vcpu *vcpu, bool force_immediate_exit)
 		return 0;
 	t->entries++;
 	if (t->pending_fault && t->last_exit_ns) {
-		record(IMPACT_KVM_FAULT, now - t->last_exit_ns);
+		record(IMPACT_KVM_FAULT, true, now - t->last_exit_ns);
 		t->pending_fault = 0;
 	}
 	if (done && now > done && !t->first_entry_after_move_ns) {

@@ -20,14 +20,15 @@ enum impact_phase {
 
 /* What was timed. */
 enum impact_kind {
-	/* A mapped fault on a vmbeam region (vmbeam:fault), timed from the
-	 * handle_mm_fault() that led to it: the VMM's own touch or KVM's GUP. */
+	/* A mapped fault on a vmbeam region (vmbeam:fault: the VMM's own
+	 * touch or KVM's GUP), timed by the module's fault handler. */
 	IMPACT_REGION_FAULT = 0,
 	/* A KVM stage-2 fault (kvm:kvm_page_fault), timed from the guest exit
 	 * to the next guest entry of that vCPU. */
 	IMPACT_KVM_FAULT = 1,
-	/* A user page fault (exceptions:page_fault_user), timed to the end
-	 * of its handle_mm_fault(). */
+	/* A user page fault (exceptions:page_fault_user): counted, not timed
+	 * (its end has no tracepoint, and a kprobe on handle_mm_fault() is
+	 * what crashed the TCG test kernel: README, Probes). */
 	IMPACT_USER_FAULT = 2,
 	/* A fault on a region mapping that was refused (SIGBUS, or EFAULT
 	 * for KVM): the old owner touching memory that moved away. */

@@ -79,10 +79,12 @@ void vmbeam_misc_deregister(void)
 static vm_fault_t vmbeam_region_fault(struct vm_fault *vmf)
 {
 	struct vm_area_struct *vma = vmf->vma;
+	u64 start = trace_fault_enabled() ? ktime_get_ns() : 0;
 	int ret = vmbeam_rs_region_fault(vma->vm_file->private_data, vma, vma->vm_mm,
 					 vmf->pgoff, vmf->address);
 
-	trace_fault(file_inode(vma->vm_file)->i_ino, vmf->pgoff, ret);
+	trace_fault(file_inode(vma->vm_file)->i_ino, vmf->pgoff, ret,
+		    start ? ktime_get_ns() - start : 0);
 	switch (ret) {
 	case 0:
 		return VM_FAULT_NOPAGE;

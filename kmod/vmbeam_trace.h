@@ -52,20 +52,24 @@ TRACE_EVENT(revoke,
 	TP_printk("region=%lu first=%lu count=%lu", __entry->region, __entry->first, __entry->count)
 );
 
+/* ns: how long vmbeam's fault handler took (a wait for a move included). */
 TRACE_EVENT(fault,
-	TP_PROTO(unsigned long region, unsigned long pgoff, int ret),
-	TP_ARGS(region, pgoff, ret),
+	TP_PROTO(unsigned long region, unsigned long pgoff, int ret, u64 ns),
+	TP_ARGS(region, pgoff, ret, ns),
 	TP_STRUCT__entry(
 		__field(unsigned long, region)
 		__field(unsigned long, pgoff)
 		__field(int, ret)
+		__field(u64, ns)
 	),
 	TP_fast_assign(
 		__entry->region = region;
 		__entry->pgoff = pgoff;
 		__entry->ret = ret;
+		__entry->ns = ns;
 	),
-	TP_printk("region=%lu pgoff=%lu ret=%d", __entry->region, __entry->pgoff, __entry->ret)
+	TP_printk("region=%lu pgoff=%lu ret=%d ns=%llu", __entry->region, __entry->pgoff, __entry->ret,
+		  __entry->ns)
 );
 
 #endif /* _VMBEAM_TRACE_H */

@@ -6,6 +6,7 @@
 #   tests/run.sh --nested   the real nested tests (make test-nested)
 #   tests/run.sh --fuzz     the uAPI fuzzer, 1,000,000 ioctls (make fuzz)
 #   tests/run.sh --stress   transfer/move/migrate selftests 50 times (make stress)
+#   tests/run.sh --bench    the benchmark, results into results/ (make bench)
 #   tests/run.sh --nested-smoke  the smallest real nested case (make test)
 #   tests/run.sh --demo     the demo: rejuvenate a real L1 (make demo)
 #   tests/run.sh --demo-lab the demo between lab L1s (make demo-lab)
@@ -22,6 +23,15 @@ export VMBEAM_L1_KERNEL="$kdir/arch/x86/boot/bzImage"
 VMBEAM_L1_INITRD=$(VMBEAM_AGENT="$bin/vmbeam-agent" "$VMBEAM_ROOT/scripts/l1-image.sh")
 export VMBEAM_L1_INITRD
 out=$(mktemp /tmp/vmbeam-guest.XXXXXX)
+# The bench needs room for two 1 GiB QEMUs and a file of their RAM, and a
+# directory it can write its results to.
+memory=4G extra=()
+if [ "$mode" = --bench ]; then
+	memory=12G
+	mkdir -p "$VMBEAM_ROOT/results"
+	extra=(--rwdir "$VMBEAM_ROOT/results")
+	: "${VMBEAM_RUN_TIMEOUT:=3600}"
+fi
 trap 'rm -f "$out"' EXIT
 
 # vng writes stdout and stderr through two truncating opens of one file:
@@ -30,10 +40,10 @@ set +e
 # A bound on the whole boot: TCG can stall a CPU of the test kernel for
 # good (nested SVM); CI must fail then, not hang.
 timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
-	--cpus 2 --memory 4G --qemu-opts="-cpu max" \
+	--cpus 2 --memory "${VMBEAM_VNG_MEMORY:-$memory}" --qemu-opts="-cpu max" ${extra[@]+"${extra[@]}"} \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4}' VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 set -e
 
 rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)

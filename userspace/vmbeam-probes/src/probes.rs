@@ -47,7 +47,7 @@ pub enum Kind {
     RegionFault = 0,
     /// KVM stage-2 faults, guest exit to guest entry.
     KvmFault = 1,
-    /// User page faults (`exceptions:page_fault_user`).
+    /// User page faults (`exceptions:page_fault_user`), counted only.
     UserFault = 2,
     /// Refused faults on regions (the old owner after a move).
     RegionDenied = 3,
@@ -55,6 +55,11 @@ pub enum Kind {
 
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::RegionFault, Kind::RegionDenied, Kind::KvmFault, Kind::UserFault];
+
+    /// Whether its histogram has latencies (user faults are only counted).
+    pub fn timed(self) -> bool {
+        self != Kind::UserFault
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -160,14 +165,6 @@ impl Probes {
         match progs.page_fault_user.attach_raw_tracepoint("page_fault_user") {
             Ok(link) => self.links.push(link),
             Err(_) => self.missing.push("exceptions:page_fault_user".into()),
-        }
-        for (prog, ret) in [(&progs.handle_mm_fault_entry, false), (&progs.handle_mm_fault_exit, true)] {
-            let link = prog.attach_kprobe(ret, "handle_mm_fault").map_err(|err| Error::Attach {
-                what: "a kprobe on handle_mm_fault",
-                err,
-                hint: "",
-            })?;
-            self.links.push(link);
         }
         Ok(())
     }

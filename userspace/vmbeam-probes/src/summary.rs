@@ -200,6 +200,13 @@ impl Summary {
 /// `phased` is false).
 pub fn write_faults(out: &mut String, faults: &Faults, phased: bool, indent: &str) {
     for (kind, by_phase) in faults {
+        if !kind.timed() {
+            let counts: Vec<String> = by_phase.iter().map(|(phase, h)| format!("{phase:?} {}", h.count)).collect();
+            let all: u64 = by_phase.values().map(|h| h.count).sum();
+            let split = if phased { format!(" ({})", counts.join(", ")) } else { String::new() };
+            let _ = writeln!(out, "{indent}{}: {all}{split}, counted, not timed", kind.label());
+            continue;
+        }
         if phased {
             for (phase, h) in by_phase {
                 let _ = writeln!(out, "{indent}{} {phase:?}: {} (mean {:.1} us)", kind.label(), h.count, h.mean_us());

@@ -127,8 +127,16 @@ fn stopped_migration(from: &Lab, to: &Lab, step: &str) -> Result<Child, String> 
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
+    let mut child = child;
     let stopped = waitpid(Pid::from_raw(child.id() as i32), Some(WaitPidFlag::WUNTRACED)).map_err(|e| e.to_string())?;
-    check(matches!(stopped, WaitStatus::Stopped(..)), || format!("vmbeamctl did not stop after {step}: {stopped:?}"))?;
+    if !matches!(stopped, WaitStatus::Stopped(..)) {
+        // Its report says why (and carries WILD_RIP when that was it).
+        let mut report = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut out, &mut report);
+        }
+        return Err(format!("vmbeamctl did not stop after {step}: {stopped:?}: {report}"));
+    }
     Ok(child)
 }
 

@@ -26,10 +26,43 @@ fn exe(name: &str) -> PathBuf {
     std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
 }
 
-/// Programs, maps and links loaded in the whole kernel.
+/// The probes' programs and maps loaded in the whole kernel (by name), and
+/// every link.
 fn bpf_objects() -> (usize, usize, usize) {
     use libbpf_rs::query::{LinkInfoIter, MapInfoIter, ProgInfoIter};
-    (ProgInfoIter::default().count(), MapInfoIter::default().count(), LinkInfoIter::default().count())
+    const PROGS: [&str; 8] = [
+        "vmbeam_transfer_start",
+        "vmbeam_transfer_done",
+        "vmbeam_revoke",
+        "vmbeam_fault",
+        "page_fault_user",
+        "kvm_exit",
+        "kvm_page_fault",
+        "kvm_entry",
+    ];
+    // (Its .rodata and .bss maps carry libbpf's names for them.)
+    const MAPS: [&str; 5] = ["tgids", "threads", "hists", "regions", "events"];
+    // The kernel keeps 15 characters of a name.
+    let ours = |name: &str, names: &[&str]| names.iter().any(|n| n.starts_with(name) && !name.is_empty());
+    let progs = ProgInfoIter::default().filter(|p| ours(&p.name.to_string_lossy(), &PROGS)).count();
+    let maps = MapInfoIter::default().filter(|m| ours(&m.name.to_string_lossy(), &MAPS)).count();
+    (progs, maps, LinkInfoIter::default().count())
+}
+
+/// Waits (up to 10 s) until none of the probes' programs or maps is loaded:
+/// the kernel frees them after their last reference, not at once.
+fn none_of_ours_loaded() -> Result<(usize, usize, usize), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = bpf_objects();
+        if now.0 == 0 && now.1 == 0 {
+            return Ok(now);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("after 10 s, still loaded: {} programs, {} maps of the probes", now.0, now.1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn mem_available_kib() -> u64 {
@@ -47,7 +80,11 @@ fn histograms_add_up(faults: &Value, whose: &str) -> Result<u64, String> {
             let count = h["count"].as_u64().ok_or(format!("{whose}: {kind}/{phase}: no count"))?;
             let buckets = h["buckets"].as_array().ok_or(format!("{whose}: {kind}/{phase}: no buckets"))?;
             let sum: u64 = buckets.iter().filter_map(|b| b["count"].as_u64()).sum();
-            check(sum == count, || format!("{whose}: {kind}/{phase}: buckets sum to {sum}, count {count}"))?;
+            // User faults are counted, not timed: no buckets.
+            let timed = kind != "user_fault";
+            check(if timed { sum == count } else { buckets.is_empty() }, || {
+                format!("{whose}: {kind}/{phase}: buckets sum to {sum}, count {count}")
+            })?;
             total += count;
         }
     }
@@ -117,16 +154,18 @@ fn main() {
     });
 
     tap.test("attach_and_detach_twenty_times_leaves_nothing_behind", || {
-        let objects = bpf_objects();
+        let objects = none_of_ours_loaded()?;
         let mem = mem_available_kib();
         for i in 0..20 {
             let probes = Probes::attach(&Options::default()).map_err(|e| format!("attach {i}: {e}"))?;
             let during = bpf_objects();
-            check(during.0 > objects.0 && during.2 > objects.2, || format!("attach {i}: {objects:?} -> {during:?}"))?;
+            check(during.0 >= 8 && during.1 >= 5 && during.2 >= objects.2 + 8, || {
+                format!("attach {i}: (programs, maps, links) {objects:?} -> {during:?}")
+            })?;
             Summary::gather(&probes).map_err(|e| e.to_string())?;
         }
-        let after = bpf_objects();
-        check(after == objects, || format!("(programs, maps, links) {objects:?} before, {after:?} after"))?;
+        let after = none_of_ours_loaded().map_err(|e| format!("20 attach/detach: {e}"))?;
+        check(after.2 <= objects.2, || format!("links: {} before, {} after", objects.2, after.2))?;
         let lost = mem.saturating_sub(mem_available_kib());
         check(lost < 8 << 10, || format!("MemAvailable fell by {lost} KiB over 20 attach/detach"))?;
         Ok(())
