@@ -13,6 +13,9 @@
 #                  (VMBEAM_FUZZ_IOCTLS=N for another count)
 #   make stress    transfer, move-rule and migrate selftests 50 times in one
 #                  boot (VMBEAM_STRESS_RUNS=N for another count)
+#   make bench     in the test kernel: vmbeam vs memcpy vs memfd hand-over vs
+#                  QEMU's migrations vs lab migrate-all, 64 MiB..1 GiB; writes
+#                  results/bench.{md,json,png} (VMBEAM_BENCH_SIZES, _RUNS)
 #   make l1-image  build (or find cached) the L1 hypervisor's initramfs
 #   make kernel    build (or find cached) the test kernel
 #   make module    build vmbeam.ko          (CLIPPY=1 to lint it)
@@ -26,7 +29,7 @@ KCONFIG ?= default
 export KCONFIG
 CARGO ?= cargo
 
-.PHONY: all deps kernel module userspace test test-debug test-nested fuzz stress demo demo-lab l1-image lint vmlinux-h clean
+.PHONY: all deps kernel module userspace test test-debug test-nested fuzz stress bench demo demo-lab l1-image lint vmlinux-h clean
 
 all: module userspace
 
@@ -58,6 +61,9 @@ fuzz: module userspace l1-image
 
 stress: module userspace l1-image
 	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-7200} tests/run.sh --stress
+
+bench: module userspace l1-image
+	@tests/run.sh --bench
 
 demo: module userspace l1-image
 	@tests/run.sh --demo

@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 
 APT_PACKAGES=(
 	rustc-web rust-web-src rust-web-clippy clang lld llvm libclang-dev
-	flex bison bc libelf-dev zlib1g-dev pkg-config libssl-dev dwarves cpio kmod bpftool
+	flex bison bc libelf-dev zlib1g-dev pkg-config libssl-dev dwarves cpio kmod bpftool fonts-dejavu-core
 	qemu-system-x86 linux-source-6.12 python3-venv busybox-static
 )
 

@@ -98,6 +98,9 @@ case $mode in
 	done
 	echo "# stress: $runs runs in $(($(date +%s) - start)) s"
 	;;
+--bench) # make bench: results into the shared results/ directory
+	run_selftest_cmd bench "$bin/bench" "$(dirname "$VMBEAM_TESTS")/results"
+	;;
 --fuzz) # the long fuzz run (make fuzz)
 	run_selftest_cmd fuzz_test "$bin/fuzz_test" --ioctls "${VMBEAM_FUZZ_IOCTLS:-1000000}"
 	;;

@@ -3,6 +3,7 @@
 //! Each selftest binary prints TAP 13, exits 0 when every test passed, 1
 //! when one failed, and 4 (the kselftest skip code) when it cannot run here.
 
+pub mod bench;
 mod churn;
 pub mod fuzz;
 pub mod guest;

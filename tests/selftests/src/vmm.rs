@@ -43,6 +43,9 @@ pub enum Request {
     /// Create a region of `size` bytes, bind it to our VM and attach it.
     /// The reply carries the region fd.
     CreateRegion { size: u64, slot: u32, gpa: u64 },
+    /// Create a plain shmem memfd of `size` bytes and attach it like a
+    /// region (the fd-handover peer in `make bench`). The reply carries it.
+    CreateMemfd { size: u64, slot: u32, gpa: u64 },
     /// Bind the region fd sent along to our VM and attach it.
     Bind { slot: u32, gpa: u64 },
     /// Map the region fd sent along (MAP_SHARED|MAP_POPULATE) and register
@@ -251,6 +254,14 @@ fn handle(
             *out_fd = Some(fd.try_clone().map_err(|e| (0, e.to_string()))?);
             attach(vm_ref, slots, fd, slot, gpa)
         }
+        Request::CreateMemfd { size, slot, gpa } => {
+            need_vm(vm)?;
+            let fd = nix::sys::memfd::memfd_create(c"vmbeam-bench", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .map_err(|e| (e as i32, format!("memfd_create: {e}")))?;
+            nix::unistd::ftruncate(&fd, size as i64).map_err(|e| (e as i32, format!("ftruncate: {e}")))?;
+            *out_fd = Some(fd.try_clone().map_err(|e| (0, e.to_string()))?);
+            attach(vm.as_ref().unwrap(), slots, fd, slot, gpa)
+        }
         Request::Bind { slot, gpa } => {
             need_vm(vm)?;
             let fd = fd.ok_or((libc::EBADF, "no region fd sent".into()))?;
@@ -314,10 +325,14 @@ fn handle(
 }
 
 fn attach(vm: &TestVm, slots: &mut BTreeMap<u32, Slot>, region: OwnedFd, slot: u32, gpa: u64) -> Res {
-    let size = vmbeam::Region::from_fd(region.try_clone().map_err(|e| (0, e.to_string()))?)
-        .info()
-        .map_err(|e| (errno_of(&e), e.to_string()))?
-        .size;
+    // A region knows its size; any other file (a memfd) says it in fstat.
+    let size = match vmbeam::Region::from_fd(region.try_clone().map_err(|e| (0, e.to_string()))?).info() {
+        Ok(info) => info.size,
+        Err(e) => match nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&region)) {
+            Ok(st) if st.st_size > 0 => st.st_size as u64,
+            _ => return Err((errno_of(&e), e.to_string())),
+        },
+    };
     let hva = map_region(&region, size)?;
     // SAFETY: the mapping lives as long as this process (never unmapped).
     unsafe { vm.add_memslot(slot, gpa, hva, size) }

@@ -1,0 +1,113 @@
+//! `make bench`, inside the test kernel: every method at every size, side
+//! by side in one boot, median of `VMBEAM_BENCH_RUNS` runs (default 3);
+//! writes bench.md, bench.json and bench.png to the directory given (or
+//! prints the table only).
+//!
+//! VMBEAM_BENCH_SIZES (default "64M 256M 1G") and VMBEAM_BENCH_LAB_L2S
+//! (default "1 4": L2s moved at once by the lab migrate-all rows) choose
+//! the points.
+
+use std::path::PathBuf;
+
+use vmbeam_selftests::{
+    bench::{self, lab, methods, output, qemu, Row, Sample, MIB},
+    require,
+};
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name).unwrap_or_else(|_| default.into()).split_whitespace().map(str::to_string).collect()
+}
+
+/// Runs `f` `runs` times; the failures are reported and left out.
+fn sample(what: &str, runs: usize, mut f: impl FnMut() -> Result<Sample, String>) -> Vec<Sample> {
+    (0..runs)
+        .filter_map(|i| match f() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("bench: {what}, run {i}: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let dev = require::vmbeam_and_kvm();
+    let out_dir = std::env::args().nth(1).map(PathBuf::from);
+    let runs: usize = std::env::var("VMBEAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let sizes: Vec<u64> = env_list("VMBEAM_BENCH_SIZES", "64M 256M 1G")
+        .iter()
+        .map(|s| bench::parse_size(s).unwrap_or_else(|| panic!("VMBEAM_BENCH_SIZES: bad size {s}")))
+        .collect();
+    let lab_counts: Vec<usize> =
+        env_list("VMBEAM_BENCH_LAB_L2S", "1 4").iter().filter_map(|s| s.parse().ok()).collect();
+    let mut rows: Vec<Row> = Vec::new();
+    let push = |rows: &mut Vec<Row>, method, size, samples: &[Sample]| {
+        if let Some(row) = Row::of(method, size, samples) {
+            eprintln!(
+                "bench: {method} {}: {:.1} ms (median of {})",
+                bench::size_name(size),
+                row.wall_ms,
+                samples.len()
+            );
+            rows.push(row);
+        }
+    };
+    for &size in &sizes {
+        let name = bench::size_name(size);
+        push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
+        let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
+            .filter_map(|_| methods::vmbeam(&dev, size).map_err(|e| eprintln!("bench: vmbeam {name}: {e}")).ok())
+            .collect();
+        push(&mut rows, "vmbeam transfer", size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
+        push(&mut rows, "vmbeam transfer + map (populate)", size, &vmbeam.iter().map(|r| r.mapped).collect::<Vec<_>>());
+        push(
+            &mut rows,
+            "vmbeam transfer + map + guest reads all",
+            size,
+            &vmbeam.iter().map(|r| r.touched).collect::<Vec<_>>(),
+        );
+        let memfd: Vec<(Sample, Sample)> = (0..runs)
+            .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
+            .collect();
+        push(&mut rows, "memfd handover + map (populate)", size, &memfd.iter().map(|r| r.0).collect::<Vec<_>>());
+        push(&mut rows, "memfd handover + map + guest reads all", size, &memfd.iter().map(|r| r.1).collect::<Vec<_>>());
+        push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
+        push(
+            &mut rows,
+            "QEMU x-ignore-shared migration",
+            size,
+            &sample("QEMU x-ignore-shared", runs, || qemu::ignore_shared(size)),
+        );
+        for &n in &lab_counts {
+            // Lab L2s share the test kernel's memory with everything else.
+            if n as u64 * size > 2 << 30 {
+                continue;
+            }
+            let method: &'static str = Box::leak(format!("lab migrate-all, {n} L2 of this size").into_boxed_str());
+            push(&mut rows, method, size, &sample(method, runs, || lab::migrate_all(n, size)));
+        }
+    }
+    output::add_ratios(&mut rows);
+    let header = format!(
+        "vmbeam bench: median of {runs} runs per point, in the test kernel (QEMU TCG, 2 vCPUs); \
+         wall ms ratio to memcpy of the same bytes in the same boot; sizes {}",
+        sizes.iter().map(|s| bench::size_name(*s)).collect::<Vec<_>>().join(", ")
+    );
+    let table = output::markdown(&rows, &header);
+    print!("{table}");
+    let Some(dir) = out_dir else { return };
+    let json = serde_json::json!({ "runs": runs, "page_size": 4096, "rows": rows, "mib": MIB });
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("bench.md"), &table))
+        .and_then(|()| std::fs::write(dir.join("bench.json"), json.to_string()));
+    if let Err(e) = written {
+        eprintln!("bench: writing {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    if let Err(e) = output::plot(&rows, &dir.join("bench.png")) {
+        eprintln!("bench: plot: {e}");
+        std::process::exit(1);
+    }
+    eprintln!("bench: wrote bench.md, bench.json, bench.png in {}", dir.display());
+}
