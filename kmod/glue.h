@@ -52,7 +52,8 @@ long vmbeam_rs_ioctl(unsigned int cmd, unsigned long arg);
 long vmbeam_rs_region_ioctl(void *region, unsigned int cmd, unsigned long arg);
 int vmbeam_rs_region_mmap(void *region, struct mm_struct *mm, unsigned long pgoff, unsigned long npages);
 int vmbeam_rs_region_fault(void *region, struct vm_area_struct *vma, struct mm_struct *mm,
-			   unsigned long pgoff, unsigned long addr);
+			   unsigned long pgoff, unsigned long addr, unsigned long around_addr,
+			   unsigned long around_pgoff, unsigned long around_pages);
 void vmbeam_rs_region_release(void *region);
 /* Called under the region inode's i_lock: must not sleep. */
 void vmbeam_rs_region_file_get(void *region);

@@ -420,14 +420,21 @@ extern "C" fn vmbeam_rs_region_mmap(
 }
 
 /// Page fault in a mapping of a region: maps the region's own page if `mm`
-/// belongs to the owner; otherwise (old owner, gathered page) SIGBUS.
+/// belongs to the owner; otherwise (old owner, gathered page) SIGBUS. With
+/// the page, the rest of the window around it that C chose (`around_pages`
+/// pages from `around_addr`, region page `around_pgoff`, inside the VMA) is
+/// mapped too, where the region has a page and nothing is mapped yet.
 #[no_mangle]
+#[allow(clippy::too_many_arguments)]
 extern "C" fn vmbeam_rs_region_fault(
     region: *mut c_void,
     vma: *mut Vma,
     mm: *mut Mm,
     pgoff: c_ulong,
     addr: c_ulong,
+    around_addr: c_ulong,
+    around_pgoff: c_ulong,
+    around_pages: c_ulong,
 ) -> c_int {
     // SAFETY: the faulting VMA holds a reference to the region file.
     let region = unsafe { region_of(region) };
@@ -442,11 +449,30 @@ extern "C" fn vmbeam_rs_region_fault(
     // the page stays in the region while we hold its lock, and the mapping
     // takes its own page reference.
     match unsafe { vmbeam_vma_insert_page(vma, addr, page) } {
-        0 => 0,
-        e if e == EBUSY.to_errno() => 0, // a racing fault mapped it already
-        e if e == ENOMEM.to_errno() => e,
-        _ => EFAULT.to_errno(),
+        0 => {}
+        e if e == EBUSY.to_errno() => {} // a racing fault mapped it already
+        e if e == ENOMEM.to_errno() => return e,
+        _ => return EFAULT.to_errno(),
     }
+    // The neighbours: still under the region lock and for the same owner,
+    // so exactly as allowed as the faulting page. Best effort: the fault
+    // is answered whatever happens to them.
+    for i in 0..around_pages {
+        let (index, at) = (around_pgoff + i, around_addr + i * PAGE_SIZE as c_ulong);
+        if index == pgoff {
+            continue;
+        }
+        let Some(page) = usize::try_from(index).ok().and_then(|i| state.pages.get(i)) else {
+            continue; // a gathered-away page: its own fault says SIGBUS
+        };
+        // SAFETY: as above; `at` is inside the faulting VMA (C clipped the
+        // window to it) and maps region page `index` there.
+        let r = unsafe { vmbeam_vma_insert_page(vma, at, page) };
+        if r == ENOMEM.to_errno() {
+            break;
+        }
+    }
+    0
 }
 
 /// A region file was reopened (`/proc/PID/fd/N`): the new file takes a

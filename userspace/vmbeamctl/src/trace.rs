@@ -67,6 +67,10 @@ pub struct L2Trace {
     /// Last guest exit of its vCPU on the aged L1 before the transfer to
     /// the first guest entry of its vCPU on the clean L1 after it.
     pub downtime_ms: Option<f64>,
+    /// Those two moments (CLOCK_MONOTONIC ns, the clock of `paused_at_ns`
+    /// and `resumed_at_ns`): each comes before the userspace stamp.
+    pub last_guest_exit_ns: Option<u64>,
+    pub first_guest_entry_ns: Option<u64>,
     pub from_vcpu_tid: Option<u32>,
     pub to_vcpu_tid: Option<u32>,
     /// Faults taken by its two vCPU threads (region faults, KVM stage-2
@@ -98,6 +102,8 @@ impl MigrationTrace {
             if let (Some(old), Some(new)) = (l.from_vcpu_tid, l.to_vcpu_tid) {
                 t.downtime_ms = summary.downtime_ms(old, new);
             }
+            t.last_guest_exit_ns = l.from_vcpu_tid.and_then(|tid| summary.thread(tid)?.last_exit_before_move_ns);
+            t.first_guest_entry_ns = l.to_vcpu_tid.and_then(|tid| summary.thread(tid)?.first_entry_after_move_ns);
             for thread in [l.from_vcpu_tid, l.to_vcpu_tid].into_iter().flatten().filter_map(|tid| summary.thread(tid)) {
                 for (kind, by_phase) in &thread.faults {
                     for (phase, h) in by_phase {

@@ -224,11 +224,17 @@ fn main() {
             check(t["from_vcpu_tid"].is_u64() && t["to_vcpu_tid"].is_u64(), || format!("{name}: vCPU threads {t}"))?;
             let (probed, measured) =
                 (t["downtime_ms"].as_f64().unwrap_or(-1.0), row["downtime_ms"].as_f64().unwrap_or(-1.0));
-            // The probes' span is the kernel's (last guest exit to first
-            // guest entry); vmbeamctl's is the lab's, from the vCPU thread's
-            // return from KVM_RUN at the pause to its return from the resume
-            // stub's first exit: each side a return to userspace later.
-            check(probed > 0.0 && (probed - measured).abs() <= 2.0 + 0.05 * measured, || {
+            // The kernel's span is the guest's own: its last exit before the
+            // move and its first entry after. vmbeamctl's stamps are taken
+            // by the vCPU thread back in userspace after each, so in one
+            // clock each kernel moment comes first; between the two, only
+            // scheduling differs (two vCPUs under TCG: a few ms).
+            let (exit, paused) = (t["last_guest_exit_ns"].as_u64(), row["paused_at_ns"].as_u64());
+            let (entry, resumed) = (t["first_guest_entry_ns"].as_u64(), row["resumed_at_ns"].as_u64());
+            check(exit.is_some() && exit <= paused && entry.is_some() && entry <= resumed, || {
+                format!("{name}: guest exit {exit:?} / pause stamp {paused:?}, guest entry {entry:?} / resume stamp {resumed:?}")
+            })?;
+            check(probed > 0.0 && (probed - measured).abs() <= 0.25 * measured, || {
                 format!("{name}: downtime {probed} ms by the probes, {measured} ms by vmbeamctl")
             })?;
             println!("# {name}: downtime {probed:.2} ms (probes), {measured:.2} ms (vmbeamctl)");
