@@ -178,12 +178,13 @@ fn get_stats(st: &mut uapi::vmbeam_stats) -> Result<c_long> {
 
 fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
     let empty = arg.flags & uapi::VMBEAM_CREATE_EMPTY != 0;
+    let huge = arg.flags & uapi::VMBEAM_CREATE_HUGE != 0;
     check_unused(
-        arg.flags & !uapi::VMBEAM_CREATE_EMPTY,
+        arg.flags & !(uapi::VMBEAM_CREATE_EMPTY | uapi::VMBEAM_CREATE_HUGE),
         u64::from(arg.pad),
         &arg.reserved,
     )?;
-    let fd = Region::create(arg.size, empty)?.pending_fd()?;
+    let fd = Region::create(arg.size, empty, huge)?.pending_fd()?;
     Ok(fd.install() as c_long)
 }
 

@@ -133,7 +133,7 @@ fn gather_new(src: &RegionFile, selection: &Selection) -> Result<c_long> {
     let count = selection.indexes.len();
     // Everything that can fail, but the source's checks, before a page moves.
     let mut moved = Pages::empty(count)?;
-    let dst = Region::new(Pages::empty(count)?)?;
+    let dst = Region::new(Pages::empty(count)?, false)?;
     let fd = dst.clone().pending_fd()?;
     {
         let _serial = GatherLock::lock();

@@ -14,6 +14,7 @@
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/pfn_t.h>
 #include <linux/sched/signal.h>
 
 #include "glue.h"
@@ -106,8 +107,34 @@ static vm_fault_t vmbeam_region_fault(struct vm_fault *vmf)
 	}
 }
 
+/*
+ * A PMD-sized fault in a huge region's mapping: one PMD for the whole
+ * 2 MiB block when the block is whole in the VMA and in the region;
+ * otherwise the 4 KiB path (fault-around) answers.
+ */
+static vm_fault_t vmbeam_region_huge_fault(struct vm_fault *vmf, unsigned int order)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	unsigned long addr = vmf->address & PMD_MASK;
+	unsigned long pgoff = vma->vm_pgoff + ((addr - vma->vm_start) >> PAGE_SHIFT);
+	u64 start = trace_fault_enabled() ? ktime_get_ns() : 0;
+	int ret;
+
+	if (order != PMD_ORDER || !(vma->vm_flags & VM_PFNMAP) ||
+	    addr < vma->vm_start || addr + PMD_SIZE > vma->vm_end)
+		return VM_FAULT_FALLBACK;
+	ret = vmbeam_rs_region_huge_fault(vma->vm_file->private_data, vmf, vma->vm_mm, pgoff);
+	if (ret > 0)
+		return VM_FAULT_FALLBACK;
+	trace_fault(file_inode(vma->vm_file)->i_ino, pgoff, ret, start ? ktime_get_ns() - start : 0);
+	if (ret == -ENOMEM)
+		return VM_FAULT_OOM;
+	return ret ? VM_FAULT_SIGBUS : VM_FAULT_NOPAGE;
+}
+
 static const struct vm_operations_struct vmbeam_region_vm_ops = {
 	.fault = vmbeam_region_fault,
+	.huge_fault = vmbeam_region_huge_fault,
 };
 
 static int vmbeam_region_mmap(struct file *file, struct vm_area_struct *vma)
@@ -121,10 +148,16 @@ static int vmbeam_region_mmap(struct file *file, struct vm_area_struct *vma)
 	if (ret)
 		return ret;
 	/*
-	 * Normal refcounted pages (GUP and so KVM can map them) inserted by the
-	 * fault handler under the region lock; no fork copies, no growth.
+	 * 4 KiB regions: normal refcounted pages (GUP, and so KVM, can map
+	 * them) inserted by the fault handler under the region lock. Huge
+	 * regions: PFNMAP, so that a 2 MiB block maps with one PMD (and KVM
+	 * then with one 2 MiB stage-2 entry); GUP cannot reach those pages.
+	 * Neither is copied on fork or grows.
 	 */
-	vm_flags_set(vma, VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
+	if (vmbeam_rs_region_huge(file->private_data))
+		vm_flags_set(vma, VM_PFNMAP | VM_HUGEPAGE | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
+	else
+		vm_flags_set(vma, VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
 	vma->vm_ops = &vmbeam_region_vm_ops;
 	return 0;
 }
@@ -181,6 +214,9 @@ static const struct file_operations vmbeam_region_fops = {
 	.unlocked_ioctl = vmbeam_region_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
 	.llseek = vmbeam_region_llseek,
+	/* 2 MiB-aligned addresses for mappings of 2 MiB and more, so huge
+	 * regions can map (and KVM can map them) by PMD. */
+	.get_unmapped_area = thp_get_unmapped_area,
 };
 
 /*
@@ -316,6 +352,26 @@ struct page *vmbeam_page_alloc(void)
 	return alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN);
 }
 
+/*
+ * A naturally aligned 2 MiB block of 512 zeroed pages, split into order-0
+ * pages (each with its own count, as KVM's PFNMAP path needs: it takes a
+ * reference on the page behind a pfn), or -ENOMEM. No reclaim or retry:
+ * the caller falls back to 4 KiB pages.
+ */
+int vmbeam_page_alloc_block(struct page **pages)
+{
+	struct page *page = alloc_pages(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN |
+					__GFP_NORETRY, PMD_ORDER);
+	int i;
+
+	if (!page)
+		return -ENOMEM;
+	split_page(page, PMD_ORDER);
+	for (i = 0; i < (1 << PMD_ORDER); i++)
+		pages[i] = page + i;
+	return 0;
+}
+
 void vmbeam_page_free(struct page *page)
 {
 	__free_page(page);
@@ -338,7 +394,33 @@ int vmbeam_should_stop(void)
 	return fatal_signal_pending(current);
 }
 
+/*
+ * Maps @page at @addr: a refcounted PTE in a 4 KiB region's VMA
+ * (VM_MIXEDMAP: GUP works), a special PTE in a huge region's (VM_PFNMAP).
+ */
 int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page)
 {
-	return vm_insert_page(vma, addr, page);
+	if (!(vma->vm_flags & VM_PFNMAP))
+		return vm_insert_page(vma, addr, page);
+	switch (vmf_insert_pfn(vma, addr, page_to_pfn(page))) {
+	case VM_FAULT_NOPAGE:
+		return 0;
+	case VM_FAULT_OOM:
+		return -ENOMEM;
+	default:
+		return -EFAULT;
+	}
+}
+
+/* Maps the 2 MiB block from @pfn with one PMD at the fault's address. */
+int vmbeam_vmf_insert_pmd(struct vm_fault *vmf, unsigned long pfn)
+{
+	switch (vmf_insert_pfn_pmd(vmf, pfn_to_pfn_t(pfn), vmf->flags & FAULT_FLAG_WRITE)) {
+	case VM_FAULT_NOPAGE:
+		return 0;
+	case VM_FAULT_OOM:
+		return -ENOMEM;
+	default:
+		return -EFAULT;
+	}
 }

@@ -45,6 +45,12 @@ pub(crate) struct File {
     _private: [u8; 0],
 }
 
+/// Opaque `struct vm_fault`.
+#[repr(C)]
+pub(crate) struct VmFault {
+    _private: [u8; 0],
+}
+
 /// Opaque `struct vm_area_struct`.
 #[repr(C)]
 pub(crate) struct Vma {
@@ -57,6 +63,9 @@ extern "C" {
     fn vmbeam_totalram_pages() -> c_ulong;
     fn vmbeam_should_stop() -> c_int;
     fn vmbeam_vma_insert_page(vma: *mut Vma, addr: c_ulong, page: *mut Page) -> c_int;
+    fn vmbeam_vmf_insert_pmd(vmf: *mut VmFault, pfn: c_ulong) -> c_int;
+    fn vmbeam_page_alloc_block(pages: *mut *mut Page) -> c_int;
+    fn vmbeam_page_to_pfn(page: *mut Page) -> c_ulong;
     fn vmbeam_region_file(region: *const c_void, size: i64) -> *mut File;
     fn vmbeam_fd_reserve() -> c_int;
     fn vmbeam_fd_unreserve(fd: c_int);
@@ -67,6 +76,8 @@ extern "C" {
 }
 
 pub(crate) const PAGE_SIZE: u64 = 4096;
+/// Pages in a 2 MiB block: what one PMD maps.
+pub(crate) const BLOCK_PAGES: usize = 512;
 
 /// The pages of a region, by page offset. A null entry is a page that was
 /// gathered away into another region.
@@ -84,10 +95,25 @@ impl Pages {
         Ok(Self(KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?))
     }
 
-    /// `n` fresh zeroed pages, charged to the caller's memcg.
-    fn alloc(n: usize) -> Result<Self> {
+    /// `n` fresh zeroed pages, charged to the caller's memcg; with `huge`,
+    /// each whole 2 MiB of them a naturally aligned block where the
+    /// allocator has one (else 4 KiB pages, as without).
+    fn alloc(n: usize, huge: bool) -> Result<Self> {
         let mut pages = Self::empty(n)?;
-        for (i, slot) in pages.0.iter_mut().enumerate() {
+        let mut blocks = pages.0.chunks_exact_mut(BLOCK_PAGES);
+        for block in blocks.by_ref().take(if huge { n / BLOCK_PAGES } else { 0 }) {
+            // SAFETY: no preconditions; process context.
+            if unsafe { vmbeam_should_stop() } != 0 {
+                return Err(EINTR);
+            }
+            // SAFETY: `block` has room for the 512 page pointers written.
+            // INVARIANT: on success, 512 fresh order-0 pages (a split
+            // block), each in one slot only; on failure nothing is written.
+            if unsafe { vmbeam_page_alloc_block(block.as_mut_ptr()) } != 0 {
+                break; // fragmented: the rest comes page by page
+            }
+        }
+        for (i, slot) in pages.0.iter_mut().enumerate().filter(|(_, s)| s.is_null()) {
             // SAFETY: no preconditions; process context.
             if i % 512 == 0 && unsafe { vmbeam_should_stop() } != 0 {
                 return Err(EINTR); // `pages` frees what was allocated
@@ -109,6 +135,17 @@ impl Pages {
 
     pub(crate) fn get(&self, index: usize) -> Option<*mut Page> {
         self.0.get(index).copied().filter(|p| !p.is_null())
+    }
+
+    /// The first pfn of pages `first..first + 512` if they are one
+    /// naturally aligned 2 MiB block of physical memory.
+    pub(crate) fn block_pfn(&self, first: usize) -> Option<c_ulong> {
+        let block = self.0.get(first..first.checked_add(BLOCK_PAGES)?)?;
+        // SAFETY: non-null entries are live pages (type invariant).
+        let pfn = |p: *mut Page| (!p.is_null()).then(|| unsafe { vmbeam_page_to_pfn(p) });
+        let base = pfn(block[0])?;
+        let contiguous = block.iter().enumerate().all(|(i, &p)| pfn(p) == Some(base + i as c_ulong));
+        (base % BLOCK_PAGES as c_ulong == 0 && contiguous).then_some(base)
     }
 
     pub(crate) fn present(&self) -> usize {
@@ -178,6 +215,8 @@ impl RegionState {
 #[pin_data(PinnedDrop)]
 pub(crate) struct Region {
     size: u64,
+    /// Mapped by PMD where a 2 MiB block allows (`VMBEAM_CREATE_HUGE`).
+    huge: bool,
     open_files: AtomicUsize,
     #[pin]
     state: Mutex<RegionState>,
@@ -188,12 +227,13 @@ pub(crate) struct Region {
 
 impl Region {
     /// A region of `pages`, counted in the module's statistics.
-    pub(crate) fn new(pages: Pages) -> Result<Arc<Self>> {
+    pub(crate) fn new(pages: Pages, huge: bool) -> Result<Arc<Self>> {
         let npages = pages.len() as u64;
         let present = pages.present() as u64;
         let region = Arc::pin_init(
             pin_init!(Self {
                 size: npages * PAGE_SIZE,
+                huge,
                 open_files: AtomicUsize::new(0),
                 state <- new_mutex!(RegionState { pages, owner: None, moving: false }),
                 settled <- new_condvar!("vmbeam::Region::settled"),
@@ -207,7 +247,7 @@ impl Region {
 
     /// `VMBEAM_CREATE_REGION`: a region of `size` zeroed bytes, or of
     /// `size` bytes of missing pages if `empty`.
-    pub(crate) fn create(size: u64, empty: bool) -> Result<Arc<Self>> {
+    pub(crate) fn create(size: u64, empty: bool, huge: bool) -> Result<Arc<Self>> {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(EINVAL);
         }
@@ -217,11 +257,8 @@ impl Region {
             return Err(ENOMEM);
         }
         let npages = usize::try_from(npages).map_err(|_| ENOMEM)?;
-        Self::new(if empty {
-            Pages::empty(npages)?
-        } else {
-            Pages::alloc(npages)?
-        })
+        let pages = if empty { Pages::empty(npages)? } else { Pages::alloc(npages, huge)? };
+        Self::new(pages, huge)
     }
 
     /// Makes `owner` the region's owner, unless it has a live one or is
@@ -473,6 +510,35 @@ extern "C" fn vmbeam_rs_region_fault(
         }
     }
     0
+}
+
+/// Whether mappings of the region are PFNMAP, by PMD where they can.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_huge(region: *mut c_void) -> c_int {
+    // SAFETY: called from the region file's mmap, so the file is live.
+    c_int::from(unsafe { region_of(region) }.huge)
+}
+
+/// A PMD-sized fault at region page `pgoff` (2 MiB-aligned in the VMA,
+/// the whole block inside it: C checked): maps the block with one PMD if
+/// `mm` may map the region and the block is one aligned 2 MiB of physical
+/// memory; 1 sends the fault down the 4 KiB path.
+#[no_mangle]
+extern "C" fn vmbeam_rs_region_huge_fault(region: *mut c_void, vmf: *mut VmFault, mm: *mut Mm, pgoff: c_ulong) -> c_int {
+    // SAFETY: the faulting VMA holds a reference to the region file.
+    let region = unsafe { region_of(region) };
+    let state = region.lock_settled();
+    if !state.may_map(mm) {
+        return EFAULT.to_errno();
+    }
+    let Some(pfn) = usize::try_from(pgoff).ok().filter(|p| p % BLOCK_PAGES == 0).and_then(|p| state.pages.block_pfn(p))
+    else {
+        return 1;
+    };
+    // SAFETY: `vmf` is the fault being handled (mmap or VMA lock held);
+    // the block stays in the region while we hold its lock, so a
+    // revocation (which takes the lock) zaps this PMD after it is made.
+    unsafe { vmbeam_vmf_insert_pmd(vmf, pfn) }
 }
 
 /// A region file was reopened (`/proc/PID/fd/N`): the new file takes a

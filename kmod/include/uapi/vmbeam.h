@@ -26,7 +26,7 @@
  * 3: a refused transfer is invisible to faults and mmaps; a fault or mmap
  * that meets a move waits for its outcome (see struct vmbeam_transfer).
  */
-#define VMBEAM_API_VERSION 3
+#define VMBEAM_API_VERSION 4
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -69,7 +69,7 @@ struct vmbeam_stats {
  * struct vmbeam_region_create - VMBEAM_CREATE_REGION (on /dev/vmbeam).
  * @size:     in: bytes, a nonzero multiple of the page size. The module
  *            allocates and zeroes the pages, charged to the caller's memcg.
- * @flags:    in: 0 or VMBEAM_CREATE_EMPTY.
+ * @flags:    in: 0, or VMBEAM_CREATE_EMPTY and/or VMBEAM_CREATE_HUGE.
  * @pad:      in: must be 0.
  * @reserved: in: must be 0.
  *
@@ -83,6 +83,17 @@ struct vmbeam_stats {
  * touching a missing page gets SIGBUS (KVM_RUN: -EFAULT): its VMM must not
  * touch a page before it arrives.
  *
+ * VMBEAM_CREATE_HUGE (since version 4): the pages come in naturally
+ * aligned 2 MiB blocks where the allocator has them (4 KiB pages for the
+ * rest), and mappings of the region map a whole block with one PMD where
+ * the mapping is 2 MiB-aligned (mmap picks such an address for 2 MiB and
+ * more), so KVM maps it with one 2 MiB stage-2 entry and a revocation zaps
+ * one entry per 2 MiB. The mappings are PFNMAP: the pages are not
+ * reachable by GUP (O_DIRECT into them, vhost, process_vm_readv,
+ * /proc/PID/mem fail with -EFAULT/-EIO); KVM and the VMM's own loads and
+ * stores are not affected. Without the flag, mappings are 4 KiB and GUP
+ * works.
+ *
  * Every open file of a region is the region: opening /proc/PID/fd/N of a
  * region fd (as QEMU's memory-backend-file mem-path= does) gives another
  * fd of the same region, with the same owner rule for mmap. The region
@@ -91,6 +102,7 @@ struct vmbeam_stats {
  * or the allocation failed; -EINTR: a fatal signal during allocation.
  */
 #define VMBEAM_CREATE_EMPTY (1U << 0)
+#define VMBEAM_CREATE_HUGE (1U << 1)
 
 struct vmbeam_region_create {
 	__u64 size;

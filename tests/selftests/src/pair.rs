@@ -42,11 +42,17 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(size: u64, stride: u32, seed: u32) -> Result<Self, String> {
+        Self::with_pages(size, stride, seed, false)
+    }
+
+    /// As [`Pair::new`], the region created with `VMBEAM_CREATE_HUGE` if
+    /// `huge`.
+    pub fn with_pages(size: u64, stride: u32, seed: u32, huge: bool) -> Result<Self, String> {
         let mut aged = Vmm::spawn();
         let mut clean = Vmm::spawn();
         let (_, aged_vm) = aged.ok(&Request::CreateVm, &[])?;
         let (_, clean_vm) = clean.ok(&Request::CreateVm, &[])?;
-        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: AGED_GPA }, &[])?;
+        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: AGED_GPA, huge }, &[])?;
         let written = run(&mut aged, Program::Fill { seed }, 0, count(size, stride), stride)?;
         check(written == fill_sum(seed, count(size, stride)), || {
             format!("aged guest reported {written:#x}, host computes {:#x}", fill_sum(seed, count(size, stride)))

@@ -40,9 +40,15 @@ pub enum Program {
 pub enum Request {
     /// Create this VMM's VM; the reply carries its fd.
     CreateVm,
-    /// Create a region of `size` bytes, bind it to our VM and attach it.
-    /// The reply carries the region fd.
-    CreateRegion { size: u64, slot: u32, gpa: u64 },
+    /// Create a region of `size` bytes (with `huge`, VMBEAM_CREATE_HUGE),
+    /// bind it to our VM and attach it. The reply carries the region fd.
+    CreateRegion {
+        size: u64,
+        slot: u32,
+        gpa: u64,
+        #[serde(default)]
+        huge: bool,
+    },
     /// Create a plain shmem memfd of `size` bytes and attach it like a
     /// region (the fd-handover peer in `make bench`). The reply carries it.
     CreateMemfd { size: u64, slot: u32, gpa: u64 },
@@ -244,10 +250,11 @@ fn handle(
             *vm = Some(new);
             Ok(0)
         }
-        Request::CreateRegion { size, slot, gpa } => {
+        Request::CreateRegion { size, slot, gpa, huge } => {
             need_vm(vm)?;
             let dev = vmbeam::Device::open().map_err(|e| (errno_of(&e), e.to_string()))?;
-            let region = dev.create_region(size).map_err(|e| (errno_of(&e), e.to_string()))?;
+            let region = if huge { dev.create_huge_region(size) } else { dev.create_region(size) };
+            let region = region.map_err(|e| (errno_of(&e), e.to_string()))?;
             let vm_ref = vm.as_ref().unwrap();
             region.bind(vm_ref.vm_borrowed()).map_err(|e| (errno_of(&e), e.to_string()))?;
             let fd = region.into_fd();

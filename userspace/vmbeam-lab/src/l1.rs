@@ -31,6 +31,8 @@ pub struct L1 {
     ram: GuestRegionMmap<()>,
     _ram_region: Region,
     pub l2s: Vec<L2>,
+    /// New L2 windows are VMBEAM_CREATE_HUGE regions (`--huge`).
+    pub huge_windows: bool,
     /// L2s handed over ahead of their memory (`stage-regions`), checked and
     /// held, not running; each with the control session that staged it.
     staged: Vec<(u64, Checked)>,
@@ -59,6 +61,7 @@ impl L1 {
             ram,
             _ram_region: ram_region,
             l2s: Vec::new(),
+            huge_windows: false,
             staged: Vec::new(),
             next_slot: 0,
             next_vcpu: 0,
@@ -131,7 +134,11 @@ impl L1 {
     pub fn add_l2(&mut self, name: String, size: u64) -> Result<()> {
         ensure!(size >= 2 * PAGE && size.is_multiple_of(PAGE), "L2 size must be a multiple of 4 KiB, at least 8 KiB");
         let window = self.free_window(size).ok_or_else(|| anyhow!("no free window of {size} bytes below 4 GiB"))?;
-        let region = self.dev.create_region(size).context("VMBEAM_CREATE_REGION")?;
+        // 4 KiB pages unless asked: a huge region's PFNMAP mappings are
+        // invisible to /proc/PID/pagemap, which is how migrate-all proves
+        // that the same frames back both sides.
+        let region = if self.huge_windows { self.dev.create_huge_region(size) } else { self.dev.create_region(size) };
+        let region = region.context("VMBEAM_CREATE_REGION")?;
         region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
         self.seed = self.seed.wrapping_mul(0x2c9277b5).wrapping_add(0xac564b05);
         let regs = Regs { rsi: window.gpa, rip: workload::CODE_GPA + workload::INIT, ..Default::default() };

@@ -34,6 +34,11 @@ struct Cli {
     /// Memory of each L2 (K, M or G suffix).
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     l2_size: u64,
+    /// Create the L2 windows with VMBEAM_CREATE_HUGE: 2 MiB blocks mapped
+    /// by PMD, and so by KVM with 2 MiB stage-2 entries. Their frames are
+    /// not in /proc/PID/pagemap, so migrate-all cannot compare them.
+    #[arg(long)]
+    huge: bool,
     /// The L1's own RAM (holds the workload code).
     #[arg(long, default_value = "2M", value_parser = parse_size)]
     ram_size: u64,
@@ -69,6 +74,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: &Cli) -> Result<()> {
     probe::install_handlers().context("signal handlers")?;
     let mut l1 = l1::L1::new(cli.name.clone(), cli.ram_size)?;
+    l1.huge_windows = cli.huge;
     for i in 0..cli.l2_count {
         l1.add_l2(format!("{}-vm{i}", cli.name), cli.l2_size).with_context(|| format!("starting L2 {i}"))?;
     }

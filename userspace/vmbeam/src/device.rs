@@ -71,6 +71,13 @@ impl Device {
         self.create_region_flags(size, uapi::VMBEAM_CREATE_EMPTY)
     }
 
+    /// A new region of `size` bytes in 2 MiB blocks, mapped by PMD where a
+    /// mapping is 2 MiB-aligned (`VMBEAM_CREATE_HUGE`): one stage-2 entry
+    /// and one revocation per 2 MiB; its pages are not reachable by GUP.
+    pub fn create_huge_region(&self, size: u64) -> Result<Region, Error> {
+        self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE)
+    }
+
     fn create_region_flags(&self, size: u64, flags: u32) -> Result<Region, Error> {
         let arg = uapi::vmbeam_region_create { size, flags, ..Default::default() };
         // SAFETY: /dev/vmbeam and the struct this command takes.

@@ -30,11 +30,12 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    fn start(name: &str, l2: usize, size: u64) -> Result<Self, String> {
+    fn start(name: &str, l2: usize, size: u64, huge: bool) -> Result<Self, String> {
         let socket = std::env::temp_dir().join(format!("vmbeam-bench-{name}-{}.sock", std::process::id()));
         let child = Command::new(exe("vmbeam-lab"))
             .args(["--socket".as_ref(), socket.as_os_str()])
             .args(["--name", name, "--l2", &l2.to_string(), "--l2-size", &format!("{}M", size >> 20)])
+            .args(huge.then_some("--huge"))
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .spawn()
@@ -51,12 +52,13 @@ impl Lab {
     }
 }
 
-/// One migrate-all of `l2` L2s of `size` bytes; the sample's downtime is
+/// One migrate-all of `l2` L2s of `size` bytes (windows of 2 MiB blocks
+/// with `huge`); the sample's downtime is
 /// the mean over the L2s (as vmbeamctl measured it), its wall the whole
 /// command's.
-pub fn migrate_all(l2: usize, size: u64) -> Result<Sample, String> {
-    let aged = Lab::start("aged", l2, size)?;
-    let clean = Lab::start("clean", 0, 0)?;
+pub fn migrate_all(l2: usize, size: u64, huge: bool) -> Result<Sample, String> {
+    let aged = Lab::start("aged", l2, size, huge)?;
+    let clean = Lab::start("clean", 0, 0, false)?;
     // Let every L2 complete a verified pass first: a running workload.
     std::thread::sleep(Duration::from_millis(500));
     let (out, mut sample) = timed(|| {

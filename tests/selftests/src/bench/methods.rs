@@ -40,9 +40,9 @@ pub struct VmbeamRun {
 }
 
 /// Aged VMM fills a region of `size` through its guest; the clean VMM
-/// takes it over.
-pub fn vmbeam(dev: &vmbeam::Device, size: u64) -> Result<VmbeamRun, String> {
-    let mut pair = Pair::new(size, PAGE, 0xbe4c_0001)?;
+/// takes it over. With `huge`, the region is `VMBEAM_CREATE_HUGE`.
+pub fn vmbeam(dev: &vmbeam::Device, size: u64, huge: bool) -> Result<VmbeamRun, String> {
+    let mut pair = Pair::with_pages(size, PAGE, 0xbe4c_0001, huge)?;
     let copied0 = dev.stats().map_err(|e| e.to_string())?.bytes_copied;
     let (moved, transfer) = timed(|| dev.transfer_batch(&[pair.transfer()]));
     moved.map_err(|e| format!("transfer: {e}"))?;

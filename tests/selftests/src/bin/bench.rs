@@ -56,17 +56,23 @@ fn main() {
     for &size in &sizes {
         let name = bench::size_name(size);
         push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
-        let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
-            .filter_map(|_| methods::vmbeam(&dev, size).map_err(|e| eprintln!("bench: vmbeam {name}: {e}")).ok())
-            .collect();
-        push(&mut rows, "vmbeam transfer", size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
-        push(&mut rows, "vmbeam transfer + map (populate)", size, &vmbeam.iter().map(|r| r.mapped).collect::<Vec<_>>());
-        push(
-            &mut rows,
-            "vmbeam transfer + map + guest reads all",
-            size,
-            &vmbeam.iter().map(|r| r.touched).collect::<Vec<_>>(),
-        );
+        for (huge, pages) in [(false, "4K"), (true, "2M")] {
+            let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
+                .filter_map(|_| {
+                    methods::vmbeam(&dev, size, huge).map_err(|e| eprintln!("bench: vmbeam {pages} {name}: {e}")).ok()
+                })
+                .collect();
+            let label = |what: &str| -> &'static str { Box::leak(format!("vmbeam {pages}: {what}").into_boxed_str()) };
+            push(&mut rows, label("transfer"), size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
+            push(
+                &mut rows,
+                label("transfer + map (populate)"),
+                size,
+                &vmbeam.iter().map(|r| r.mapped).collect::<Vec<_>>(),
+            );
+            let touched: Vec<Sample> = vmbeam.iter().map(|r| r.touched).collect();
+            push(&mut rows, label("transfer + map + guest reads all"), size, &touched);
+        }
         let memfd: Vec<(Sample, Sample)> = (0..runs)
             .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
             .collect();
@@ -84,8 +90,11 @@ fn main() {
             if n as u64 * size > 2 << 30 {
                 continue;
             }
-            let method: &'static str = Box::leak(format!("lab migrate-all, {n} L2 of this size").into_boxed_str());
-            push(&mut rows, method, size, &sample(method, runs, || lab::migrate_all(n, size)));
+            for (huge, pages) in [(false, "4K"), (true, "2M")] {
+                let method: &'static str =
+                    Box::leak(format!("lab migrate-all, {n} L2 of this size, {pages} windows").into_boxed_str());
+                push(&mut rows, method, size, &sample(method, runs, || lab::migrate_all(n, size, huge)));
+            }
         }
     }
     output::add_ratios(&mut rows);

@@ -204,6 +204,7 @@ impl Pair for LabPair {
 
 fn verify_clean(report: &mut Report, vms: &[L2Info], moving: &[Moving], clean_pid: u32) -> Result<()> {
     let mut bad = Vec::new();
+    let mut report_warnings = Vec::new();
     for vm in vms {
         let Some(l) = report.l2.iter_mut().find(|l| l.name == vm.name) else { continue };
         l.passes_after = Some(vm.passes);
@@ -214,6 +215,12 @@ fn verify_clean(report: &mut Report, vms: &[L2Info], moving: &[Moving], clean_pi
         let clean = vmbeam::pagemap::frames(clean_pid, vm.hva, vm.window.size).ok();
         if let (Some(a), Some(c)) = (aged, clean) {
             l.compare_frames(a, &c);
+        }
+        if l.frames_compared == 0 {
+            report_warnings.push(format!(
+                "{}: no page frame to compare (pagemap needs root, and shows none of a VMBEAM_CREATE_HUGE window)",
+                vm.name
+            ));
         }
         if vm.state != L2State::Running || vm.errors != 0 || vm.checksum_ok != Some(true) {
             bad.push(format!(
@@ -233,6 +240,7 @@ fn verify_clean(report: &mut Report, vms: &[L2Info], moving: &[Moving], clean_pi
             ));
         }
     }
+    report.warnings.extend(report_warnings);
     ensure!(bad.is_empty(), "after the move: {}", bad.join("; "));
     Ok(())
 }
