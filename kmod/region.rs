@@ -144,7 +144,10 @@ impl Pages {
         // SAFETY: non-null entries are live pages (type invariant).
         let pfn = |p: *mut Page| (!p.is_null()).then(|| unsafe { vmbeam_page_to_pfn(p) });
         let base = pfn(block[0])?;
-        let contiguous = block.iter().enumerate().all(|(i, &p)| pfn(p) == Some(base + i as c_ulong));
+        let contiguous = block
+            .iter()
+            .enumerate()
+            .all(|(i, &p)| pfn(p) == Some(base + i as c_ulong));
         (base % BLOCK_PAGES as c_ulong == 0 && contiguous).then_some(base)
     }
 
@@ -257,7 +260,11 @@ impl Region {
             return Err(ENOMEM);
         }
         let npages = usize::try_from(npages).map_err(|_| ENOMEM)?;
-        let pages = if empty { Pages::empty(npages)? } else { Pages::alloc(npages, huge)? };
+        let pages = if empty {
+            Pages::empty(npages)?
+        } else {
+            Pages::alloc(npages, huge)?
+        };
         Self::new(pages, huge)
     }
 
@@ -524,14 +531,22 @@ extern "C" fn vmbeam_rs_region_huge(region: *mut c_void) -> c_int {
 /// `mm` may map the region and the block is one aligned 2 MiB of physical
 /// memory; 1 sends the fault down the 4 KiB path.
 #[no_mangle]
-extern "C" fn vmbeam_rs_region_huge_fault(region: *mut c_void, vmf: *mut VmFault, mm: *mut Mm, pgoff: c_ulong) -> c_int {
+extern "C" fn vmbeam_rs_region_huge_fault(
+    region: *mut c_void,
+    vmf: *mut VmFault,
+    mm: *mut Mm,
+    pgoff: c_ulong,
+) -> c_int {
     // SAFETY: the faulting VMA holds a reference to the region file.
     let region = unsafe { region_of(region) };
     let state = region.lock_settled();
     if !state.may_map(mm) {
         return EFAULT.to_errno();
     }
-    let Some(pfn) = usize::try_from(pgoff).ok().filter(|p| p % BLOCK_PAGES == 0).and_then(|p| state.pages.block_pfn(p))
+    let Some(pfn) = usize::try_from(pgoff)
+        .ok()
+        .filter(|p| p % BLOCK_PAGES == 0)
+        .and_then(|p| state.pages.block_pfn(p))
     else {
         return 1;
     };
