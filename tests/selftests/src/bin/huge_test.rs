@@ -11,9 +11,9 @@ use std::os::unix::fs::FileExt;
 use vmbeam_probes::{Kind, Options, Probes, Summary};
 use vmbeam_selftests::{
     check,
-    pair::{Pair, MIB},
+    pair::{Pair, CLEAN_GPA, MIB, SLOT},
     require,
-    vmm::Request,
+    vmm::{Program, Request},
     Tap,
 };
 
@@ -22,7 +22,7 @@ const BLOCK: u64 = 2 * MIB;
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(4);
+    let mut tap = Tap::new(5);
     let mut pair = match Pair::with_pages(SIZE, 4096, 0x4a9e_0001, true) {
         Ok(p) => p,
         Err(e) => Tap::skip_all(&format!("set-up: {e}")),
@@ -73,7 +73,7 @@ fn main() {
     });
 
     tap.test("the_old_owner_is_refused_and_gup_cannot_reach_the_pages", || {
-        let touched = pair.aged.call(&Request::Touch { slot: vmbeam_selftests::pair::SLOT, offset: 4096 }, &[]);
+        let touched = pair.aged.call(&Request::Touch { slot: SLOT, offset: 4096 }, &[]);
         check(matches!(touched, Err((libc::EFAULT, _))), || format!("the aged VMM read after the move: {touched:?}"))?;
         // The documented cost of PFNMAP: no GUP, so /proc/PID/mem (like
         // O_DIRECT or process_vm_readv) cannot read the new owner's pages.
@@ -84,5 +84,38 @@ fn main() {
     });
 
     pair.finish();
+
+    tap.test("gather_takes_single_pages_out_of_a_block", || {
+        use std::os::fd::AsFd;
+        let mut src = Pair::with_pages(4 * MIB, 64, 0x4a9e_0002, true)?;
+        // One page from each block, each summed first by the source guest.
+        let picks = [5u64, 600];
+        let sums: Vec<u32> = picks
+            .iter()
+            .map(|&p| vmbeam_selftests::pair::run(&mut src.aged, Program::Sum, p * 4096, 64, 64))
+            .collect::<Result<_, _>>()?;
+        let offsets: Vec<u64> = picks.iter().map(|p| p * 4096).collect();
+        let gathered = dev.gather(src.region.as_fd(), &offsets).map_err(|e| e.to_string())?;
+        // The blocks' PMDs went with them; the rest of each block is still
+        // the source's, page by page.
+        for p in picks {
+            let got = src.aged.call(&Request::Touch { slot: SLOT, offset: p * 4096 }, &[]);
+            check(matches!(&got, Err((_, w)) if w == "SIGBUS"), || format!("source page {p} after gather: {got:?}"))?;
+        }
+        for p in [0u64, 4, 6, 511, 512, 599, 601, 1023] {
+            src.aged
+                .ok(&Request::Touch { slot: SLOT, offset: p * 4096 }, &[])
+                .map_err(|e| format!("source page {p}: {e}"))?;
+        }
+        let fd: std::os::fd::OwnedFd = gathered.into_fd();
+        src.clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[fd.as_fd()])?;
+        for (i, &want) in sums.iter().enumerate() {
+            let got = vmbeam_selftests::pair::run(&mut src.clean, Program::Sum, i as u64 * 4096, 64, 64)?;
+            check(got == want, || format!("gathered page {i} (source page {}): {got:#x} != {want:#x}", picks[i]))?;
+        }
+        src.finish();
+        Ok(())
+    });
+
     tap.finish();
 }
