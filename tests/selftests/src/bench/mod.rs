@@ -11,7 +11,7 @@ pub mod qemu;
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -28,9 +28,9 @@ pub struct Sample {
 }
 
 /// The median of several runs of one method at one size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    pub method: &'static str,
+    pub method: String,
     pub size: u64,
     pub runs: usize,
     pub wall_ms: f64,
@@ -42,13 +42,13 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn of(method: &'static str, size: u64, samples: &[Sample]) -> Option<Self> {
+    pub fn of(method: &str, size: u64, samples: &[Sample]) -> Option<Self> {
         if samples.is_empty() {
             return None;
         }
         let downs: Vec<f64> = samples.iter().filter_map(|s| s.downtime_ms).collect();
         Some(Self {
-            method,
+            method: method.to_string(),
             size,
             runs: samples.len(),
             wall_ms: median(samples.iter().map(|s| s.wall_ms).collect()),

@@ -39,25 +39,45 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-/// time (ms) against size (MiB), log-log, one line per method.
-pub fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
-    let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (package fonts-dejavu-core)"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| "the plot font did not load".to_string())?;
-    let mut methods: Vec<&'static str> = Vec::new();
-    for r in rows {
-        if !methods.contains(&r.method) {
-            methods.push(r.method);
+/// Wall time against size, log-log, one line per method.
+pub fn plot_wall(rows: &[Row], path: &Path) -> Result<(), String> {
+    let points: Vec<(&str, f64, f64)> = rows.iter().map(|r| (r.method.as_str(), mib(r), r.wall_ms)).collect();
+    plot(&points, "vmbeam make bench: time to hand over / move memory", "wall time (ms)", path)
+}
+
+/// Downtime against size for the methods that have one (migrations).
+pub fn plot_downtime(rows: &[Row], path: &Path) -> Result<(), String> {
+    let points: Vec<(&str, f64, f64)> =
+        rows.iter().filter_map(|r| Some((r.method.as_str(), mib(r), r.downtime_ms?))).collect();
+    plot(&points, "vmbeam make bench: downtime per VM against its size", "downtime (ms)", path)
+}
+
+fn mib(r: &Row) -> f64 {
+    r.size as f64 / f64::from(1 << 20)
+}
+
+/// (method, size MiB, value) points: log-log, one line per method.
+fn plot(points: &[(&str, f64, f64)], caption: &str, y_desc: &str, path: &Path) -> Result<(), String> {
+    static FONT_LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    FONT_LOADED
+        .get_or_init(|| {
+            let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (package fonts-dejavu-core)"))?;
+            plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
+                .map_err(|_| "the plot font did not load".to_string())
+        })
+        .clone()?;
+    let mut methods: Vec<&str> = Vec::new();
+    for (m, _, _) in points {
+        if !methods.contains(m) {
+            methods.push(m);
         }
     }
-    let mib = |r: &Row| r.size as f64 / f64::from(1 << 20);
-    let (x_lo, x_hi) = rows.iter().map(mib).fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
-    let (y_lo, y_hi) =
-        rows.iter().map(|r| r.wall_ms.max(1e-3)).fold((f64::MAX, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (x_lo, x_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (y_lo, y_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.2.max(1e-3)), hi.max(p.2)));
     let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("vmbeam make bench: time to hand over / move memory", ("sans-serif", 24))
+        .caption(caption, ("sans-serif", 24))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(70)
@@ -66,20 +86,21 @@ pub fn plot(rows: &[Row], path: &Path) -> Result<(), String> {
     chart
         .configure_mesh()
         .x_desc("size (MiB)")
-        .y_desc("wall time (ms)")
+        .y_desc(y_desc)
+        .x_labels(6)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, method) in methods.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> =
-            rows.iter().filter(|r| r.method == *method).map(|r| (mib(r), r.wall_ms.max(1e-3))).collect();
+        let line: Vec<(f64, f64)> = points.iter().filter(|p| p.0 == *method).map(|p| (p.1, p.2.max(1e-3))).collect();
         chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(*method)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
+        chart.draw_series(line.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
     }
     chart
         .configure_series_labels()

@@ -31,7 +31,27 @@ fn sample(what: &str, runs: usize, mut f: impl FnMut() -> Result<Sample, String>
         .collect()
 }
 
+/// The plots of bench.json in `dir`.
+fn plots(rows: &[Row], dir: &std::path::Path) -> Result<(), String> {
+    output::plot_wall(rows, &dir.join("bench.png"))?;
+    output::plot_downtime(rows, &dir.join("bench-downtime.png"))
+}
+
 fn main() {
+    // `bench --replot DIR`: redraw the plots from DIR/bench.json (no KVM).
+    if std::env::args().nth(1).as_deref() == Some("--replot") {
+        let dir = PathBuf::from(std::env::args().nth(2).unwrap_or_else(|| "results".into()));
+        let json: serde_json::Value = std::fs::read(dir.join("bench.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| panic!("{}: no bench.json", dir.display()));
+        let rows: Vec<Row> = serde_json::from_value(json["rows"].clone()).expect("bench.json rows");
+        if let Err(e) = plots(&rows, &dir) {
+            eprintln!("bench: plot: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let dev = require::vmbeam_and_kvm();
     let out_dir = std::env::args().nth(1).map(PathBuf::from);
     let runs: usize = std::env::var("VMBEAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
@@ -114,9 +134,9 @@ fn main() {
         eprintln!("bench: writing {}: {e}", dir.display());
         std::process::exit(1);
     }
-    if let Err(e) = output::plot(&rows, &dir.join("bench.png")) {
+    if let Err(e) = plots(&rows, &dir) {
         eprintln!("bench: plot: {e}");
         std::process::exit(1);
     }
-    eprintln!("bench: wrote bench.md, bench.json, bench.png in {}", dir.display());
+    eprintln!("bench: wrote bench.md, bench.json, bench.png, bench-downtime.png in {}", dir.display());
 }
