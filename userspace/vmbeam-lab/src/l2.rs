@@ -287,7 +287,7 @@ impl L2 {
             passes: h.passes(),
             errors: u64::from(h.errors),
             checksum: h.checksum,
-            checksum_ok: (h.pass >= 2).then(|| h.checksum == h.expected_checksum(h.pass - 1)),
+            checksum_ok: h.checksum_ok(),
             hva: self.memory.as_ptr() as u64,
             paused_at_ns: ctl.paused_at_ns,
             resumed_at_ns: ctl.resumed_at_ns,

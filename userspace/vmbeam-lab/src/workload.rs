@@ -94,6 +94,19 @@ impl Header {
     }
 }
 
+impl Header {
+    /// Whether the checksum is what the last verifying pass must have
+    /// summed (None before the first one). Read while the guest runs, the
+    /// header can be caught between its two stores at the end of a pass
+    /// (the new checksum written, `pass` not yet incremented): that
+    /// checksum belongs to the pass in progress, and is right too.
+    pub fn checksum_ok(&self) -> Option<bool> {
+        (self.pass >= 2).then(|| {
+            self.checksum == self.expected_checksum(self.pass - 1) || self.checksum == self.expected_checksum(self.pass)
+        })
+    }
+}
+
 /// The value pass `pass` writes at dword 0.
 fn base(seed: u32, pass: u32) -> u32 {
     seed.wrapping_add(pass.wrapping_mul(M))
@@ -138,6 +151,18 @@ mod tests {
     fn entry_points_hold_the_expected_instructions() {
         assert_eq!(&CODE[RESUME as usize..][..2], &[0xe6, PORT_RESUMED as u8]);
         assert_eq!(&CODE[PROBE as usize..][..4], &[0x8b, 0x07, 0xe7, PORT_PROBE as u8]);
+    }
+
+    #[test]
+    fn a_header_caught_between_the_checksum_and_the_pass_count_is_ok() {
+        let mut h = Header::new(7, HEADER_BYTES + 4 * 100);
+        h.pass = 5;
+        h.checksum = h.expected_checksum(4); // pass 5 in progress
+        assert_eq!(h.checksum_ok(), Some(true));
+        h.checksum = h.expected_checksum(5); // pass 5 stored its sum, not yet counted
+        assert_eq!(h.checksum_ok(), Some(true));
+        h.checksum ^= 1;
+        assert_eq!(h.checksum_ok(), Some(false));
     }
 
     #[test]
