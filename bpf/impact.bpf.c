@@ -41,6 +41,10 @@ struct impact_hist _hist = {};
 struct impact_thread _thread = {};
 struct impact_region _region = {};
 struct impact_event _event = {};
+/* ... and these enums, so that Rust takes their values from here too. */
+enum impact_phase _phase = IMPACT_BEFORE;
+enum impact_kind _kind = IMPACT_REGION_FAULT;
+enum impact_event_kind _event_kind = IMPACT_EV_TRANSFER_START;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -80,6 +84,18 @@ static __always_inline bool traced(__u32 tgid)
 	return !filter_tgids || bpf_map_lookup_elem(&tgids, &tgid);
 }
 
+/* The entry for @key, created from @init if absent (bcc's
+ * bpf_map_lookup_or_try_init); NULL only if the map is full. */
+static __always_inline void *lookup_or_init(void *map, const void *key, const void *init)
+{
+	void *v = bpf_map_lookup_elem(map, key);
+
+	if (v)
+		return v;
+	bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	return bpf_map_lookup_elem(map, key);
+}
+
 static __always_inline __u32 log2_u64(__u64 v)
 {
 	__u32 r = 0;
@@ -98,20 +114,15 @@ static __always_inline void record(__u32 kind, bool timed, __u64 delta_ns)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct impact_hist_key key = { .tid = (__u32)id, .tgid = id >> 32, .kind = kind, .phase = phase };
+	static const struct impact_hist zero;
 	struct impact_hist *h;
 	__u32 slot;
 
 	if (key.phase >= IMPACT_PHASES)
 		key.phase = IMPACT_AFTER;
-	h = bpf_map_lookup_elem(&hists, &key);
-	if (!h) {
-		struct impact_hist zero = {};
-
-		bpf_map_update_elem(&hists, &key, &zero, BPF_NOEXIST);
-		h = bpf_map_lookup_elem(&hists, &key);
-		if (!h)
-			return;
-	}
+	h = lookup_or_init(&hists, &key, &zero);
+	if (!h)
+		return;
 	__sync_fetch_and_add(&h->count, 1);
 	if (!timed)
 		return;
@@ -182,17 +193,12 @@ int BPF_PROG(vmbeam_transfer_done, unsigned int nr_regions, unsigned long pages,
 SEC("raw_tp/revoke")
 int BPF_PROG(vmbeam_revoke, unsigned long region, unsigned long first, unsigned long count)
 {
-	struct impact_region *r = bpf_map_lookup_elem(&regions, &region);
+	static const struct impact_region fresh;
 	__u64 key = region;
+	struct impact_region *r = lookup_or_init(&regions, &key, &fresh);
 
-	if (!r) {
-		struct impact_region fresh = {};
-
-		bpf_map_update_elem(&regions, &key, &fresh, BPF_NOEXIST);
-		r = bpf_map_lookup_elem(&regions, &key);
-		if (!r)
-			return 0;
-	}
+	if (!r)
+		return 0;
 	__sync_val_compare_and_swap(&r->revoked_ns, 0, bpf_ktime_get_ns());
 	__sync_fetch_and_add(&r->revoked_pages, count);
 	emit(IMPACT_EV_REVOKE, region, first, count);
@@ -203,21 +209,16 @@ SEC("raw_tp/fault")
 int BPF_PROG(vmbeam_fault, unsigned long region, unsigned long pgoff, int ret, __u64 ns)
 {
 	__u64 id = bpf_get_current_pid_tgid(), now = bpf_ktime_get_ns(), key = region;
+	static const struct impact_region fresh;
 	struct impact_region *r;
 
 	if (!traced(id >> 32))
 		return 0;
 	record(ret == 0 ? IMPACT_REGION_FAULT : IMPACT_REGION_DENIED, true, ns);
 
-	r = bpf_map_lookup_elem(&regions, &key);
-	if (!r) {
-		struct impact_region fresh = {};
-
-		bpf_map_update_elem(&regions, &key, &fresh, BPF_NOEXIST);
-		r = bpf_map_lookup_elem(&regions, &key);
-		if (!r)
-			return 0;
-	}
+	r = lookup_or_init(&regions, &key, &fresh);
+	if (!r)
+		return 0;
 	__sync_fetch_and_add(&r->faults, 1);
 	if (ret == 0 && r->revoked_ns && !r->first_fault_after_ns &&
 	    __sync_val_compare_and_swap(&r->first_fault_after_ns, 0, now) == 0)

@@ -394,15 +394,10 @@ int vmbeam_should_stop(void)
 	return fatal_signal_pending(current);
 }
 
-/*
- * Maps @page at @addr: a refcounted PTE in a 4 KiB region's VMA
- * (VM_MIXEDMAP: GUP works), a special PTE in a huge region's (VM_PFNMAP).
- */
-int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page)
+/* What an insert helper's vm_fault_t means to the Rust side. */
+static int vmbeam_insert_errno(vm_fault_t ret)
 {
-	if (!(vma->vm_flags & VM_PFNMAP))
-		return vm_insert_page(vma, addr, page);
-	switch (vmf_insert_pfn(vma, addr, page_to_pfn(page))) {
+	switch (ret) {
 	case VM_FAULT_NOPAGE:
 		return 0;
 	case VM_FAULT_OOM:
@@ -412,15 +407,20 @@ int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struc
 	}
 }
 
+/*
+ * Maps @page at @addr: a refcounted PTE in a 4 KiB region's VMA
+ * (VM_MIXEDMAP: GUP works), a special PTE in a huge region's (VM_PFNMAP).
+ */
+int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page)
+{
+	if (!(vma->vm_flags & VM_PFNMAP))
+		return vm_insert_page(vma, addr, page);
+	return vmbeam_insert_errno(vmf_insert_pfn(vma, addr, page_to_pfn(page)));
+}
+
 /* Maps the 2 MiB block from @pfn with one PMD at the fault's address. */
 int vmbeam_vmf_insert_pmd(struct vm_fault *vmf, unsigned long pfn)
 {
-	switch (vmf_insert_pfn_pmd(vmf, pfn_to_pfn_t(pfn), vmf->flags & FAULT_FLAG_WRITE)) {
-	case VM_FAULT_NOPAGE:
-		return 0;
-	case VM_FAULT_OOM:
-		return -ENOMEM;
-	default:
-		return -EFAULT;
-	}
+	return vmbeam_insert_errno(vmf_insert_pfn_pmd(vmf, pfn_to_pfn_t(pfn),
+						      vmf->flags & FAULT_FLAG_WRITE));
 }

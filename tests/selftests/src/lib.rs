@@ -5,6 +5,7 @@
 
 pub mod bench;
 mod churn;
+mod exe;
 pub mod fuzz;
 pub mod guest;
 pub mod pair;
@@ -12,4 +13,5 @@ pub mod require;
 pub mod tap;
 pub mod vmm;
 
+pub use exe::exe;
 pub use tap::{check, Tap, TestResult};

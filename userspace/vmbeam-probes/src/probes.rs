@@ -25,32 +25,33 @@ unsafe impl Plain for types::impact_event {}
 pub use types::{
     impact_event as Event, impact_hist as RawHist, impact_region as RawRegion, impact_thread as RawThread,
 };
+use types::{impact_event_kind as EventKind, impact_kind, impact_phase};
 
-/// Phase of a migration, as `impact.h` numbers them.
+/// Phase of a migration; the numbers are `impact.h`'s (from the skeleton).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
-    Before = 0,
-    During = 1,
-    After = 2,
+    Before = impact_phase::IMPACT_BEFORE.0 as isize,
+    During = impact_phase::IMPACT_DURING.0 as isize,
+    After = impact_phase::IMPACT_AFTER.0 as isize,
 }
 
 impl Phase {
     pub const ALL: [Phase; 3] = [Phase::Before, Phase::During, Phase::After];
 }
 
-/// What a histogram times, as `impact.h` numbers them.
+/// What a histogram times; the numbers are `impact.h`'s (from the skeleton).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// Faults on vmbeam region mappings (`vmbeam:fault`).
-    RegionFault = 0,
+    RegionFault = impact_kind::IMPACT_REGION_FAULT.0 as isize,
     /// KVM stage-2 faults, guest exit to guest entry.
-    KvmFault = 1,
+    KvmFault = impact_kind::IMPACT_KVM_FAULT.0 as isize,
     /// User page faults (`exceptions:page_fault_user`), counted only.
-    UserFault = 2,
+    UserFault = impact_kind::IMPACT_USER_FAULT.0 as isize,
     /// Refused faults on regions (the old owner after a move).
-    RegionDenied = 3,
+    RegionDenied = impact_kind::IMPACT_REGION_DENIED.0 as isize,
 }
 
 impl Kind {
@@ -154,12 +155,12 @@ impl Probes {
                 Err(err) if err.kind() == libbpf_rs::ErrorKind::PermissionDenied => {
                     return Err(Error::NotPermitted(err))
                 }
-                Err(err) if module_hint.is_some() => {
-                    return Err(Error::Attach { what: tp, err, hint: module_hint.unwrap_or_default() })
-                }
-                // KVM built without its tracepoints (or not at all): the
-                // vCPU half of the report is empty, the rest still works.
-                Err(_) => self.missing.push(format!("kvm:{tp}")),
+                Err(err) => match module_hint {
+                    Some(hint) => return Err(Error::Attach { what: tp, err, hint }),
+                    // KVM built without its tracepoints (or not at all): the
+                    // vCPU half of the report is empty, the rest still works.
+                    None => self.missing.push(format!("kvm:{tp}")),
+                },
             }
         }
         match progs.page_fault_user.attach_raw_tracepoint("page_fault_user") {
@@ -191,13 +192,25 @@ impl Probes {
         entries(&self.skel.maps.threads, |k: u32| k)
     }
 
+    /// What an event's `kind` says, as `vmbeam_probes::EventRecord` names it.
+    pub fn event_name(kind: u32) -> &'static str {
+        match EventKind(kind) {
+            EventKind::IMPACT_EV_TRANSFER_START => "transfer_start",
+            EventKind::IMPACT_EV_TRANSFER_DONE => "transfer_done",
+            EventKind::IMPACT_EV_REVOKE => "revoke",
+            EventKind::IMPACT_EV_FIRST_FAULT => "first_fault_after_revoke",
+            EventKind::IMPACT_EV_FIRST_ENTRY => "first_guest_entry_after_move",
+            _ => "unknown",
+        }
+    }
+
     /// Every histogram: (thread id, process id, kind, phase) -> counts.
     pub fn hists(&self) -> Vec<((u32, u32, Kind, Phase), RawHist)> {
         entries(&self.skel.maps.hists, |k: types::impact_hist_key| k)
             .into_iter()
             .filter_map(|(k, h)| {
                 let kind = *Kind::ALL.iter().find(|kind| **kind as u32 == k.kind)?;
-                let phase = *Phase::ALL.get(k.phase as usize)?;
+                let phase = *Phase::ALL.iter().find(|phase| **phase as u32 == k.phase)?;
                 Some(((k.tid, k.tgid, kind, phase), h))
             })
             .collect()

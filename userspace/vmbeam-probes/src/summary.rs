@@ -123,14 +123,7 @@ impl Summary {
             .into_iter()
             .map(|e| EventRecord {
                 ts_ns: e.ts_ns,
-                event: match e.kind {
-                    1 => "transfer_start",
-                    2 => "transfer_done",
-                    3 => "revoke",
-                    4 => "first_fault_after_revoke",
-                    5 => "first_guest_entry_after_move",
-                    _ => "unknown",
-                },
+                event: Probes::event_name(e.kind),
                 tid: e.tid,
                 pid: e.tgid,
                 a: e.a,

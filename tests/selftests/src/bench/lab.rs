@@ -10,11 +10,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::bench::{timed, Sample};
-
-fn exe(name: &str) -> PathBuf {
-    std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
-}
+use crate::{
+    bench::{timed, Sample},
+    exe,
+};
 
 struct Lab {
     child: Child,

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-pub const MIB: u64 = 1 << 20;
-
 /// One timed run of one method at one size.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Sample {

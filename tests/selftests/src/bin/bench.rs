@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use vmbeam_selftests::{
-    bench::{self, lab, methods, output, qemu, Row, Sample, MIB},
+    bench::{self, lab, methods, output, qemu, Row, Sample},
     require,
 };
 
@@ -62,7 +62,7 @@ fn main() {
     let lab_counts: Vec<usize> =
         env_list("VMBEAM_BENCH_LAB_L2S", "1 4").iter().filter_map(|s| s.parse().ok()).collect();
     let mut rows: Vec<Row> = Vec::new();
-    let push = |rows: &mut Vec<Row>, method, size, samples: &[Sample]| {
+    let push = |rows: &mut Vec<Row>, method: &str, size, samples: &[Sample]| {
         if let Some(row) = Row::of(method, size, samples) {
             eprintln!(
                 "bench: {method} {}: {:.1} ms (median of {})",
@@ -82,16 +82,16 @@ fn main() {
                     methods::vmbeam(&dev, size, huge).map_err(|e| eprintln!("bench: vmbeam {pages} {name}: {e}")).ok()
                 })
                 .collect();
-            let label = |what: &str| -> &'static str { Box::leak(format!("vmbeam {pages}: {what}").into_boxed_str()) };
-            push(&mut rows, label("transfer"), size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
+            let label = |what: &str| format!("vmbeam {pages}: {what}");
+            push(&mut rows, &label("transfer"), size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
             push(
                 &mut rows,
-                label("transfer + map (populate)"),
+                &label("transfer + map (populate)"),
                 size,
                 &vmbeam.iter().map(|r| r.mapped).collect::<Vec<_>>(),
             );
             let touched: Vec<Sample> = vmbeam.iter().map(|r| r.touched).collect();
-            push(&mut rows, label("transfer + map + guest reads all"), size, &touched);
+            push(&mut rows, &label("transfer + map + guest reads all"), size, &touched);
         }
         let memfd: Vec<(Sample, Sample)> = (0..runs)
             .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
@@ -111,9 +111,8 @@ fn main() {
                 continue;
             }
             for (huge, pages) in [(false, "4K"), (true, "2M")] {
-                let method: &'static str =
-                    Box::leak(format!("lab migrate-all, {n} L2 of this size, {pages} windows").into_boxed_str());
-                push(&mut rows, method, size, &sample(method, runs, || lab::migrate_all(n, size, huge)));
+                let method = format!("lab migrate-all, {n} L2 of this size, {pages} windows");
+                push(&mut rows, &method, size, &sample(&method, runs, || lab::migrate_all(n, size, huge)));
             }
         }
     }
@@ -126,7 +125,7 @@ fn main() {
     let table = output::markdown(&rows, &header);
     print!("{table}");
     let Some(dir) = out_dir else { return };
-    let json = serde_json::json!({ "runs": runs, "page_size": 4096, "rows": rows, "mib": MIB });
+    let json = serde_json::json!({ "runs": runs, "page_size": 4096, "rows": rows });
     let written = std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(dir.join("bench.md"), &table))
         .and_then(|()| std::fs::write(dir.join("bench.json"), json.to_string()));

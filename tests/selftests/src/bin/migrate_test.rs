@@ -23,7 +23,7 @@ use vmbeam::{
     control::{Client, ErrorClass, L1Status, L2Info, L2State, ReceiveArgs, Selection},
     Device,
 };
-use vmbeam_selftests::{check, Tap, TestResult};
+use vmbeam_selftests::{check, exe, Tap, TestResult};
 
 const L2_SIZE: &str = "8M";
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,10 +31,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// code: TCG's emulated SVM, not vmbeam (README, "A lab L2 vCPU sometimes
 /// left KVM_RUN with a wild rip"); such a test runs once more.
 const WILD_RIP: &str = "WILD_RIP";
-
-fn exe(name: &str) -> PathBuf {
-    std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
-}
 
 /// A `vmbeam-lab` process; killed when dropped.
 struct Lab {

@@ -7,7 +7,6 @@
 
 use std::{
     os::unix::process::CommandExt,
-    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -18,13 +17,9 @@ use std::{
 
 use serde_json::Value;
 use vmbeam_probes::{Kind, Options, Phase, Probes, Summary};
-use vmbeam_selftests::{check, pair::Pair, require, Tap};
+use vmbeam_selftests::{check, exe, pair::Pair, require, Tap};
 
 const PAGES: u64 = 1024;
-
-fn exe(name: &str) -> PathBuf {
-    std::env::current_exe().map(|p| p.with_file_name(name)).unwrap_or_else(|_| name.into())
-}
 
 /// The probes' programs and maps loaded in the whole kernel (by name), and
 /// every link.
