@@ -53,7 +53,7 @@ use kernel::{
 
 use crate::{
     gather,
-    owner::Owner,
+    owner::{Owner, Vm},
     region::{Region, RegionFile},
     stats::STATS,
     transfer, uapi,
@@ -190,10 +190,11 @@ fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
 
 /// `VMBEAM_BIND`: binds a region to any process's VM. Holding
 /// `/dev/vmbeam` (`CAP_SYS_ADMIN` at open) is the permission: QEMU creates
-/// its VM itself, so whoever hands it a region did not.
+/// its VM itself, so whoever hands it a region did not. A region owned by
+/// a live process goes only to a VM of that process ([`Owner::yields_to`]).
 fn bind(arg: &uapi::vmbeam_bind) -> Result<c_long> {
     check_unused(arg.flags, u64::from(arg.pad), &arg.reserved)?;
     let file = RegionFile::get(arg.region_fd)?;
-    let owner = Owner::from_vm_fd(arg.vm_fd)?;
-    file.region().bind(owner)
+    let vm = Vm::from_fd(arg.vm_fd)?;
+    file.region().bind(Owner::Vm(vm))
 }

@@ -7,7 +7,9 @@
 //! region whose owner may already map it (a window plugged into the clean
 //! L1 ahead of a migration). Every check is made before a page moves, and
 //! the source's mappings of the moved pages are zapped under its lock, as
-//! in a transfer's revoke phase.
+//! in a transfer's revoke phase. With `VMBEAM_GATHER_REPLACE` fresh zeroed
+//! pages, allocated before anything moves, take the moved pages' slots in
+//! the source, so its owner faults zeros there instead of SIGBUS.
 //!
 //! Gathers are serialised by one module-wide lock. So the two region locks
 //! are taken one after the other, never nested (lockdep would see one lock
@@ -20,7 +22,8 @@ use kernel::{alloc::flags::GFP_KERNEL, alloc::KVVec, prelude::*, uaccess::UserSl
 
 use crate::{
     device::check_unused,
-    region::{Pages, Region, RegionFile, RegionGuard, PAGE_SIZE},
+    pages::{Pages, PAGE_SIZE},
+    region::{Region, RegionFile, RegionGuard},
     stats::STATS,
     uapi,
 };
@@ -80,11 +83,22 @@ impl Selection {
         Ok(Self { indexes, sorted })
     }
 
+    /// With `replace`, the fresh pages for the source's emptied slots, one
+    /// per selected page: allocated before anything moves, so a gather
+    /// that cannot have them (`ENOMEM`, `EINTR`) moves nothing.
+    fn fresh(&self, replace: bool) -> Result<Option<Pages>> {
+        replace
+            .then(|| Pages::alloc(self.indexes.len(), false))
+            .transpose()
+    }
+
     /// Takes the selected pages out of the source into `moved` (slot i =
-    /// the i-th selected page) and zaps the source's mappings of them, one
-    /// call per run of consecutive pages. `EBUSY` if the source is moving,
-    /// `EINVAL` if a page is gone already: then nothing moved.
-    fn take(&self, src: &RegionFile, moved: &mut Pages) -> Result {
+    /// the i-th selected page), puts page i of `fresh` (if any) in the
+    /// i-th selected page's place, and zaps the source's mappings of the
+    /// moved pages, one call per run of consecutive pages. `EBUSY` if the
+    /// source is moving, `EINVAL` if a page is gone already: then nothing
+    /// moved (and `fresh` is freed).
+    fn take(&self, src: &RegionFile, moved: &mut Pages, mut fresh: Option<Pages>) -> Result {
         let mut state: RegionGuard<'_> = src.region().lock();
         if state.moving {
             return Err(EBUSY);
@@ -94,7 +108,12 @@ impl Selection {
         }
         for (to, &from) in self.indexes.iter().enumerate() {
             moved.take_from(to, &mut state.pages, from);
+            if let Some(fresh) = fresh.as_mut() {
+                state.pages.take_from(from, fresh, to);
+            }
         }
+        // The zap comes after the swap, still under the lock: no mapping of
+        // a moved page survives it, and the next fault maps the fresh one.
         let sorted = &self.sorted;
         let mut run_start = 0;
         for k in 1..=sorted.len() {
@@ -105,6 +124,12 @@ impl Selection {
         }
         drop(state);
         STATS.revocations.fetch_add(1, Relaxed);
+        if fresh.is_some() {
+            // New pages in a region: the moved ones are counted already.
+            STATS
+                .pages_owned
+                .fetch_add(self.indexes.len() as u64, Relaxed);
+        }
         Ok(())
     }
 }
@@ -112,7 +137,9 @@ impl Selection {
 /// `VMBEAM_GATHER`: returns a new region's fd, or 0 with `VMBEAM_GATHER_INTO`.
 pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     let into = g.flags & uapi::VMBEAM_GATHER_INTO != 0;
-    check_unused(g.flags & !uapi::VMBEAM_GATHER_INTO, u64::from(g.pad), &[])?;
+    let replace = g.flags & uapi::VMBEAM_GATHER_REPLACE != 0;
+    let known = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_REPLACE;
+    check_unused(g.flags & !known, u64::from(g.pad), &[])?;
     if !into && (g.dst_fd != 0 || g.dst_offset != 0) {
         return Err(EINVAL);
     }
@@ -123,21 +150,22 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     let src = RegionFile::get(g.src_fd)?;
     let selection = Selection::read(g.offsets, count, src.region().size())?;
     if into {
-        gather_into(&src, &selection, g.dst_fd, g.dst_offset)
+        gather_into(&src, &selection, replace, g.dst_fd, g.dst_offset)
     } else {
-        gather_new(&src, &selection)
+        gather_new(&src, &selection, replace)
     }
 }
 
-fn gather_new(src: &RegionFile, selection: &Selection) -> Result<c_long> {
+fn gather_new(src: &RegionFile, selection: &Selection, replace: bool) -> Result<c_long> {
     let count = selection.indexes.len();
     // Everything that can fail, but the source's checks, before a page moves.
     let mut moved = Pages::empty(count)?;
     let dst = Region::new(Pages::empty(count)?, false)?;
     let fd = dst.clone().pending_fd()?;
+    let fresh = selection.fresh(replace)?;
     {
         let _serial = GatherLock::lock();
-        selection.take(src, &mut moved)?;
+        selection.take(src, &mut moved, fresh)?;
     }
     // The new region is not published yet: only we can lock it.
     core::mem::swap(&mut dst.lock().pages, &mut moved);
@@ -147,6 +175,7 @@ fn gather_new(src: &RegionFile, selection: &Selection) -> Result<c_long> {
 fn gather_into(
     src: &RegionFile,
     selection: &Selection,
+    replace: bool,
     dst_fd: i32,
     dst_offset: u64,
 ) -> Result<c_long> {
@@ -161,6 +190,7 @@ fn gather_into(
         return Err(EINVAL);
     }
     let mut moved = Pages::empty(count)?;
+    let fresh = selection.fresh(replace)?;
 
     let _serial = GatherLock::lock();
     {
@@ -175,7 +205,7 @@ fn gather_into(
     // From here on nothing fails: no other gather runs, so the destination
     // slots stay missing; a transfer may change the destination's owner
     // meanwhile, and the pages then go with the region.
-    selection.take(src, &mut moved)?;
+    selection.take(src, &mut moved, fresh)?;
     let mut state = dst.region().lock();
     for (i, slot) in slots.clone().enumerate() {
         state.pages.take_from(slot, &mut moved, i);

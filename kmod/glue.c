@@ -15,6 +15,8 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/pfn_t.h>
+#include <linux/pid.h>
+#include <linux/sched/task.h>
 #include <linux/sched/signal.h>
 
 #include "glue.h"
@@ -341,6 +343,73 @@ int vmbeam_kvm_creator_alive(struct kvm *kvm)
 struct mm_struct *vmbeam_current_mm(void)
 {
 	return current->mm;
+}
+
+/* ---- processes (VMBEAM_BIND_PROCESS) ---- */
+
+/*
+ * The calling process's thread group, counted. A struct pid, not a task
+ * or an mm: execve keeps the thread group's pid (de_thread moves it to the
+ * exec'ing thread) and replaces the mm, and the owner must survive that.
+ */
+struct pid *vmbeam_pid_get_current(void)
+{
+	return get_pid(task_tgid(current));
+}
+
+void vmbeam_pid_put(struct pid *pid)
+{
+	put_pid(pid);
+}
+
+/*
+ * Whether @pid's thread group still has a task with an address space and,
+ * if @mm is not NULL, whether that address space is @mm. The threads share
+ * one mm, but the group leader may have exited (mm NULL) before the
+ * others, so each thread is asked in turn, under its task_lock (the lock
+ * exec_mmap and exit_mm change ->mm under), until one has an mm: what
+ * find_lock_task_mm() does, which modules cannot call. @mm is compared,
+ * never dereferenced; a zombie group has no mm left, so it is not alive.
+ */
+static bool vmbeam_pid_mm_matches(struct pid *pid, struct mm_struct *mm)
+{
+	struct task_struct *leader, *t;
+	bool ret = false;
+
+	rcu_read_lock();
+	leader = pid_task(pid, PIDTYPE_TGID);
+	if (leader) {
+		for_each_thread(leader, t) {
+			bool has_mm;
+
+			task_lock(t);
+			has_mm = t->mm;
+			if (has_mm)
+				ret = !mm || t->mm == mm;
+			task_unlock(t);
+			if (has_mm)
+				break;
+		}
+	}
+	rcu_read_unlock();
+	return ret;
+}
+
+int vmbeam_pid_alive(struct pid *pid)
+{
+	return pid_has_task(pid, PIDTYPE_TGID) && vmbeam_pid_mm_matches(pid, NULL);
+}
+
+/* Whether @mm is the current address space of @pid's (live) process. */
+int vmbeam_pid_mm_is(struct pid *pid, struct mm_struct *mm)
+{
+	return mm && vmbeam_pid_mm_matches(pid, mm);
+}
+
+/* Whether the caller is a task of @pid's thread group. */
+int vmbeam_pid_is_current(struct pid *pid)
+{
+	return task_tgid(current) == pid;
 }
 
 /* ---- pages ---- */

@@ -11,6 +11,7 @@ struct file;
 struct kvm;
 struct mm_struct;
 struct page;
+struct pid;
 struct vm_area_struct;
 
 /* --- C, called from Rust --- */
@@ -34,6 +35,13 @@ void vmbeam_kvm_put(struct kvm *kvm);
 struct mm_struct *vmbeam_kvm_mm(struct kvm *kvm);
 int vmbeam_kvm_creator_alive(struct kvm *kvm);
 struct mm_struct *vmbeam_current_mm(void);
+
+/* Processes (VMBEAM_BIND_PROCESS): a counted thread group pid. */
+struct pid *vmbeam_pid_get_current(void);
+void vmbeam_pid_put(struct pid *pid);
+int vmbeam_pid_alive(struct pid *pid);
+int vmbeam_pid_mm_is(struct pid *pid, struct mm_struct *mm);
+int vmbeam_pid_is_current(struct pid *pid);
 
 /* Tracepoints (vmbeam:revoke and vmbeam:fault fire inside glue.c). */
 void vmbeam_trace_transfer_start(unsigned int regions);

@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Regions: guest memory the module owns, mapped by one owner VM at a time.
+//! Regions: guest memory the module owns, mapped by one owner at a time.
 //!
-//! A region is a set of pages allocated by the module and a file (an anon
-//! inode of its own) through which the owner's VMM maps them. The owner's
-//! faults insert the region's own pages; anyone else's get SIGBUS. The
-//! transfer path ([`crate::transfer`]) changes the owner and zaps the old
-//! owner's mappings under the region lock, so no fault can slip a stale
-//! mapping in between.
+//! A region is a set of pages ([`crate::pages`]) and a file (an anon inode
+//! of its own) through which the owner's VMM maps them; the owner is a VM
+//! or a process ([`crate::owner`]). The owner's faults insert the region's
+//! own pages; anyone else's get SIGBUS. The transfer path
+//! ([`crate::transfer`]) changes the owner and zaps the old owner's
+//! mappings under the region lock, so no fault can slip a stale mapping in
+//! between.
 
 use core::{
     ffi::{c_int, c_long, c_ulong, c_void},
@@ -16,7 +17,7 @@ use core::{
 };
 
 use kernel::{
-    alloc::{flags::GFP_KERNEL, KVVec},
+    alloc::flags::GFP_KERNEL,
     error::{from_err_ptr, to_result},
     new_condvar, new_mutex,
     prelude::*,
@@ -28,16 +29,11 @@ use kernel::{
 
 use crate::{
     device::{check_unused, read_arg, with_arg, Commands},
-    owner::{Mm, Owner},
+    owner::{region_bind, Mm, Owner},
+    pages::{Page, Pages, BLOCK_PAGES, PAGE_SIZE},
     stats::STATS,
     uapi,
 };
-
-/// Opaque `struct page`.
-#[repr(C)]
-pub(crate) struct Page {
-    _private: [u8; 0],
-}
 
 /// Opaque `struct file`.
 #[repr(C)]
@@ -58,14 +54,9 @@ pub(crate) struct Vma {
 }
 
 extern "C" {
-    fn vmbeam_page_alloc() -> *mut Page;
-    fn vmbeam_page_free(page: *mut Page);
     fn vmbeam_totalram_pages() -> c_ulong;
-    fn vmbeam_should_stop() -> c_int;
     fn vmbeam_vma_insert_page(vma: *mut Vma, addr: c_ulong, page: *mut Page) -> c_int;
     fn vmbeam_vmf_insert_pmd(vmf: *mut VmFault, pfn: c_ulong) -> c_int;
-    fn vmbeam_page_alloc_block(pages: *mut *mut Page) -> c_int;
-    fn vmbeam_page_to_pfn(page: *mut Page) -> c_ulong;
     fn vmbeam_region_file(region: *const c_void, size: i64) -> *mut File;
     fn vmbeam_fd_reserve() -> c_int;
     fn vmbeam_fd_unreserve(fd: c_int);
@@ -75,117 +66,13 @@ extern "C" {
     fn vmbeam_revoke(file: *mut File, first: c_ulong, count: c_ulong);
 }
 
-pub(crate) const PAGE_SIZE: u64 = 4096;
-/// Pages in a 2 MiB block: what one PMD maps.
-pub(crate) const BLOCK_PAGES: usize = 512;
-
-/// The pages of a region, by page offset. A null entry is a page that was
-/// gathered away into another region.
-///
-/// # Invariants
-///
-/// Every non-null entry is an order-0 page allocated by `vmbeam_page_alloc`
-/// and referenced by no other `Pages`; it is freed only by `Drop`.
-pub(crate) struct Pages(KVVec<*mut Page>);
-
-impl Pages {
-    /// `n` missing pages.
-    pub(crate) fn empty(n: usize) -> Result<Self> {
-        // INVARIANT: no non-null entry.
-        Ok(Self(KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?))
-    }
-
-    /// `n` fresh zeroed pages, charged to the caller's memcg; with `huge`,
-    /// each whole 2 MiB of them a naturally aligned block where the
-    /// allocator has one (else 4 KiB pages, as without).
-    fn alloc(n: usize, huge: bool) -> Result<Self> {
-        let mut pages = Self::empty(n)?;
-        let mut blocks = pages.0.chunks_exact_mut(BLOCK_PAGES);
-        for block in blocks.by_ref().take(if huge { n / BLOCK_PAGES } else { 0 }) {
-            // SAFETY: no preconditions; process context.
-            if unsafe { vmbeam_should_stop() } != 0 {
-                return Err(EINTR);
-            }
-            // SAFETY: `block` has room for the 512 page pointers written.
-            // INVARIANT: on success, 512 fresh order-0 pages (a split
-            // block), each in one slot only; on failure nothing is written.
-            if unsafe { vmbeam_page_alloc_block(block.as_mut_ptr()) } != 0 {
-                break; // fragmented: the rest comes page by page
-            }
-        }
-        for (i, slot) in pages.0.iter_mut().enumerate().filter(|(_, s)| s.is_null()) {
-            // SAFETY: no preconditions; process context.
-            if i % 512 == 0 && unsafe { vmbeam_should_stop() } != 0 {
-                return Err(EINTR); // `pages` frees what was allocated
-            }
-            // SAFETY: no preconditions.
-            let page = unsafe { vmbeam_page_alloc() };
-            if page.is_null() {
-                return Err(ENOMEM);
-            }
-            // INVARIANT: a fresh page, in this slot only.
-            *slot = page;
-        }
-        Ok(pages)
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub(crate) fn get(&self, index: usize) -> Option<*mut Page> {
-        self.0.get(index).copied().filter(|p| !p.is_null())
-    }
-
-    /// The first pfn of pages `first..first + 512` if they are one
-    /// naturally aligned 2 MiB block of physical memory.
-    pub(crate) fn block_pfn(&self, first: usize) -> Option<c_ulong> {
-        let block = self.0.get(first..first.checked_add(BLOCK_PAGES)?)?;
-        // SAFETY: non-null entries are live pages (type invariant).
-        let pfn = |p: *mut Page| (!p.is_null()).then(|| unsafe { vmbeam_page_to_pfn(p) });
-        let base = pfn(block[0])?;
-        let contiguous = block
-            .iter()
-            .enumerate()
-            .all(|(i, &p)| pfn(p) == Some(base + i as c_ulong));
-        (base % BLOCK_PAGES as c_ulong == 0 && contiguous).then_some(base)
-    }
-
-    pub(crate) fn present(&self) -> usize {
-        self.0.iter().filter(|p| !p.is_null()).count()
-    }
-
-    /// Whether every slot in `range` is missing (and in range).
-    pub(crate) fn all_missing(&self, range: core::ops::Range<usize>) -> bool {
-        self.0
-            .get(range)
-            .is_some_and(|s| s.iter().all(|p| p.is_null()))
-    }
-
-    /// Moves page `from` of `src` into slot `to` of `self`. Both slots must be
-    /// in range, `from` present and `to` empty.
-    pub(crate) fn take_from(&mut self, to: usize, src: &mut Pages, from: usize) {
-        // INVARIANT: the page moves; exactly one `Pages` refers to it.
-        self.0[to] = core::mem::take(&mut src.0[from]);
-    }
-}
-
-impl Drop for Pages {
-    fn drop(&mut self) {
-        for &page in self.0.iter().filter(|p| !p.is_null()) {
-            // SAFETY: ours alone, by the type invariant; freed once.
-            unsafe { vmbeam_page_free(page) };
-        }
-    }
-}
-
 /// The region lock, held.
 pub(crate) type RegionGuard<'a> = Guard<'a, RegionState, MutexBackend>;
 
 /// What the region lock protects.
 pub(crate) struct RegionState {
     pub(crate) pages: Pages,
-    /// The VM whose creator process may map the region.
+    /// Who may map the region: a VM's creator process, or a process.
     pub(crate) owner: Option<Owner>,
     /// A transfer claimed the region and has not finished: faults and mmaps
     /// wait for its outcome ([`Region::lock_settled`]). Cleared only by
@@ -201,7 +88,7 @@ impl RegionState {
     /// Whether a process with address space `mm` may map the region now
     /// (callers hold the lock from [`Region::lock_settled`]).
     fn may_map(&self, mm: *mut Mm) -> bool {
-        !self.moving && self.owner.as_ref().is_some_and(|o| o.mm() == mm)
+        !self.moving && self.owner.as_ref().is_some_and(|o| o.may_map(mm))
     }
 }
 
@@ -268,11 +155,12 @@ impl Region {
         Self::new(pages, huge)
     }
 
-    /// Makes `owner` the region's owner, unless it has a live one or is
-    /// moving (`EBUSY`). Who may name which VM is the caller's check.
+    /// Makes `owner` the region's owner, unless it is moving or has a live
+    /// owner that does not yield to it ([`Owner::yields_to`]): `EBUSY`. Who
+    /// may name which VM is the caller's check.
     pub(crate) fn bind(&self, owner: Owner) -> Result<c_long> {
         let mut state = self.lock();
-        if state.moving || state.owner.as_ref().is_some_and(Owner::is_alive) {
+        if state.moving || state.owner.as_ref().is_some_and(|o| !o.yields_to(&owner)) {
             return Err(EBUSY);
         }
         let dead = state.owner.replace(owner);
@@ -598,34 +486,17 @@ extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) 
     // SAFETY: called from the region file's ioctl, so the file is live.
     let region = unsafe { region_of(region) };
     let ret = match cmd {
-        uapi::VMBEAM_IOCTL_REGION_BIND => read_arg(arg).and_then(|a| bind(region, &a)),
+        uapi::VMBEAM_IOCTL_REGION_BIND => read_arg(arg).and_then(|a| region_bind(region, &a)),
         uapi::VMBEAM_IOCTL_REGION_INFO => with_arg(arg, |a| info(region, a)),
         _ => Err(crate::device::unknown_command(REGION_COMMANDS, cmd)),
     };
     ret.unwrap_or_else(|err| err.to_errno() as c_long)
 }
 
-/// `VMBEAM_REGION_BIND`: only to a VM the caller created (`VMBEAM_BIND`
-/// on `/dev/vmbeam` names any VM).
-fn bind(region: &Region, arg: &uapi::vmbeam_region_bind) -> Result<c_long> {
-    check_unused(arg.flags, 0, &arg.reserved)?;
-    let owner = Owner::from_vm_fd(arg.vm_fd)?;
-    if !owner.created_by_current() {
-        return Err(EPERM);
-    }
-    region.bind(owner)
-}
-
 fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {
     check_unused(arg.flags, 0, &arg.reserved)?;
     let state = region.lock();
-    let mut flags = 0;
-    if let Some(owner) = state.owner.as_ref().filter(|o| o.is_alive()) {
-        flags |= uapi::VMBEAM_REGION_OWNED;
-        if owner.created_by_current() {
-            flags |= uapi::VMBEAM_REGION_MINE;
-        }
-    }
+    let mut flags = state.owner.as_ref().map_or(0, Owner::state_flags);
     if state.moving {
         flags |= uapi::VMBEAM_REGION_MOVING;
     }

@@ -28,7 +28,7 @@ use kernel::{
 
 use crate::{
     device::check_unused,
-    owner::Owner,
+    owner::{Owner, Vm},
     region::{Region, RegionFile},
     stats::STATS,
     trace, uapi,
@@ -37,7 +37,7 @@ use crate::{
 /// One checked transfer.
 struct Move {
     file: RegionFile,
-    from: Owner,
+    from: Vm,
     to: Option<Owner>,
     /// The previous owner, kept to be dropped after all locks are released.
     old: Option<Owner>,
@@ -48,14 +48,16 @@ impl Move {
     fn check(t: &uapi::vmbeam_transfer) -> Result<Self> {
         check_unused(t.flags, 0, &t.reserved)?;
         let file = RegionFile::get(t.region_fd)?;
-        let from = Owner::from_vm_fd(t.from_vm_fd)?;
-        let to = Owner::from_vm_fd(t.to_vm_fd)?;
+        let from = Vm::from_fd(t.from_vm_fd)?;
+        let to = Vm::from_fd(t.to_vm_fd)?;
         if from.same_vm(&to) {
             return Err(EINVAL);
         }
         let state = file.region().lock();
         let moving = state.moving;
-        let owned_by_from = state.owner.as_ref().is_some_and(|o| o.same_vm(&from));
+        // A process-owned region has no owner VM to name: EPERM, here,
+        // before any region of the batch is claimed.
+        let owned_by_from = state.owner.as_ref().is_some_and(|o| o.is_vm(&from));
         drop(state);
         if moving {
             return Err(EBUSY);
@@ -66,7 +68,7 @@ impl Move {
         Ok(Self {
             file,
             from,
-            to: Some(to),
+            to: Some(Owner::Vm(to)),
             old: None,
         })
     }
@@ -82,7 +84,7 @@ impl Move {
         if state.moving {
             return Err(EBUSY);
         }
-        if !state.owner.as_ref().is_some_and(|o| o.same_vm(&self.from)) {
+        if !state.owner.as_ref().is_some_and(|o| o.is_vm(&self.from)) {
             return Err(EPERM);
         }
         state.moving = true;

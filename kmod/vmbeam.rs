@@ -3,15 +3,16 @@
 //! vmbeam: zero-copy ownership transfer of KVM guest memory.
 //!
 //! The crate root only wires the modules together; `/dev/vmbeam` and its
-//! ioctls live in [`device`], regions in [`region`], their owners in
-//! [`owner`], transfer in [`transfer`], gather in [`gather`], the uAPI mirror in
-//! [`uapi`], counters in [`stats`].
+//! ioctls live in [`device`], regions in [`region`] (their pages in
+//! [`pages`]), their owners in [`owner`], transfer in [`transfer`], gather
+//! in [`gather`], the uAPI mirror in [`uapi`], counters in [`stats`].
 
 use kernel::prelude::*;
 
 mod device;
 mod gather;
 mod owner;
+mod pages;
 mod region;
 mod stats;
 mod trace;

@@ -9,7 +9,7 @@ mode=$1 ko=$2 bin=$3
 VMBEAM_TESTS=$(dirname "$0")
 
 # VMBEAM_SELFTESTS="a b" runs only those (a quick loop while working on one).
-read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test access_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test fuzz_test alloc_fail_test window_test huge_test migrate_test probe_test module_test}"
+read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test access_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test fuzz_test alloc_fail_test window_test process_owner_test huge_test migrate_test probe_test module_test}"
 # What the harness treats as a kernel bug, whatever the tests said. Lockdep
 # reports by their headers (the boot banner "RCU lockdep checking is
 # enabled" is not one); "lockdep is turned off" means one was printed.
@@ -104,8 +104,8 @@ case $mode in
 --fuzz) # the long fuzz run (make fuzz)
 	run_selftest_cmd fuzz_test "$bin/fuzz_test" --ioctls "${VMBEAM_FUZZ_IOCTLS:-1000000}"
 	;;
---nested)
-	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 2
+--nested) # two L2s on windows and one on ordinary L1 memory (gathered)
+	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" "${VMBEAM_NESTED_L2S:-2}" "${VMBEAM_NESTED_GATHER:-1}"
 	;;
 --nested-smoke) # the smallest real nested case: one L2 between two real L1s
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1

@@ -2,11 +2,13 @@
 # The demo (make demo), inside the test kernel (tests/guest.sh --demo runs
 # it): a real rejuvenation. L0 here is the test kernel with vmbeam.ko; it
 # boots an aged L1 (QEMU -enable-kvm: the test kernel again, with QEMU and
-# vmbeam-agent inside) whose two windows are vmbeam regions, starts two L2
-# QEMUs in it on those windows (the checksum workload), then runs
-# `vmbeamctl rejuvenate`: a clean L1 boots with empty windows, every L2 is
-# saved (CPU + devices only), its pages move at L0 (VMBEAM_GATHER_INTO, no
-# byte copied) and it is restored in the clean L1; the aged L1 is shut down.
+# vmbeam-agent inside) whose RAM and window are vmbeam regions, starts two
+# L2 QEMUs in it (the checksum workload): vm0 on the window, vm1 on
+# ordinary L1 memory as any QEMU would (THP-backed), then runs `vmbeamctl
+# rejuvenate`: a clean L1 boots with empty windows, every L2 is saved (CPU +
+# devices only), its pages move at L0 (VMBEAM_GATHER_INTO, no byte copied:
+# vm0's window whole, vm1's pages gathered out of the aged L1's RAM) and it
+# is restored in the clean L1; the aged L1 is shut down.
 #   nested-demo.sh BINDIR
 # Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
 set -u
@@ -32,13 +34,14 @@ fail() {
 	exit 1
 }
 
-windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}
-step "boot the aged L1: QEMU + KVM at L0, $l2s windows of $size (vmbeam regions)"
-"$ctl" l1 start --name aged --dir "$dir" --windows "$windows" || fail "the aged L1 did not boot"
+step "boot the aged L1: QEMU + KVM at L0, its RAM a vmbeam region, one window of $size"
+"$ctl" l1 start --name aged --dir "$dir" --windows "$size" || fail "the aged L1 did not boot"
 
-step "start $l2s L2 VMs in it (QEMU inside the L1, RAM = a window)"
-for i in $(seq 0 $((l2s - 1))); do
-	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name "vm$i" --window "$i" >/dev/null || fail "L2 vm$i did not start"
+step "start $l2s L2 VMs in it (QEMU inside the L1): vm0 on the window, the rest on ordinary L1 memory"
+"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name vm0 --window 0 >/dev/null || fail "L2 vm0 did not start"
+for i in $(seq 1 $((l2s - 1))); do
+	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name "vm$i" --memory "$size" --thp >/dev/null ||
+		fail "L2 vm$i did not start"
 done
 sleep 2
 "$ctl" l1 status --qmp "$dir/aged.qmp" || fail "status"

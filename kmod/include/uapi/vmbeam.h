@@ -25,8 +25,10 @@
  * /proc/PID/fd/N, VMBEAM_BIND, empty regions, VMBEAM_GATHER_INTO.
  * 3: a refused transfer is invisible to faults and mmaps; a fault or mmap
  * that meets a move waits for its outcome (see struct vmbeam_transfer).
+ * 4: VMBEAM_CREATE_HUGE. 5: VMBEAM_BIND_PROCESS (a region owned by a
+ * process), VMBEAM_GATHER_REPLACE.
  */
-#define VMBEAM_API_VERSION 4
+#define VMBEAM_API_VERSION 5
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -111,18 +113,42 @@ struct vmbeam_region_create {
 	__u64 reserved[2];
 };
 
+/* struct vmbeam_region_bind flags. */
+#define VMBEAM_BIND_PROCESS (1U << 0) /* owner: the calling process (since 5) */
+
 /**
  * struct vmbeam_region_bind - VMBEAM_REGION_BIND (on a region fd).
- * @vm_fd:    in: a KVM VM fd created by the calling process.
- * @flags:    in: must be 0.
+ * @vm_fd:    in: a KVM VM fd created by the calling process; with
+ *            VMBEAM_BIND_PROCESS, must be -1.
+ * @flags:    in: 0 or VMBEAM_BIND_PROCESS.
  * @reserved: in: must be 0.
  *
  * Makes the VM the region's owner: then only the VM's creator process may
  * mmap the region (MAP_SHARED) and its faults map the region's own pages.
  * -EINVAL: not a KVM VM fd; -EPERM: the caller did not create that VM
  * (VMBEAM_BIND on /dev/vmbeam binds to any VM); -EBUSY: the region has a
- * live owner (use VMBEAM_TRANSFER). A region whose owner's process has
- * exited is ownerless again and may be bound.
+ * live owner (use VMBEAM_TRANSFER) or is moving. A region whose owner's
+ * process has exited is ownerless again and may be bound.
+ *
+ * VMBEAM_BIND_PROCESS (since version 5): the owner is the calling process
+ * itself (its thread group, by its pid), not a VM. This is for a VMM that
+ * maps its whole RAM at start-up, before it has a VM to name: a launcher
+ * binds the region (its fd not O_CLOEXEC), then execve()s the VMM, which
+ * opens /proc/self/fd/N and maps it. The owner survives execve (same
+ * pid). Only a task of that process, through the process's current
+ * address space, may mmap the region or fault its pages in (so KVM maps
+ * it for that process's VMs); anyone else gets -EACCES on mmap and SIGBUS
+ * on a fault, as for a VM owner. The owner lives while a task of the
+ * process has not exited (a zombie has exited); then the region is
+ * ownerless and may be bound again, to a VM or a process.
+ * VMBEAM_REGION_INFO says OWNED while it lives, MINE to that process.
+ * A process-owned region cannot be transferred (VMBEAM_TRANSFER names
+ * its owner VM: -EPERM); it is a source of VMBEAM_GATHER. Binding it to a
+ * VM the owner process created (VMBEAM_BIND, or VMBEAM_REGION_BIND from
+ * that process; the VM's mm is the process's current mm) is allowed while
+ * the process lives and makes that VM the owner (its mappings stay: the
+ * same address space); any other bind gets -EBUSY.
+ * -EINVAL: vm_fd is not -1, or an unknown flag.
  */
 struct vmbeam_region_bind {
 	__s32 vm_fd;
@@ -142,7 +168,9 @@ struct vmbeam_region_bind {
  * VMBEAM_REGION_BIND without the creator check, for the holder of
  * /dev/vmbeam (CAP_SYS_ADMIN): the VM's creator process may then mmap the
  * region. -EBADF, -EINVAL (not a region / not a KVM VM fd), -EBUSY as for
- * VMBEAM_REGION_BIND.
+ * VMBEAM_REGION_BIND. A region owned by a live process (VMBEAM_BIND_PROCESS)
+ * binds to a VM that process created (since version 5): -EBUSY for any
+ * other VM.
  */
 struct vmbeam_bind {
 	__s32 region_fd;
@@ -153,9 +181,9 @@ struct vmbeam_bind {
 };
 
 /* struct vmbeam_region_info flags (out). */
-#define VMBEAM_REGION_OWNED	(1U << 0) /* bound to a VM whose process runs */
+#define VMBEAM_REGION_OWNED	(1U << 0) /* bound to a VM whose process runs, or to a running process */
 #define VMBEAM_REGION_MOVING	(1U << 1) /* a transfer is between its phases */
-#define VMBEAM_REGION_MINE	(1U << 2) /* owned by a VM of the calling process */
+#define VMBEAM_REGION_MINE	(1U << 2) /* owned by a VM of the calling process, or by it */
 
 /**
  * struct vmbeam_region_info - VMBEAM_REGION_INFO (on a region fd).
@@ -217,8 +245,9 @@ struct vmbeam_transfer {
  * phase. If any entry fails, no region changes owner or loses a mapping,
  * and no fault or mmap of any region in the batch fails meanwhile.
  * -EBADF: a fd is not open; -EINVAL: not a region / not a KVM VM fd /
- * from == to; -EPERM: from_vm_fd is not the region's owner; -EBUSY: a
- * region is already moving (another transfer, or twice in this batch).
+ * from == to; -EPERM: from_vm_fd is not the region's owner (nor is any VM
+ * the owner of a region owned by a process: VMBEAM_BIND_PROCESS); -EBUSY:
+ * a region is already moving (another transfer, or twice in this batch).
  */
 struct vmbeam_transfer_batch {
 	__u64 transfers;
@@ -232,6 +261,7 @@ struct vmbeam_transfer_batch {
 
 /* struct vmbeam_gather flags. */
 #define VMBEAM_GATHER_INTO (1U << 0) /* into @dst_fd's missing pages */
+#define VMBEAM_GATHER_REPLACE (1U << 1) /* fresh zeroed pages fill the source's holes (since 5) */
 
 /**
  * struct vmbeam_gather - VMBEAM_GATHER (on /dev/vmbeam).
@@ -239,7 +269,7 @@ struct vmbeam_transfer_batch {
  *              source, each page aligned, all distinct.
  * @count:      in: 1 .. VMBEAM_GATHER_MAX.
  * @src_fd:     in: the source region fd.
- * @flags:      in: 0 or VMBEAM_GATHER_INTO.
+ * @flags:      in: 0, or VMBEAM_GATHER_INTO and/or VMBEAM_GATHER_REPLACE.
  * @dst_fd:     in: with VMBEAM_GATHER_INTO, the destination region fd;
  *              otherwise must be 0.
  * @pad:        in: must be 0.
@@ -259,9 +289,21 @@ struct vmbeam_transfer_batch {
  * those pages (its mappings of them are zapped; touching them again gets
  * SIGBUS, KVM_RUN -EFAULT); the rest of the source is untouched. Every
  * check is made before a page moves: an error moves nothing.
+ *
+ * VMBEAM_GATHER_REPLACE (since version 5): each moved page's slot in the
+ * source gets a fresh zeroed page instead of a hole, so the source's owner
+ * may go on touching those addresses (an L1 whose L2 moved out reuses its
+ * frames): it reads zeros, never the moved page. Its mappings of the
+ * moved pages are still zapped first; its next fault maps the fresh page.
+ * This costs @count new pages (4 KiB pages, also in a VMBEAM_CREATE_HUGE
+ * source: a 2 MiB block with a fresh page in it is then mapped by 4 KiB),
+ * charged to the caller's memcg and allocated before any page moves.
+ *
  * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone),
- * destination range out of bounds, src == dst; -EEXIST: a destination slot
- * holds a page; -EBUSY: a region is moving; -EBADF: a fd is not open.
+ * destination range out of bounds, src == dst, an unknown flag; -EEXIST: a
+ * destination slot holds a page; -EBUSY: a region is moving; -EBADF: a fd
+ * is not open; -ENOMEM: out of memory (with VMBEAM_GATHER_REPLACE, for the
+ * fresh pages too); -EINTR: a fatal signal while allocating them.
  */
 struct vmbeam_gather {
 	__u64 offsets;

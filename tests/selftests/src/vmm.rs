@@ -57,6 +57,13 @@ pub enum Request {
     /// Map the region fd sent along (MAP_SHARED|MAP_POPULATE) and register
     /// it as memslot `slot` at `gpa`; replies with the host address.
     Attach { slot: u32, gpa: u64 },
+    /// Like `Attach`, for a file this VMM opens itself (read-write): a
+    /// region fd it holds, reopened as `/proc/self/fd/N`, as QEMU's
+    /// `memory-backend-file mem-path=` does.
+    AttachPath { slot: u32, gpa: u64, path: String },
+    /// `VMBEAM_REGION_INFO` of slot `slot`'s region as this VMM sees it:
+    /// replies with its `VMBEAM_REGION_*` state bits.
+    Info { slot: u32 },
     /// Run `program` over `count` dwords of memslot `slot`, one every
     /// `stride` bytes; replies with what the guest reported.
     Run { slot: u32, program: Program, offset: u64, count: u32, stride: u32 },
@@ -162,10 +169,58 @@ impl Vmm {
         waitpid(self.pid, None).unwrap_or(WaitStatus::StillAlive)
     }
 
+    /// Forks a VMM that first runs `prepare` (e.g. binds a region to
+    /// itself) and then execs `binary` (a selftest that calls
+    /// [`serve_if_exec_vmm`] first) with `--vmm FD`: the same process, a new
+    /// image, serving requests there. The fds in `keep` stay open across
+    /// the exec at the same numbers. If `prepare` fails the child exits
+    /// with status 3 (the first request then says the VMM died).
+    pub fn spawn_exec(binary: &std::path::Path, keep: &[BorrowedFd<'_>], prepare: impl FnOnce() -> bool) -> Self {
+        use std::{ffi::CString, os::fd::AsRawFd, os::unix::ffi::OsStrExt};
+        let (parent, child) = UnixStream::pair().expect("socketpair");
+        // Everything exec needs is allocated before the fork.
+        let path = CString::new(binary.as_os_str().as_bytes()).expect("binary path");
+        let args = [path.clone(), CString::from(c"--vmm"), CString::new(child.as_raw_fd().to_string()).expect("fd")];
+        let keep: Vec<i32> = keep.iter().map(AsRawFd::as_raw_fd).chain([child.as_raw_fd()]).collect();
+        // SAFETY: the selftests are single-threaded when they fork.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                drop(parent);
+                if !prepare() {
+                    // SAFETY: leave without running the parent's destructors.
+                    unsafe { libc::_exit(3) }
+                }
+                for fd in keep {
+                    // SAFETY: clears FD_CLOEXEC on an fd this process holds.
+                    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+                }
+                let _ = nix::unistd::execv(&path, &args);
+                // SAFETY: the exec failed; leave without the parent's destructors.
+                unsafe { libc::_exit(127) }
+            }
+            ForkResult::Parent { child: pid } => Self { pid, conn: Connection::new(parent) },
+        }
+    }
+
     /// Asks the process to exit and reaps it.
     pub fn quit(mut self) -> WaitStatus {
         let _ = self.call(&Request::Quit, &[]);
         waitpid(self.pid, None).unwrap_or(WaitStatus::StillAlive)
+    }
+}
+
+/// In a selftest started by [`Vmm::spawn_exec`] (`--vmm FD`): serves as
+/// that VMM and exits; otherwise returns at once. Call it first in `main`.
+pub fn serve_if_exec_vmm() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, fd] = &args[..] {
+        if flag == "--vmm" {
+            let fd: i32 = fd.parse().expect("--vmm FD");
+            // SAFETY: the socket `spawn_exec` kept open across the exec for
+            // us; nothing else in this new image owns it.
+            serve(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            std::process::exit(0);
+        }
     }
 }
 
@@ -281,6 +336,25 @@ fn handle(
             need_vm(vm)?;
             let fd = fd.ok_or((libc::EBADF, "no region fd sent".into()))?;
             attach(vm.as_ref().unwrap(), slots, fd, slot, gpa)
+        }
+        Request::AttachPath { slot, gpa, path } => {
+            need_vm(vm)?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| (e.raw_os_error().unwrap_or(0), format!("open {path}: {e}")))?;
+            attach(vm.as_ref().unwrap(), slots, file.into(), slot, gpa)
+        }
+        Request::Info { slot } => {
+            let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
+            let fd = s.region.try_clone().map_err(|e| (0, e.to_string()))?;
+            let info = vmbeam::Region::from_fd(fd).info().map_err(|e| (errno_of(&e), e.to_string()))?;
+            let bit = |on: bool, flag: u32| if on { u64::from(flag) } else { 0 };
+            use vmbeam::uapi::{VMBEAM_REGION_MINE, VMBEAM_REGION_MOVING, VMBEAM_REGION_OWNED};
+            Ok(bit(info.owned, VMBEAM_REGION_OWNED)
+                | bit(info.mine, VMBEAM_REGION_MINE)
+                | bit(info.moving, VMBEAM_REGION_MOVING))
         }
         Request::Run { slot, program, offset, count, stride } => {
             need_vm(vm)?;

@@ -1,9 +1,12 @@
-//! The L2 VMs: one QEMU each, whose RAM is a window.
+//! The L2 VMs: one QEMU each, whose RAM is a window or ordinary memory.
 //!
-//! An L2's QEMU takes the window's BAR as `memory-backend-file,share=on`
-//! RAM and boots the workload image with `-kernel`. Saving and restoring
+//! On a window, an L2's QEMU takes the window's BAR as
+//! `memory-backend-file,share=on` RAM; on ordinary memory, it maps its own
+//! (`memory-backend-ram,share=on`, locked: [`crate::ram`]). Either way it
+//! boots the workload image with `-kernel`, and the RAM backend is `mem0`,
+//! so a state saved on one kind loads on the other. Saving and restoring
 //! use QEMU's own migration with `x-ignore-shared`: the stream carries CPU
-//! and device state, and skips the shared RAM, which stays in the window.
+//! and device state, and skips the shared RAM, which stays where it is.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,11 +18,49 @@ use anyhow::{bail, Context, Result};
 use base64::{engine::general_purpose::STANDARD, Engine};
 use serde_json::json;
 use vmbeam::{
-    control::agent::{AgentL2, AgentL2State, Saved},
+    control::agent::{AgentL2, AgentL2State, L2Frames, Saved, Workload},
     qmp::Qmp,
 };
 
-use crate::window::{self, Window};
+use crate::{
+    ram,
+    window::{self, Window},
+};
+
+/// Where an L2's RAM is.
+#[derive(Debug, Clone)]
+pub enum Ram {
+    /// A window: a BAR that L0 backs with a vmbeam region.
+    Window(Window),
+    /// Ordinary L1 memory of `size` bytes, mapped by the L2's QEMU.
+    Ordinary { size: u64, thp: bool },
+}
+
+impl Ram {
+    pub fn size(&self) -> u64 {
+        match self {
+            Ram::Window(w) => w.size,
+            Ram::Ordinary { size, .. } => *size,
+        }
+    }
+
+    pub fn window_index(&self) -> Option<u32> {
+        match self {
+            Ram::Window(w) => Some(w.index),
+            Ram::Ordinary { .. } => None,
+        }
+    }
+
+    /// QEMU's `-object` for its RAM backend `mem0`.
+    fn backend(&self) -> String {
+        match self {
+            Ram::Window(w) => {
+                format!("memory-backend-file,id=mem0,mem-path={},share=on,size={}", w.bar.display(), w.size)
+            }
+            Ram::Ordinary { size, .. } => format!("memory-backend-ram,id=mem0,share=on,size={size}"),
+        }
+    }
+}
 
 /// How the agent runs QEMU; tests and the image set the paths.
 #[derive(Debug, Clone)]
@@ -32,25 +73,30 @@ pub struct Config {
 
 pub struct L2 {
     pub name: String,
-    pub window: Window,
+    pub ram: Ram,
+    /// Where QEMU maps ordinary RAM (None for a window).
+    hva: Option<u64>,
     child: Child,
     qmp: Qmp,
     state: AgentL2State,
     detail: Option<String>,
+    /// The workload as the last save left it: a saved L2's RAM may have
+    /// left this L1 at L0, and touching it then would kill the L1.
+    saved_workload: Option<Workload>,
 }
 
 impl L2 {
-    /// Starts an L2 on `window`; with `incoming`, one that waits for a
+    /// Starts an L2 on `ram`; with `incoming`, one that waits for a
     /// migration stream (`-incoming defer`) instead of booting.
-    pub fn start(cfg: &Config, name: &str, window: &Window, incoming: bool) -> Result<Self> {
+    pub fn start(cfg: &Config, name: &str, ram: &Ram, incoming: bool) -> Result<Self> {
         let qmp_path = cfg.run_dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
-        let size = window.size;
+        let size = ram.size();
         let mut cmd = Command::new(&cfg.qemu);
         cmd.args(["-enable-kvm", "-cpu", "host", "-M", "pc", "-nodefaults", "-display", "none", "-m"])
             .arg(format!("{}M", size >> 20))
             .arg("-object")
-            .arg(format!("memory-backend-file,id=mem0,mem-path={},share=on,size={size}", window.bar.display()))
+            .arg(ram.backend())
             .args(["-machine", "memory-backend=mem0", "-kernel"])
             .arg(&cfg.guest)
             .arg("-qmp")
@@ -58,6 +104,12 @@ impl L2 {
             .args(["-name", name]);
         if incoming {
             cmd.args(["-incoming", "defer"]);
+        }
+        if let Ram::Ordinary { thp, .. } = ram {
+            ram::prepare(*thp)?;
+            // Locked, so its frames neither swap out nor move while L0
+            // gathers them.
+            cmd.args(["-overcommit", "mem-lock=on"]);
         }
         let log = std::fs::File::create(cfg.run_dir.join(format!("{name}.log")))?;
         let mut child = cmd
@@ -75,8 +127,28 @@ impl L2 {
                 return Err(e.context(format!("L2 {name}: QEMU log: {}", log.trim())));
             }
         };
-        let mut l2 =
-            Self { name: name.into(), window: window.clone(), child, qmp, state: AgentL2State::Running, detail: None };
+        // QMP answers once QEMU's start-up is over, RAM mapped.
+        let hva = match ram {
+            Ram::Ordinary { size, .. } => match ram::find(child.id(), *size) {
+                Ok(hva) => Some(hva),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+            },
+            Ram::Window(_) => None,
+        };
+        let mut l2 = Self {
+            name: name.into(),
+            ram: ram.clone(),
+            hva,
+            child,
+            qmp,
+            state: AgentL2State::Running,
+            detail: None,
+            saved_workload: None,
+        };
         if incoming {
             l2.state = AgentL2State::Incoming;
         }
@@ -100,17 +172,30 @@ impl L2 {
         }
     }
 
+    /// The workload header, read from the L2's RAM.
+    fn read_header(&self) -> Result<Workload> {
+        match (&self.ram, self.hva) {
+            (Ram::Window(w), _) => window::read_header(w),
+            (Ram::Ordinary { .. }, Some(hva)) => ram::read_header(self.pid(), hva),
+            (Ram::Ordinary { .. }, None) => bail!("L2 {}: its RAM was not found", self.name),
+        }
+    }
+
     pub fn info(&mut self) -> AgentL2 {
         self.poll();
-        // Only a running or saved L2's window holds its pages: an exited
-        // one's may have been handed away, an incoming one's has not
-        // arrived. Touching a window without pages kills this L1.
-        let holds_pages = matches!(self.state, AgentL2State::Running | AgentL2State::Saved);
-        let workload = holds_pages.then(|| window::read_header(&self.window).ok()).flatten();
+        // Only a running L2's RAM is sure to be here: a saved one's may
+        // have been gathered away at L0 (its last header is kept), an
+        // exited one's handed away, an incoming one's not arrived yet.
+        // Touching RAM without pages kills this L1.
+        let workload = match self.state {
+            AgentL2State::Running => self.read_header().ok(),
+            AgentL2State::Saved => self.saved_workload,
+            AgentL2State::Incoming | AgentL2State::Exited => None,
+        };
         AgentL2 {
             name: self.name.clone(),
-            window: self.window.index,
-            size: self.window.size,
+            window: self.ram.window_index(),
+            size: self.ram.size(),
             pid: self.pid(),
             state: self.state,
             workload,
@@ -142,13 +227,33 @@ impl L2 {
                 return Err(e.context(format!("saving L2 {} (resumed)", self.name)));
             }
         };
+        self.saved_workload = self.read_header().ok();
         Ok(Saved {
             name: self.name.clone(),
-            window: self.window.index,
+            window: self.ram.window_index(),
             state: STANDARD.encode(&bytes),
             state_bytes: bytes.len() as u64,
-            workload: window::read_header(&self.window).ok(),
+            workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Which L1 frames hold the RAM of this stopped L2 on ordinary memory,
+    /// in its guest-physical order. Read only while it is stopped: then
+    /// nothing in it changes its memory, and its QEMU keeps it locked.
+    pub fn frames(&mut self) -> Result<L2Frames> {
+        self.poll();
+        let (Ram::Ordinary { size, .. }, Some(hva)) = (&self.ram, self.hva) else {
+            bail!("L2 {}'s RAM is a window, not ordinary memory: L0 knows its frames", self.name);
+        };
+        if self.state != AgentL2State::Saved {
+            bail!("L2 {} is {:?}: its frames are read only while it is stopped (save-l2)", self.name, self.state);
+        }
+        Ok(L2Frames {
+            name: self.name.clone(),
+            size: *size,
+            frames: ram::frames(self.pid(), hva, *size)?,
+            thp_bytes: ram::thp_bytes(self.pid(), hva)?,
         })
     }
 

@@ -26,11 +26,13 @@ use vmbeam::control::{
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
 
+mod header;
 mod l2;
 mod port;
+mod ram;
 mod window;
 
-use l2::{Config, L2};
+use l2::{Config, Ram, L2};
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -58,6 +60,11 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
 }
+
+/// RAM of an L2 on ordinary memory unless `start-l2` says.
+const DEFAULT_L2_SIZE: u64 = 16 << 20;
+/// The workload's header sits at 2 MiB, its data above it.
+const MIN_L2_SIZE: u64 = 4 << 20;
 
 struct Agent {
     args: Args,
@@ -164,6 +171,10 @@ impl Agent {
                 let cfg = self.cfg.clone();
                 self.l2(&a.name)?.save(&cfg).map(|s| json!(s)).map_err(generic)
             }
+            "query-l2-frames" => {
+                let a: Named = args(req)?;
+                self.l2(&a.name)?.frames().map(|f| json!(f)).map_err(generic)
+            }
             "resume-l2" => {
                 let a: Named = args(req)?;
                 let l2 = self.l2(&a.name)?;
@@ -212,7 +223,8 @@ impl Agent {
             .values_mut()
             .filter_map(|l| {
                 l.poll();
-                (l.info().state != AgentL2State::Exited).then(|| (l.window.index, l.name.clone()))
+                let index = l.ram.window_index()?;
+                (l.info().state != AgentL2State::Exited).then(|| (index, l.name.clone()))
             })
             .collect();
         Ok(AgentStatus {
@@ -226,14 +238,20 @@ impl Agent {
         })
     }
 
-    /// The free window numbered `index`.
-    fn free_window(&mut self, name: &str, index: u32) -> Result<window::Window> {
+    /// Refuses a name that a live L2 has.
+    fn check_name_free(&mut self, name: &str) -> Result<()> {
         if let Some(old) = self.l2s.get_mut(name) {
             old.poll();
             if old.info().state != AgentL2State::Exited {
                 bail!("an L2 named `{name}` exists already");
             }
         }
+        Ok(())
+    }
+
+    /// The free window numbered `index`.
+    fn free_window(&mut self, name: &str, index: u32) -> Result<window::Window> {
+        self.check_name_free(name)?;
         let status = self.status()?;
         let w = status.windows.iter().find(|w| w.index == index).ok_or_else(|| {
             let have: Vec<_> = status.windows.iter().map(|w| w.index.to_string()).collect();
@@ -249,8 +267,26 @@ impl Agent {
     }
 
     fn start(&mut self, a: &StartL2) -> Result<Value> {
-        let w = self.free_window(&a.name, a.window)?;
-        let mut l2 = L2::start(&self.cfg, &a.name, &w, false)?;
+        let ram = match a.window {
+            Some(index) => {
+                if a.size.is_some() || a.thp {
+                    bail!("size and thp are for an L2 on ordinary memory; a window's size is its own");
+                }
+                Ram::Window(self.free_window(&a.name, index)?)
+            }
+            None => {
+                self.check_name_free(&a.name)?;
+                let size = a.size.unwrap_or(DEFAULT_L2_SIZE);
+                if !size.is_multiple_of(2 << 20) || size < MIN_L2_SIZE {
+                    bail!(
+                        "an L2's RAM is a multiple of 2 MiB, at least {} MiB (asked: {size} bytes)",
+                        MIN_L2_SIZE >> 20
+                    );
+                }
+                Ram::Ordinary { size, thp: a.thp }
+            }
+        };
+        let mut l2 = L2::start(&self.cfg, &a.name, &ram, false)?;
         let info = l2.info();
         self.l2s.insert(a.name.clone(), l2);
         Ok(json!(info))
@@ -259,7 +295,7 @@ impl Agent {
     fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
         let arrived = Instant::now();
         let w = self.free_window(&a.name, a.window)?;
-        let mut l2 = L2::start(&self.cfg, &a.name, &w, true)?;
+        let mut l2 = L2::start(&self.cfg, &a.name, &Ram::Window(w), true)?;
         let start_us = arrived.elapsed().as_micros() as u64;
         if let Err(e) = l2.restore(&self.cfg, &a.state) {
             l2.kill();

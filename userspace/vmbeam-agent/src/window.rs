@@ -14,12 +14,12 @@ use anyhow::{bail, Context, Result};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use vmbeam::control::agent::Workload;
 
+use crate::header::{self, HEADER_GPA};
+
 /// ivshmem's PCI ids.
 const IVSHMEM: (&str, &str) = ("0x1af4", "0x1110");
 /// The root-bus slot of root port 0.
 const FIRST_PORT_SLOT: u32 = 0x10;
-/// Guest-physical address of the workload header in an L2's RAM.
-pub const HEADER_GPA: u64 = 0x20_0000;
 
 #[derive(Debug, Clone)]
 pub struct Window {
@@ -73,15 +73,7 @@ pub fn read_header(window: &Window) -> Result<Workload> {
     let words = ptr.as_ptr().cast::<u32>();
     // SAFETY: the page is mapped and readable; volatile, as the L2 writes it.
     let word = |i: usize| unsafe { words.add(i).read_volatile() };
-    let header = Workload {
-        magic: word(0),
-        seed: word(1),
-        pass: word(2),
-        dwords: word(3),
-        checksum: word(4),
-        errors: word(5),
-        heartbeat: word(8),
-    };
+    let header = header::parse(word);
     // SAFETY: the mapping made above, unmapped once.
     unsafe { munmap(ptr, 4096) }.context("munmap")?;
     Ok(header)

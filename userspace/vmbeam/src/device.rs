@@ -21,6 +21,15 @@ nix::ioctl_write_ptr_bad!(ioctl_transfer_batch, uapi::VMBEAM_IOCTL_TRANSFER_BATC
 nix::ioctl_write_ptr_bad!(ioctl_gather, uapi::VMBEAM_IOCTL_GATHER, uapi::vmbeam_gather);
 nix::ioctl_write_ptr_bad!(ioctl_bind, uapi::VMBEAM_IOCTL_BIND, uapi::vmbeam_bind);
 
+/// What a gather leaves in the source where the moved pages were.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// Missing pages: the source's owner gets SIGBUS there.
+    Holes,
+    /// Fresh zeroed pages (`VMBEAM_GATHER_REPLACE`).
+    Replace,
+}
+
 /// An open `/dev/vmbeam`.
 #[derive(Debug)]
 pub struct Device {
@@ -113,16 +122,19 @@ impl Device {
     /// A new region made of the pages of `src` at byte `offsets` (moved,
     /// not copied); `src` loses exactly those pages.
     pub fn gather(&self, src: BorrowedFd<'_>, offsets: &[u64]) -> Result<Region, Error> {
-        let arg = uapi::vmbeam_gather {
-            offsets: offsets.as_ptr() as u64,
-            count: offsets.len() as u64,
-            src_fd: src.as_raw_fd(),
-            ..Default::default()
-        };
-        // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
-        // (alive across the call) holds `count` offsets.
-        let fd = unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
-            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER", errno })?;
+        self.gather_new(src, offsets, Source::Holes)
+    }
+
+    /// As [`Device::gather`], with `VMBEAM_GATHER_REPLACE`: fresh zeroed
+    /// pages take the moved pages' places in `src`, so its owner may touch
+    /// those addresses again (reading zeros) instead of getting SIGBUS.
+    /// Costs `offsets.len()` new pages.
+    pub fn gather_replacing(&self, src: BorrowedFd<'_>, offsets: &[u64]) -> Result<Region, Error> {
+        self.gather_new(src, offsets, Source::Replace)
+    }
+
+    fn gather_new(&self, src: BorrowedFd<'_>, offsets: &[u64], source: Source) -> Result<Region, Error> {
+        let fd = self.gather_raw(src, offsets, None, source)?;
         Ok(Region::from_raw_ioctl_result(fd))
     }
 
@@ -136,20 +148,55 @@ impl Device {
         dst: BorrowedFd<'_>,
         dst_offset: u64,
     ) -> Result<(), Error> {
+        self.gather_raw(src, offsets, Some((dst, dst_offset)), Source::Holes).map(drop)
+    }
+
+    /// As [`Device::gather_into`], with `VMBEAM_GATHER_REPLACE`: `src`
+    /// gets fresh zeroed pages in place of the moved ones (an aged L1 may
+    /// go on using those guest frames).
+    pub fn gather_into_replacing(
+        &self,
+        src: BorrowedFd<'_>,
+        offsets: &[u64],
+        dst: BorrowedFd<'_>,
+        dst_offset: u64,
+    ) -> Result<(), Error> {
+        self.gather_raw(src, offsets, Some((dst, dst_offset)), Source::Replace).map(drop)
+    }
+
+    fn gather_raw(
+        &self,
+        src: BorrowedFd<'_>,
+        offsets: &[u64],
+        into: Option<(BorrowedFd<'_>, u64)>,
+        source: Source,
+    ) -> Result<i32, Error> {
+        let replace = match source {
+            Source::Holes => 0,
+            Source::Replace => uapi::VMBEAM_GATHER_REPLACE,
+        };
+        let (flags, dst_fd, dst_offset) = match into {
+            Some((dst, offset)) => (uapi::VMBEAM_GATHER_INTO | replace, dst.as_raw_fd(), offset),
+            None => (replace, 0, 0),
+        };
         let arg = uapi::vmbeam_gather {
             offsets: offsets.as_ptr() as u64,
             count: offsets.len() as u64,
             src_fd: src.as_raw_fd(),
-            flags: uapi::VMBEAM_GATHER_INTO,
-            dst_fd: dst.as_raw_fd(),
+            flags,
+            dst_fd,
             dst_offset,
             ..Default::default()
         };
+        let op = match (into.is_some(), source) {
+            (false, Source::Holes) => "VMBEAM_GATHER",
+            (true, Source::Holes) => "VMBEAM_GATHER_INTO",
+            (false, Source::Replace) => "VMBEAM_GATHER(REPLACE)",
+            (true, Source::Replace) => "VMBEAM_GATHER_INTO(REPLACE)",
+        };
         // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
         // (alive across the call) holds `count` offsets.
-        unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
-            .map(drop)
-            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER_INTO", errno })
+        unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }.map_err(|errno| Error::Ioctl { op, errno })
     }
 
     /// Binds `region` to the KVM VM behind `vm`, which any process may have

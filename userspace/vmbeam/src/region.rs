@@ -18,9 +18,9 @@ pub struct Region {
 pub struct RegionInfo {
     pub size: u64,
     pub pages_present: u64,
-    /// Bound to a VM whose process runs.
+    /// Bound to a VM whose process runs, or to a process that runs.
     pub owned: bool,
-    /// Owned by a VM of the calling process.
+    /// Owned by a VM of the calling process, or by the calling process.
     pub mine: bool,
     /// Between the revoke and grant phases of a transfer.
     pub moving: bool,
@@ -45,6 +45,21 @@ impl Region {
         unsafe { ioctl_region_bind(self.fd.as_raw_fd(), &arg) }
             .map(drop)
             .map_err(|errno| Error::Ioctl { op: "VMBEAM_REGION_BIND", errno })
+    }
+
+    /// Makes the calling process itself the owner (`VMBEAM_BIND_PROCESS`):
+    /// then only this process (also after it `execve`s: the same pid) may
+    /// map the region, through its current address space, and KVM maps it
+    /// for the VMs it creates. For a launcher that binds a VMM's RAM and
+    /// then execs the VMM, which maps `/proc/self/fd/N` (keep the fd open
+    /// across the exec). The region cannot be transferred, only gathered
+    /// from; it is ownerless again once the process has exited.
+    pub fn bind_process(&self) -> Result<(), Error> {
+        let arg = uapi::vmbeam_region_bind { vm_fd: -1, flags: uapi::VMBEAM_BIND_PROCESS, ..Default::default() };
+        // SAFETY: a region fd and the struct this command takes.
+        unsafe { ioctl_region_bind(self.fd.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_REGION_BIND(VMBEAM_BIND_PROCESS)", errno })
     }
 
     pub fn info(&self) -> Result<RegionInfo, Error> {

@@ -77,12 +77,30 @@ pub struct Args {
     /// report. Needs root and a kernel with BTF.
     #[arg(long)]
     pub trace: bool,
+    /// Real L1s: after an L2 on ordinary memory is gathered out of the aged
+    /// L1's RAM, leave its frames there empty instead of filling them with
+    /// fresh zeroed pages. Saves that much memory at L0, but the aged L1
+    /// must then never run on (its moved L2 QEMUs are kept stopped, and it
+    /// must be destroyed, as `rejuvenate --gather-holes` does).
+    #[arg(long)]
+    pub gather_holes: bool,
+    /// Testing: spoil the aged agent's frame list of each L2 on ordinary
+    /// memory this way, as a faulty or hostile L1 might.
+    #[arg(long, hide = true, value_enum)]
+    pub corrupt_frames: Option<crate::l1::qemu::gather::Corruption>,
     /// Testing: SIGSTOP ourselves after this step.
     #[arg(long, hide = true, value_enum)]
     pub stop_at: Option<Step>,
     /// Testing: fail right after this step, as if it had failed.
     #[arg(long, hide = true, value_enum)]
     pub inject_failure: Option<Step>,
+}
+
+impl Args {
+    /// What the real-L1 gather path is told.
+    pub fn gather_options(&self) -> crate::l1::qemu::gather::Options {
+        crate::l1::qemu::gather::Options { holes: self.gather_holes, corrupt: self.corrupt_frames }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -100,7 +118,7 @@ pub fn run(args: &Args) -> ExitCode {
     let timeout = Duration::from_secs(args.timeout_s);
     let mut m = Migration::new(args);
     let connected: Result<Box<dyn Pair>> = if l1::is_qmp(&args.from) {
-        QemuPair::connect(&args.from, &args.to, timeout).map(|p| Box::new(p) as Box<dyn Pair>)
+        QemuPair::connect(&args.from, &args.to, timeout, args.gather_options()).map(|p| Box::new(p) as Box<dyn Pair>)
     } else {
         LabPair::connect(&args.from, &args.to, timeout).map(|p| Box::new(p) as Box<dyn Pair>)
     };

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context;
+use vmbeam::control::agent::{AgentL2, AgentL2State};
 
 use crate::{
     l1::qemu::{self, LaunchArgs, QemuL1, QemuPair},
@@ -32,8 +33,13 @@ pub struct RejuvenateArgs {
     pub kernel: PathBuf,
     #[arg(long, env = "VMBEAM_L1_INITRD")]
     pub initrd: PathBuf,
-    #[arg(long, default_value = "384M")]
-    pub memory: String,
+    /// The clean L1's RAM (default: the aged L1's).
+    #[arg(long, value_parser = qemu::parse_bytes)]
+    pub memory: Option<u64>,
+    /// Leave the moved L2s' frames empty in the aged L1 (see `migrate-all
+    /// --gather-holes`): it is destroyed right after, so it never runs on.
+    #[arg(long)]
+    pub gather_holes: bool,
     #[arg(long)]
     pub json: bool,
     /// Attach the eBPF probes for the migration (see `migrate-all --trace`).
@@ -64,17 +70,24 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
         stop_at: None,
         inject_failure: None,
         trace: a.trace,
+        gather_holes: a.gather_holes,
+        corrupt_frames: None,
     };
     // The clean L1 boots first: its boot is not a step of the migration.
-    let booted = aged.and_then(|aged| {
-        eprintln!("rejuvenate: booting clean L1 `{clean_name}` with {} empty windows", aged.windows.len());
+    let booted = aged.and_then(|mut aged| {
+        // The same windows, and one more for each L2 on ordinary memory.
+        let vms: Vec<AgentL2> = aged.agent.call("query-vms", ())?;
+        let mut windows: Vec<u64> = aged.windows.iter().map(|w| w.size).collect();
+        windows.extend(vms.iter().filter(|v| v.window.is_none() && v.state == AgentL2State::Running).map(|v| v.size));
+        eprintln!("rejuvenate: booting clean L1 `{clean_name}` with {} empty windows", windows.len());
         let boot = Instant::now();
         let launch = LaunchArgs {
             name: clean_name.clone(),
             dir: a.dir.clone(),
-            windows: aged.windows.iter().map(|w| w.size).collect(),
+            windows,
             empty: true,
-            memory: a.memory.clone(),
+            memory: a.memory.or(aged.ram.as_ref().map(|r| r.size)).unwrap_or(384 << 20),
+            anonymous_ram: aged.ram.is_none(),
             kernel: a.kernel.clone(),
             initrd: a.initrd.clone(),
             qemu: PathBuf::from("qemu-system-x86_64"),
@@ -87,11 +100,17 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
     let result = booted.and_then(|(aged, clean, boot)| {
         m.report.warnings.push(format!("clean L1 {clean_name} booted in {:.1} s", boot.as_secs_f64()));
         eprintln!("rejuvenate: moving every L2 from {} to {clean_name}", aged.name);
-        let mut pair = QemuPair::new(vmbeam::Device::open()?, aged, clean);
+        let mut pair = QemuPair::new(vmbeam::Device::open()?, aged, clean, args.gather_options());
         m.run(&mut pair)?;
+        let holes = pair.left_holes();
         let aged = pair.into_aged();
         let name = aged.name.clone();
-        aged.shut_down(Duration::from_secs(30))?;
+        if holes {
+            // Frames of its RAM are empty: it must not run its shutdown.
+            aged.destroy(Duration::from_secs(30))?;
+        } else {
+            aged.shut_down(Duration::from_secs(30))?;
+        }
         m.report.warnings.push(format!(
             "aged L1 {name} shut down; the whole rejuvenation took {:.1} s",
             started.elapsed().as_secs_f64()

@@ -46,6 +46,14 @@ impl Endpoint {
 #[derive(Debug, Default, Serialize)]
 pub struct L2Report {
     pub name: String,
+    /// How its memory moved (real L1s): `window` (its window's region went
+    /// whole) or `gather` (its pages were gathered out of the aged L1's RAM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Gather path: bytes of its RAM the aged L1 backed with transparent
+    /// huge pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thp_bytes: Option<u64>,
     pub pages: u64,
     pub bytes: u64,
     pub from_window: Option<Window>,
@@ -185,6 +193,8 @@ fn print_text(r: &Report) {
     for l in &r.l2 {
         let windows = match (l.from_window, l.to_window) {
             (Some(a), Some(b)) => format!("{:#x} -> {:#x}", a.gpa, b.gpa),
+            // Gathered out of the aged L1's RAM (real L1s).
+            (None, Some(b)) if l.path.as_deref() == Some("gather") => format!("RAM -> {:#x}", b.gpa),
             _ => "-".into(),
         };
         let frames =

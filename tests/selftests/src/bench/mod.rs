@@ -4,6 +4,7 @@
 //! test kernel. Absolute times under TCG mean little; the ratios to a
 //! memcpy of the same bytes, taken in the same boot, are the result.
 
+pub mod gather;
 pub mod lab;
 pub mod methods;
 pub mod output;

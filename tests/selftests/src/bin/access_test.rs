@@ -8,6 +8,9 @@
 //! - an unprivileged process (nobody) handed the region fd cannot map it,
 //!   cannot bind it to another process's VM, cannot open /dev/vmbeam, and
 //!   cannot reopen a root process's region fd through /proc;
+//! - a region owned by a process (`VMBEAM_BIND_PROCESS`) refuses every
+//!   other process the same way, its own forked child and nobody included
+//!   (mmap `EACCES`, binds `EBUSY`, transfers `EPERM`);
 //! - none of these refusals changes the region: its owner still reads what
 //!   its guest wrote.
 
@@ -51,16 +54,20 @@ fn map(region: &impl AsFd) -> Result<(), Errno> {
 /// Runs `body` in a child that dropped to nobody; its `Err` comes back as
 /// the test's error.
 fn as_nobody(what: &str, body: impl FnOnce() -> Result<(), String>) -> TestResult {
+    as_child(what, Some(Uid::from_raw(65534)), body)
+}
+
+/// Runs `body` in a forked child, as `uid` (and its group) if given; its
+/// `Err` comes back as the test's error.
+fn as_child(what: &str, uid: Option<Uid>, body: impl FnOnce() -> Result<(), String>) -> TestResult {
     let (read, write) = nix::unistd::pipe().map_err(|e| e.to_string())?;
     // SAFETY: the selftest is single-threaded; the child only makes
     // syscalls, writes its verdict and leaves with _exit.
     match unsafe { fork() }.map_err(|e| e.to_string())? {
         ForkResult::Child => {
             drop(read);
-            let verdict = setgid(Gid::from_raw(65534))
-                .and_then(|_| setuid(Uid::from_raw(65534)))
-                .map_err(|e| format!("setuid nobody: {e}"))
-                .and_then(|_| body());
+            let drop_to = |uid: Uid| setgid(Gid::from_raw(uid.as_raw())).and_then(|_| setuid(uid));
+            let verdict = uid.map_or(Ok(()), drop_to).map_err(|e| format!("setuid {uid:?}: {e}")).and_then(|_| body());
             let msg = verdict.err().unwrap_or_default();
             let _ = nix::unistd::write(&write, msg.as_bytes());
             // SAFETY: leave without running the parent's destructors.
@@ -90,7 +97,7 @@ fn vmbeam_errno(r: Result<(), vmbeam::Error>) -> Result<(), Errno> {
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(4);
+    let mut tap = Tap::new(5);
     let mut pair = Pair::new(1 << 20, 64, 0xacce55).unwrap_or_else(|e| panic!("set-up: {e}"));
     let region = pair.region.try_clone().expect("dup region fd");
     let stranger_vm = vmbeam_selftests::guest::TestVm::new().unwrap_or_else(|e| panic!("VM: {e}"));
@@ -132,6 +139,34 @@ fn main() {
                 format!("nobody opened {path}: {got:?}")
             })
         })
+    });
+
+    tap.test("a_process_owned_region_refuses_every_other_process", || {
+        let owned = dev.create_region(1 << 20).map_err(|e| e.to_string())?;
+        owned.bind_process().map_err(|e| e.to_string())?;
+        map(&owned).map_err(|e| format!("the owner process cannot map its region: {e}"))?;
+        let fd = owned.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let to_vm: OwnedFd = pair.clean_vm.try_clone().map_err(|e| e.to_string())?;
+        let steal = Transfer { region: owned.as_fd(), from_vm: stranger_vm.vm_borrowed(), to_vm: to_vm.as_fd() };
+        errno_is("TRANSFER of a process-owned region", dev.transfer(steal), Errno::EPERM)?;
+        errno_is("VMBEAM_BIND to another process's VM", dev.bind(owned.as_fd(), to_vm.as_fd()), Errno::EBUSY)?;
+        // The owner's own child (root) and nobody: a fork is another process.
+        as_child("the owner's forked child", None, {
+            let fd = fd.try_clone().map_err(|e| e.to_string())?;
+            move || {
+                expect("mmap by the owner's child", map(&fd), Errno::EACCES)?;
+                errno_is("BIND_PROCESS by the owner's child", Region::from_fd(fd).bind_process(), Errno::EBUSY)
+            }
+        })?;
+        as_nobody("nobody", move || {
+            expect("mmap by nobody", map(&fd), Errno::EACCES)?;
+            let r = Region::from_fd(fd);
+            errno_is("BIND_PROCESS by nobody", r.bind_process(), Errno::EBUSY)?;
+            let info = r.info().map_err(|e| format!("REGION_INFO: {e}"))?;
+            check(info.owned && !info.mine, || format!("nobody's REGION_INFO: {info:?}"))
+        })?;
+        let info = owned.info().map_err(|e| e.to_string())?;
+        check(info.owned && info.mine && info.pages_present == 256, || format!("the owner's REGION_INFO: {info:?}"))
     });
 
     tap.test("refusals_change_nothing_the_owner_still_reads_its_data", || {

@@ -1,6 +1,7 @@
 //! Allocation failure at every allocation of every module path, with the
 //! kernel's own fault injection (failslab, fail_page_alloc): region
-//! creation, bind, gather (new region and into a window), transfer batch.
+//! creation, bind, gather (new region and into a window, each also with
+//! `VMBEAM_GATHER_REPLACE` out of a process-owned region), transfer batch.
 //!
 //! For each path, `/proc/thread-self/fail-nth` makes the 1st, 2nd, 3rd ...
 //! fault-injectable allocation of the call fail, until a call runs through
@@ -119,8 +120,8 @@ fn err(e: vmbeam::Error) -> String {
     e.to_string()
 }
 
-/// A VM with a region of PAGES pages bound to it, mapped, every page's
-/// first byte set to its index.
+/// A VM with a region of PAGES pages bound to it (or to this process),
+/// mapped, every page's first byte set to its index.
 struct Owned {
     vm: TestVm,
     region: Region,
@@ -129,9 +130,19 @@ struct Owned {
 
 impl Owned {
     fn new(dev: &Device) -> Result<Self, String> {
+        Self::with_owner(dev, false)
+    }
+
+    /// With `process`, the region is bound to this process itself
+    /// (`VMBEAM_BIND_PROCESS`), not to the VM.
+    fn with_owner(dev: &Device, process: bool) -> Result<Self, String> {
         let vm = TestVm::new()?;
         let region = dev.create_region(PAGES * 4096).map_err(err)?;
-        region.bind(vm.vm_borrowed()).map_err(err)?;
+        if process {
+            region.bind_process().map_err(err)?;
+        } else {
+            region.bind(vm.vm_borrowed()).map_err(err)?;
+        }
         // SAFETY: a fresh shared mapping of the region, unmapped in Drop.
         let map = unsafe {
             libc::mmap(
@@ -154,12 +165,19 @@ impl Owned {
 
     /// Every page present, owned, and holding its index.
     fn intact(&self) -> TestResult {
+        self.replaced(&[])
+    }
+
+    /// Every page present and owned; `zeroed` ones (fresh pages of a
+    /// replacing gather) hold 0, the others their index.
+    fn replaced(&self, zeroed: &[u64]) -> TestResult {
         let info = self.region.info().map_err(err)?;
         check(info.owned && info.pages_present == PAGES, || format!("source region now {info:?}"))?;
         for page in 0..PAGES {
             // SAFETY: inside the mapping; the region is ours (checked).
             let got = unsafe { self.map.add((page * 4096) as usize).read_volatile() };
-            check(got == page as u8, || format!("page {page} holds {got}"))?;
+            let want = if zeroed.contains(&page) { 0 } else { page as u8 };
+            check(got == want, || format!("page {page} holds {got}, expected {want}"))?;
         }
         Ok(())
     }
@@ -179,7 +197,7 @@ fn main() {
     }
     let mut fail = FailNth::open().unwrap_or_else(|e| Tap::skip_all(&e));
     let stats0 = dev.stats().expect("stats");
-    let mut tap = Tap::new(6);
+    let mut tap = Tap::new(8);
     let note = |what: &str, n: u32| println!("# {what}: {n} injectable allocations on its path, each failed once");
 
     tap.test("create_region_fails_cleanly_at_every_allocation", || {
@@ -250,6 +268,59 @@ fn main() {
             },
         )?;
         note("gather-into", n);
+        Ok(())
+    });
+
+    // Out of a region this process owns and maps: the fresh pages come
+    // before anything moves, so a failure leaves the source whole and the
+    // counters where they were; a success leaves zeros where pages left.
+    let pages_owned = || dev.stats().map(|s| s.pages_owned).map_err(err);
+    tap.test("gather_replace_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok((Owned::with_owner(&dev, true)?, None, pages_owned()?)),
+            |(s, out, _): &mut (Owned, Option<Region>, u64)| {
+                dev.gather_replacing(s.region.as_fd(), &[5 * 4096, 2 * 4096]).map(|r| *out = Some(r))
+            },
+            |(s, out, owned0), ok| {
+                let owned = pages_owned()?;
+                if ok {
+                    let got = out.take().ok_or("no region")?.info().map_err(err)?;
+                    check(got.pages_present == 2 && owned == *owned0 + 2, || {
+                        format!("gathered region {got:?}, pages owned {owned0} -> {owned}")
+                    })?;
+                    s.replaced(&[5, 2])
+                } else {
+                    check(owned == *owned0, || format!("a failed gather: pages owned {owned0} -> {owned}"))?;
+                    s.intact()
+                }
+            },
+        )?;
+        note("gather with REPLACE", n);
+        Ok(())
+    });
+
+    tap.test("gather_into_replace_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || Ok((Owned::with_owner(&dev, true)?, dev.create_empty_region(8 * 4096).map_err(err)?, pages_owned()?)),
+            |(s, dst, _)| dev.gather_into_replacing(s.region.as_fd(), &[4096, 7 * 4096], dst.as_fd(), 4096),
+            |(s, dst, owned0), ok| {
+                let (got, owned) = (dst.info().map_err(err)?, pages_owned()?);
+                if ok {
+                    check(got.pages_present == 2 && owned == *owned0 + 2, || {
+                        format!("window after gather-into: {got:?}, pages owned {owned0} -> {owned}")
+                    })?;
+                    s.replaced(&[1, 7])
+                } else {
+                    check(got.pages_present == 0 && owned == *owned0, || {
+                        format!("window after a failed gather-into: {got:?}, pages owned {owned0} -> {owned}")
+                    })?;
+                    s.intact()
+                }
+            },
+        )?;
+        note("gather-into with REPLACE", n);
         Ok(())
     });
 

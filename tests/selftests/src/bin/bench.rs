@@ -61,6 +61,10 @@ fn main() {
         .collect();
     let lab_counts: Vec<usize> =
         env_list("VMBEAM_BENCH_LAB_L2S", "1 4").iter().filter_map(|s| s.parse().ok()).collect();
+    // VMBEAM_BENCH_ONLY="gather QEMU": only the methods whose names hold
+    // one of these words (memcpy, the yardstick, always runs).
+    let only = env_list("VMBEAM_BENCH_ONLY", "");
+    let want = |method: &str| only.is_empty() || only.iter().any(|w| method.contains(w.as_str()));
     let mut rows: Vec<Row> = Vec::new();
     let push = |rows: &mut Vec<Row>, method: &str, size, samples: &[Sample]| {
         if let Some(row) = Row::of(method, size, samples) {
@@ -76,7 +80,7 @@ fn main() {
     for &size in &sizes {
         let name = bench::size_name(size);
         push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
-        for (huge, pages) in [(false, "4K"), (true, "2M")] {
+        for (huge, pages) in [(false, "4K"), (true, "2M")].into_iter().filter(|_| want("transfer")) {
             let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
                 .filter_map(|_| {
                     methods::vmbeam(&dev, size, huge).map_err(|e| eprintln!("bench: vmbeam {pages} {name}: {e}")).ok()
@@ -93,19 +97,30 @@ fn main() {
             let touched: Vec<Sample> = vmbeam.iter().map(|r| r.touched).collect();
             push(&mut rows, &label("transfer + map + guest reads all"), size, &touched);
         }
+        let gathers: Vec<bench::gather::GatherRun> = (0..runs)
+            .filter(|_| want("gather"))
+            .filter_map(|_| bench::gather::gather(&dev, size).map_err(|e| eprintln!("bench: gather {name}: {e}")).ok())
+            .collect();
+        let gathered: Vec<Sample> = gathers.iter().map(|g| g.gather).collect();
+        push(&mut rows, "vmbeam gather: scattered 4K pages out of a RAM region", size, &gathered);
+        let filled: Vec<Sample> = gathers.iter().map(|g| g.filled).collect();
+        push(&mut rows, "vmbeam gather + fill the holes (one ioctl per hole)", size, &filled);
         let memfd: Vec<(Sample, Sample)> = (0..runs)
+            .filter(|_| want("memfd"))
             .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
             .collect();
         push(&mut rows, "memfd handover + map (populate)", size, &memfd.iter().map(|r| r.0).collect::<Vec<_>>());
         push(&mut rows, "memfd handover + map + guest reads all", size, &memfd.iter().map(|r| r.1).collect::<Vec<_>>());
-        push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
-        push(
-            &mut rows,
-            "QEMU x-ignore-shared migration",
-            size,
-            &sample("QEMU x-ignore-shared", runs, || qemu::ignore_shared(size)),
-        );
-        for &n in &lab_counts {
+        if want("QEMU") {
+            push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
+            push(
+                &mut rows,
+                "QEMU x-ignore-shared migration",
+                size,
+                &sample("QEMU x-ignore-shared", runs, || qemu::ignore_shared(size)),
+            );
+        }
+        for &n in lab_counts.iter().filter(|_| want("lab")) {
             // Lab L2s share the test kernel's memory with everything else.
             if n as u64 * size > 2 << 30 {
                 continue;

@@ -55,9 +55,11 @@ fn main() {
     });
 
     tap.test("stats_are_zero_without_regions", || {
+        // What lives is 0 whatever ran before; the counters since the
+        // module's load are 0 only when this runs first after insmod.
         let st = dev.stats().map_err(|e| e.to_string())?;
-        let all = [st.regions, st.pages_owned, st.transfers, st.pages_transferred, st.revocations, st.bytes_copied];
-        check(all.iter().all(|&c| c == 0), || format!("expected all 0, got {st:?}"))
+        let live = [st.regions, st.pages_owned, st.bytes_copied];
+        check(live.iter().all(|&c| c == 0), || format!("expected no region, no page, no byte copied: {st:?}"))
     });
 
     tap.test("foreign_ioctl_is_enotty", || {

@@ -32,8 +32,14 @@ impl Worker {
         let region_fd = dups.last().copied();
         let (vm, vm_kind) = self.fd_arg(Kind::Vm, dups);
         let vm_fd = dups.last().copied();
+        let mut to_process = false;
         let bound = if self.rng.gen_bool(0.5) {
-            let arg = uapi::vmbeam_region_bind { vm_fd: vm, flags: self.flags(0), reserved: self.reserved() };
+            // To the fuzzer itself, mostly well formed (vm_fd -1); its
+            // regions then go only to its own VMs (every pool VM is one).
+            let flags = self.flags(uapi::VMBEAM_BIND_PROCESS);
+            to_process = flags == uapi::VMBEAM_BIND_PROCESS;
+            let vm_fd = if to_process && self.rng.gen_bool(0.8) { -1 } else { vm };
+            let arg = uapi::vmbeam_region_bind { vm_fd, flags, reserved: self.reserved() };
             let addr = self.place(arg);
             let oracle = Self::oracle(region_kind, &[vm_kind]);
             self.ioctl(region, uapi::VMBEAM_IOCTL_REGION_BIND, addr, oracle).is_ok()
@@ -50,7 +56,12 @@ impl Worker {
             let oracle = Self::oracle(Some(Kind::Device), &[region_kind, vm_kind]);
             self.ioctl(dev, uapi::VMBEAM_IOCTL_BIND, addr, oracle).is_ok()
         };
-        if bound {
+        if bound && to_process {
+            bump(&self.pool.reached.process_binds);
+            if let (Some(r), Some(Kind::Region)) = (region_fd, region_kind) {
+                self.pool.note_unowned(r);
+            }
+        } else if bound {
             bump(&self.pool.reached.binds);
             if let (Some(r), Some(v), Some(Kind::Region), Some(Kind::Vm)) = (region_fd, vm_fd, region_kind, vm_kind) {
                 self.pool.note_owner(r, v);
@@ -136,6 +147,8 @@ impl Worker {
     pub(super) fn gather(&mut self, dups: &mut Vec<Fd>) {
         let (src_fd, a) = self.fd_arg(Kind::Region, dups);
         let into = self.rng.gen_bool(0.5);
+        let replace = if self.rng.gen_bool(0.3) { uapi::VMBEAM_GATHER_REPLACE } else { 0 };
+        let flags = if into { uapi::VMBEAM_GATHER_INTO | replace } else { self.flags(replace) };
         let (dst_fd, b) = if into { self.fd_arg(Kind::Region, dups) } else { (0, Some(Kind::Closed)) };
         let n = self.rng.gen_range(1..=32);
         let offsets: Vec<u64> = (0..n)
@@ -155,7 +168,7 @@ impl Worker {
             offsets: if self.rng.gen_range(0..15) == 0 { 0x10 } else { offsets.as_ptr() as u64 },
             count,
             src_fd,
-            flags: if into { uapi::VMBEAM_GATHER_INTO } else { self.flags(0) },
+            flags,
             dst_fd,
             pad: u32::from(self.rng.gen_range(0..30) == 0),
             dst_offset: if into { self.rng.gen_range(0..64) * 4096 } else { 0 },
@@ -165,6 +178,9 @@ impl Worker {
         let oracle = Self::oracle(Some(Kind::Device), &[a, b]);
         if let Ok(fd) = self.ioctl(dev, uapi::VMBEAM_IOCTL_GATHER, addr, oracle) {
             bump(&self.pool.reached.gathers);
+            if flags & uapi::VMBEAM_GATHER_REPLACE != 0 {
+                bump(&self.pool.reached.replacing_gathers);
+            }
             if fd > 0 {
                 self.pool.add(Fd::new(fd, Kind::Region));
             }
@@ -207,14 +223,19 @@ impl Worker {
         bump(&self.pool.reached.batches);
         let offsets: Vec<u64> = (0..pages).filter(|_| self.rng.gen_bool(0.3)).map(|p| p * 4096).collect();
         if !offsets.is_empty() {
+            let replace = self.rng.gen_bool(0.3);
             let gather = uapi::vmbeam_gather {
                 offsets: offsets.as_ptr() as u64,
                 count: offsets.len() as u64,
                 src_fd: region.raw,
+                flags: if replace { uapi::VMBEAM_GATHER_REPLACE } else { 0 },
                 ..Default::default()
             };
             if let Ok(fd) = self.ioctl(dev, uapi::VMBEAM_IOCTL_GATHER, (&raw const gather) as u64, true) {
                 bump(&self.pool.reached.gathers);
+                if replace {
+                    bump(&self.pool.reached.replacing_gathers);
+                }
                 dups.push(Fd::new(fd, Kind::Region));
             }
         }

@@ -103,7 +103,9 @@ impl Worker {
 
     /// A child process creates a VM and a region, binds, maps, touches and
     /// transfers it to a pool VM, again and again, and is SIGKILLed at a
-    /// random moment, possibly inside a call.
+    /// random moment, possibly inside a call. Every other round it binds
+    /// the region to itself instead (`VMBEAM_BIND_PROCESS`) and gathers
+    /// pages out of it with `VMBEAM_GATHER_REPLACE` while it maps them.
     pub(super) fn fork_and_kill(&mut self) {
         let target = self.pool.pick(&mut self.rng, Some(Kind::Vm));
         let dev = self.pool.device;
@@ -163,10 +165,17 @@ unsafe fn child(dev: RawFd, target_vm: RawFd) -> ! {
     unsafe {
         let kvm = libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR);
         let vm = libc::ioctl(kvm, KVM_CREATE_VM as libc::c_ulong, 0);
+        let mut round = 0u32;
         loop {
+            round += 1;
+            let to_process = round.is_multiple_of(2);
             let create = uapi::vmbeam_region_create { size: 64 * 4096, ..Default::default() };
             let region = libc::ioctl(dev, uapi::VMBEAM_IOCTL_CREATE_REGION as libc::c_ulong, &create);
-            let bind = uapi::vmbeam_region_bind { vm_fd: vm, ..Default::default() };
+            let bind = if to_process {
+                uapi::vmbeam_region_bind { vm_fd: -1, flags: uapi::VMBEAM_BIND_PROCESS, ..Default::default() }
+            } else {
+                uapi::vmbeam_region_bind { vm_fd: vm, ..Default::default() }
+            };
             libc::ioctl(region, uapi::VMBEAM_IOCTL_REGION_BIND as libc::c_ulong, &bind);
             let p = libc::mmap(
                 std::ptr::null_mut(),
@@ -179,6 +188,23 @@ unsafe fn child(dev: RawFd, target_vm: RawFd) -> ! {
             if p != libc::MAP_FAILED {
                 for i in 0..64 {
                     std::ptr::write_volatile(p.cast::<u8>().add(i * 4096), i as u8);
+                }
+                if to_process {
+                    // Pages leave under the mapping; fresh zeroed ones take
+                    // their places, so touching them again is safe.
+                    let offsets = [4096u64, 9 * 4096];
+                    let g = uapi::vmbeam_gather {
+                        offsets: offsets.as_ptr() as u64,
+                        count: 2,
+                        src_fd: region,
+                        flags: uapi::VMBEAM_GATHER_REPLACE,
+                        ..Default::default()
+                    };
+                    let out = libc::ioctl(dev, uapi::VMBEAM_IOCTL_GATHER as libc::c_ulong, &g);
+                    std::ptr::write_volatile(p.cast::<u8>().add(9 * 4096), 9);
+                    if out >= 0 {
+                        libc::close(out);
+                    }
                 }
             }
             let t =

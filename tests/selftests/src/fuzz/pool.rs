@@ -47,6 +47,10 @@ pub struct Reached {
     pub transfers: AtomicU64,
     pub batches: AtomicU64,
     pub gathers: AtomicU64,
+    /// Regions bound to a process (`VMBEAM_BIND_PROCESS`).
+    pub process_binds: AtomicU64,
+    /// Gathers that left fresh pages in the source (`VMBEAM_GATHER_REPLACE`).
+    pub replacing_gathers: AtomicU64,
     pub maps: AtomicU64,
     pub guest_runs: AtomicU64,
     pub children_killed: AtomicU64,
@@ -54,13 +58,15 @@ pub struct Reached {
 
 impl Reached {
     /// `(name, count)` of every kind.
-    pub fn all(&self) -> [(&'static str, u64); 8] {
+    pub fn all(&self) -> [(&'static str, u64); 10] {
         [
             ("regions created", self.regions.load(Relaxed)),
             ("binds", self.binds.load(Relaxed)),
             ("transfers", self.transfers.load(Relaxed)),
             ("batches", self.batches.load(Relaxed)),
             ("gathers", self.gathers.load(Relaxed)),
+            ("process binds", self.process_binds.load(Relaxed)),
+            ("replacing gathers", self.replacing_gathers.load(Relaxed)),
             ("region mmaps", self.maps.load(Relaxed)),
             ("guest runs", self.guest_runs.load(Relaxed)),
             ("children killed", self.children_killed.load(Relaxed)),
@@ -170,6 +176,11 @@ impl Pool {
         let mut state = self.lock();
         state.owners.retain(|&(r, _)| r != region.origin);
         state.owners.push((region.origin, vm.origin));
+    }
+
+    /// Forgets the VM `region` was last given to (it went to a process).
+    pub(super) fn note_unowned(&self, region: Fd) {
+        self.lock().owners.retain(|&(r, _)| r != region.origin);
     }
 
     /// A region and the VM it was last given to, both dup'ed.

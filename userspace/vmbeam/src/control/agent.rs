@@ -11,6 +11,7 @@
 //! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
+//! | `query-l2-frames` | [`Named`]     | [`L2Frames`]       |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
@@ -24,6 +25,14 @@
 //! once the window's pages have arrived: a QEMU loading a state writes
 //! guest RAM (kvmvapic patches its ROM copy at 0xc0000), so it cannot be
 //! started ahead on a window whose pages are still on their way.
+//!
+//! An L2 started without a window runs on *ordinary* memory of the L1
+//! (`memory-backend-ram,share=on`, locked with `-overcommit mem-lock=on`):
+//! what an operator's existing L2s look like. `query-l2-frames` tells L0
+//! which L1 guest-physical frames hold its RAM, so L0 can gather them out
+//! of the L1's own RAM region. Its RAM must be shared because QEMU 7.2's
+//! `x-ignore-shared` skips only shared RAM blocks: a private one would go
+//! through the migration stream, a copy.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +43,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "query-vms",
     "start-l2",
     "save-l2",
+    "query-l2-frames",
     "resume-l2",
     "restore-l2",
     "kill-l2",
@@ -93,7 +103,8 @@ pub enum AgentL2State {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentL2 {
     pub name: String,
-    pub window: u32,
+    /// The window that is its RAM; `None`: ordinary L1 memory.
+    pub window: Option<u32>,
     pub size: u64,
     pub pid: u32,
     pub state: AgentL2State,
@@ -105,7 +116,29 @@ pub struct AgentL2 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StartL2 {
     pub name: String,
-    pub window: u32,
+    /// Its RAM: this window, or (`None`) `size` bytes of ordinary memory.
+    #[serde(default)]
+    pub window: Option<u32>,
+    /// RAM size of an L2 on ordinary memory (default 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Ordinary memory only: back it with transparent huge pages (the
+    /// L1's shmem THP set to `always` while its QEMU starts).
+    #[serde(default)]
+    pub thp: bool,
+}
+
+/// Where an L2's RAM lives in the L1, for `query-l2-frames`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct L2Frames {
+    pub name: String,
+    pub size: u64,
+    /// The L1 guest-physical frame (page number) holding each 4 KiB page
+    /// of the L2's RAM, in the order of the L2's guest-physical addresses
+    /// (its QEMU's `/proc/PID/pagemap`); 0: not present.
+    pub frames: Vec<u64>,
+    /// Bytes of it in transparent huge pages (`ShmemPmdMapped` in smaps).
+    pub thp_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -117,7 +150,7 @@ pub struct Named {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Saved {
     pub name: String,
-    pub window: u32,
+    pub window: Option<u32>,
     /// QEMU's migration stream (CPU and devices, no RAM), base64.
     pub state: String,
     pub state_bytes: u64,

@@ -1,7 +1,7 @@
 //! `vmbeamctl l1`: boot a real L1 hypervisor with vmbeam windows, start L2s
 //! in it, list them.
 
-use std::{path::PathBuf, time::Duration};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use serde_json::json;
@@ -14,15 +14,32 @@ pub enum Command {
     /// Boot an L1 (QEMU at L0, -enable-kvm) whose windows are vmbeam
     /// regions; returns once its agent answers. Prints its QMP socket.
     Start(LaunchArgs),
-    /// Start an L2 VM in window N of an L1 (its QEMU runs inside the L1).
+    /// Start an L2 VM in an L1 (its QEMU runs inside the L1): on window N,
+    /// or (without --window) on ordinary L1 memory, as any QEMU would.
     StartL2 {
         /// The L1's QMP socket.
         #[arg(long)]
         qmp: PathBuf,
         #[arg(long)]
         name: String,
+        /// Its RAM is this window.
+        #[arg(long, conflicts_with_all = ["memory", "thp"])]
+        window: Option<u32>,
+        /// RAM on ordinary L1 memory (shared, locked), e.g. 16M.
+        #[arg(long, value_parser = qemu::parse_bytes)]
+        memory: Option<u64>,
+        /// Back its ordinary memory with transparent huge pages in the L1.
         #[arg(long)]
-        window: u32,
+        thp: bool,
+    },
+    /// Internal (`l1 start`): bind region fd N to this process, then exec
+    /// the command in it, the fd kept open.
+    #[command(hide = true)]
+    ExecOwning {
+        #[arg(long)]
+        region_fd: i32,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
     },
     /// Show an L1's windows and L2 VMs (as its agent sees them).
     Status {
@@ -41,20 +58,27 @@ pub fn run(cmd: &Command) -> Result<()> {
             println!(
                 "{}",
                 json!({"name": l1.name, "pid": l1.pid, "qmp": l1.qmp_path,
+                       "ram_region": l1.ram.as_ref().map(|r| r.size),
                        "windows": l1.windows.iter().map(|w| json!({"index": w.index, "size": w.size})).collect::<Vec<_>>()})
             );
         }
-        Command::StartL2 { qmp, name, window } => {
+        Command::StartL2 { qmp, name, window, memory, thp } => {
             let mut l1 = QemuL1::connect(qmp, timeout)?;
-            let vm: AgentL2 = l1.agent.call("start-l2", StartL2 { name: name.clone(), window: *window })?;
+            let args = StartL2 { name: name.clone(), window: *window, size: *memory, thp: *thp };
+            let vm: AgentL2 = l1.agent.call("start-l2", args)?;
             println!("{}", serde_json::to_string(&vm)?);
         }
+        Command::ExecOwning { region_fd, command } => qemu::ram::exec_owning(*region_fd, command)?,
         Command::Status { qmp, json } => {
             let mut l1 = QemuL1::connect(qmp, timeout)?;
             let status: AgentStatus = l1.agent.call("query-status", ())?;
             let vms: Vec<AgentL2> = l1.agent.call("query-vms", ())?;
             if *json {
-                println!("{}", json!({"pid": l1.pid, "status": status, "vms": vms}));
+                let ram = l1
+                    .ram
+                    .as_ref()
+                    .map(|r| json!({"size": r.size, "pages_present": r.region.info().map_or(0, |i| i.pages_present)}));
+                println!("{}", json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram}));
             } else {
                 println!("{} (QEMU pid {}, kernel {}):", status.name, l1.pid, status.kernel);
                 for w in &status.windows {
@@ -69,9 +93,12 @@ pub fn run(cmd: &Command) -> Result<()> {
                 }
                 for vm in &vms {
                     let w = vm.workload.unwrap_or_default();
+                    let ram = vm
+                        .window
+                        .map_or_else(|| format!("{} MiB of ordinary memory", vm.size >> 20), |k| format!("window {k}"));
                     println!(
-                        "  L2 {}: {:?}, window {}, pass {}, checksum {:#x}, errors {}",
-                        vm.name, vm.state, vm.window, w.pass, w.checksum, w.errors
+                        "  L2 {}: {:?}, {ram}, pass {}, checksum {:#x}, errors {}",
+                        vm.name, vm.state, w.pass, w.checksum, w.errors
                     );
                 }
             }

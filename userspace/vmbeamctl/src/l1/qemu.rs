@@ -5,12 +5,14 @@
 //! Window `K` of an L1 is, at L0, QEMU object `winK` (a
 //! `memory-backend-file` whose mem-path is `/proc/self/fd/N`, a region fd
 //! handed over with `getfd`) shown to the L1 as `ivshmem-plain` device
-//! `ivK` behind PCIe root port `rpK`. Everything vmbeamctl needs is found
-//! again from QEMU itself (QMP, `/proc`), so no state lives outside it.
+//! `ivK` behind PCIe root port `rpK`. The L1's own RAM is object `ram0`,
+//! a region too ([`ram`]), so the pages of L2s on ordinary L1 memory can
+//! be gathered out of it. Everything vmbeamctl needs is found again from
+//! QEMU itself (QMP, `/proc`), so no state lives outside it.
 
 use std::{
     os::{
-        fd::{AsFd, OwnedFd},
+        fd::{AsFd, AsRawFd, OwnedFd},
         unix::{fs::MetadataExt, net::UnixStream, process::CommandExt},
     },
     path::{Path, PathBuf},
@@ -27,8 +29,11 @@ use vmbeam::{
     Device, Region,
 };
 
+pub mod gather;
 mod pair;
+pub mod ram;
 pub use pair::QemuPair;
+pub use ram::RamRegion;
 
 /// The chardev QEMU exposes the agent's virtio-serial port through.
 pub const AGENT_CHARDEV: &str = "vmbeam-agent";
@@ -63,6 +68,8 @@ pub struct QemuL1 {
     pub qmp: Qmp,
     pub agent: Client,
     pub windows: Vec<Window>,
+    /// Its RAM, when that is a vmbeam region (`l1 start` makes it one).
+    pub ram: Option<RamRegion>,
 }
 
 impl QemuL1 {
@@ -82,7 +89,8 @@ impl QemuL1 {
             agent.server().service
         );
         let windows = windows(&mut qmp, pid)?;
-        Ok(Self { name, pid, qmp_path: qmp_path.to_path_buf(), qmp, agent, windows })
+        let ram = RamRegion::find(&mut qmp, pid)?;
+        Ok(Self { name, pid, qmp_path: qmp_path.to_path_buf(), qmp, agent, windows, ram })
     }
 
     pub fn window(&self, index: u32) -> Option<&Window> {
@@ -93,6 +101,17 @@ impl QemuL1 {
     /// (QMP `quit` if it does not).
     pub fn shut_down(mut self, timeout: Duration) -> Result<()> {
         let _ = self.agent.call::<Value>("poweroff", ());
+        self.wait_exit(timeout)
+    }
+
+    /// Ends the L1 at L0 (QMP `quit`) without letting it run another
+    /// instruction: for an L1 that holds empty frames of RAM.
+    pub fn destroy(mut self, timeout: Duration) -> Result<()> {
+        let _ = self.qmp.execute("quit", json!({}));
+        self.wait_exit(timeout)
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while Path::new(&format!("/proc/{}", self.pid)).exists() {
             if Instant::now() > deadline {
@@ -136,22 +155,31 @@ fn windows(qmp: &mut Qmp, pid: u32) -> Result<Vec<Window>> {
         let Some(index) = obj["name"].as_str().and_then(|n| n.strip_prefix("win")).and_then(|n| n.parse().ok()) else {
             continue;
         };
-        let path = format!("/objects/win{index}");
-        let mem_path = qmp.execute("qom-get", json!({"path": path, "property": "mem-path"}))?;
-        let size = qmp.execute("qom-get", json!({"path": path, "property": "size"}))?.as_u64().unwrap_or(0);
-        let fd: i32 = mem_path
-            .as_str()
-            .and_then(|p| p.strip_prefix("/proc/self/fd/"))
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("window {index}: mem-path {mem_path} is not a region fd"))?;
-        let region = Region::from_fd(procfs::take_fd(pid, fd).with_context(|| format!("pidfd_getfd({pid}, {fd})"))?);
-        let info = region.info().with_context(|| format!("window {index}: QEMU's fd {fd} is not a vmbeam region"))?;
-        ensure!(info.size == size, "window {index}: region of {} bytes behind a {size}-byte backend", info.size);
-        let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
+        let (region, size, ino) =
+            backend_region(qmp, pid, &format!("win{index}")).with_context(|| format!("window {index}"))?;
         windows.push(Window { index, size, region, ino });
     }
     windows.sort_by_key(|w| w.index);
     Ok(windows)
+}
+
+/// The region behind QEMU memory backend `id` (its mem-path is
+/// `/proc/self/fd/N`, a region fd): a fd of it taken from QEMU, its size
+/// and its inode (which names QEMU's mapping of it in `/proc/PID/maps`).
+pub(crate) fn backend_region(qmp: &mut Qmp, pid: u32, id: &str) -> Result<(Region, u64, u64)> {
+    let path = format!("/objects/{id}");
+    let mem_path = qmp.execute("qom-get", json!({"path": path, "property": "mem-path"}))?;
+    let size = qmp.execute("qom-get", json!({"path": path, "property": "size"}))?.as_u64().unwrap_or(0);
+    let fd: i32 = mem_path
+        .as_str()
+        .and_then(|p| p.strip_prefix("/proc/self/fd/"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("mem-path {mem_path} is not a region fd"))?;
+    let region = Region::from_fd(procfs::take_fd(pid, fd).with_context(|| format!("pidfd_getfd({pid}, {fd})"))?);
+    let info = region.info().with_context(|| format!("QEMU's fd {fd} is not a vmbeam region"))?;
+    ensure!(info.size == size, "a region of {} bytes behind a {size}-byte backend", info.size);
+    let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
+    Ok((region, size, ino))
 }
 
 /// What `vmbeamctl l1 start` boots.
@@ -172,8 +200,13 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub empty: bool,
     /// L1 RAM.
-    #[arg(long, default_value = "384M")]
-    pub memory: String,
+    #[arg(long, default_value = "384M", value_parser = parse_bytes)]
+    pub memory: u64,
+    /// Let QEMU allocate the L1's RAM itself (anonymous memory) instead of
+    /// making it a vmbeam region: then L2s on ordinary memory of this L1
+    /// cannot be gathered out of it (only L2s on windows move).
+    #[arg(long)]
+    pub anonymous_ram: bool,
     /// The L1 kernel (default: $VMBEAM_L1_KERNEL).
     #[arg(long, env = "VMBEAM_L1_KERNEL")]
     pub kernel: PathBuf,
@@ -187,7 +220,8 @@ pub struct LaunchArgs {
     pub boot_timeout_s: u64,
 }
 
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// A size in bytes, with an optional K, M or G suffix.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let (num, shift) = match s.as_bytes().last() {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
         Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
@@ -195,7 +229,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 0),
     };
     let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 16M)"))?;
-    let bytes = n << shift;
+    n.checked_mul(1 << shift)
+        .filter(|b| b % 4096 == 0 && *b > 0)
+        .ok_or_else(|| format!("`{s}`: not a whole number of pages"))
+}
+
+/// A window size: a power of two of at least 4 MiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
     if !bytes.is_power_of_two() || bytes < 4 << 20 {
         return Err(format!("`{s}`: a window is a power of two of at least 4M (a PCI BAR)"));
     }
@@ -213,14 +254,32 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
         let _ = std::fs::remove_file(p);
     }
     let dev = Device::open()?;
+    // The RAM region goes to QEMU as an inherited fd, bound to its process
+    // by `l1 exec-owning` before QEMU runs.
+    let ram = if a.anonymous_ram {
+        None
+    } else {
+        let region = dev.create_region(a.memory).context("the L1's RAM region")?;
+        ram::inheritable(&region)?;
+        Some(region)
+    };
     // Under a shell that logs how QEMU ended: a QEMU killed by a signal
     // writes nothing itself.
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(r#""$@"; echo "vmbeam: QEMU exited with status $? (over 128: killed by signal status-128)" >&2"#)
-        .arg("sh")
-        .arg(&a.qemu)
-        .args(["-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", "q35", "-smp", "1", "-m", &a.memory])
+        .arg("sh");
+    if let Some(region) = &ram {
+        let fd = region.as_fd().as_raw_fd();
+        cmd.arg(std::env::current_exe().context("finding vmbeamctl itself")?)
+            .args(["l1", "exec-owning", "--region-fd", &fd.to_string(), "--"])
+            .arg(&a.qemu)
+            .args(ram::qemu_args(fd, a.memory));
+    } else {
+        cmd.arg(&a.qemu);
+    }
+    cmd.args(["-enable-kvm", "-cpu", "host,-tsc-deadline", "-M", "q35", "-smp", "1", "-m"])
+        .arg(format!("{}M", a.memory >> 20))
         .args(["-nodefaults", "-nographic", "-no-reboot", "-S", "-name", &a.name])
         .arg("-kernel")
         .arg(&a.kernel)
@@ -251,7 +310,8 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
     }
     .spawn()
     .with_context(|| format!("starting {}", a.qemu.display()))?;
-    // The shell leads its own session: its process group is QEMU's too.
+    drop(ram); // QEMU has its own fd of it now
+               // The shell leads its own session: its process group is QEMU's too.
     let pid = child.id();
     let fail = |e: anyhow::Error| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-(pid as i32)), nix::sys::signal::Signal::SIGKILL);

@@ -2,15 +2,19 @@
 //!
 //! The clean L1 was booted with empty windows (vmbeam regions without
 //! pages, mapped by its QEMU and plugged in before it booted), so nothing
-//! is hot-plugged during the move. The steps:
+//! is hot-plugged during the move. An L2 on the aged L1 runs on a window
+//! (its pages are that window's region) or on ordinary L1 memory (they
+//! are scattered over the aged L1's RAM region: the *gather* path,
+//! [`super::gather`]); the pair picks the path per L2. The steps:
 //!
 //! | step     | what happens |
 //! |----------|--------------|
 //! | plan     | every running L2 gets an empty window of its size on the clean L1 |
-//! | pause    | the aged agent stops each L2 and saves CPU + devices (QEMU migration, `x-ignore-shared`: no RAM) |
-//! | transfer | `VMBEAM_GATHER_INTO`: each window's pages leave the aged L1's region for the clean L1's |
+//! | pause    | the aged agent stops each L2 and saves CPU + devices (QEMU migration, `x-ignore-shared`: no RAM); for the gather path it reports the L1 frames of the L2's RAM, which are checked |
+//! | transfer | `VMBEAM_GATHER_INTO`: each L2's pages leave the aged L1's window region, or its RAM region at the reported frames, for the clean L1's window |
 //! | receive  | the clean agent loads each state and resumes the L2 |
-//! | verify   | a full workload pass on the clean L1, the same page frames at L0, the aged L1's windows empty |
+//! | verify   | a full workload pass on the clean L1, the same page frames at L0, nothing of the L2 left mapped by the aged L1 |
+//! | retire   | the aged copies are killed; gathered frames are first filled with fresh zeroed pages (unless `--gather-holes`) |
 //!
 //! Downtime of an L2 is placed on L0's clock: the stop is the save reply's
 //! arrival less the agent's own time since the stop; the first instruction
@@ -21,25 +25,41 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
-    agent::{AgentL2, AgentL2State, AgentStatus, Named, RestoreL2, Restored, Saved, Workload},
+    agent::{AgentL2, AgentL2State, AgentStatus, L2Frames, Named, RestoreL2, Restored, Saved, Workload},
     Probe,
 };
 
-use super::{QemuL1, Window};
+use super::{gather, QemuL1, RamRegion, Window};
 use crate::{
     l1::{monotonic_ns, Pair},
     report::{Endpoint, L2Report, Report},
 };
 
+/// Where an L2's pages are on the aged L1.
+enum Source {
+    /// All of this window's region, in order.
+    Window(u32),
+    /// The aged L1's RAM region at these byte offsets, in the L2's
+    /// guest-physical order (known once it is paused).
+    Ordinary { offsets: Vec<u64> },
+}
+
 /// One L2 on its way.
 struct Move {
     name: String,
-    from: u32,
+    source: Source,
     to: u32,
     pages: u64,
+    /// Page frames at L0 behind the aged QEMU's mapping of the L2's pages.
     frames: Vec<u64>,
     saved: Option<Saved>,
     gathered: bool,
+}
+
+impl Move {
+    fn is_ordinary(&self) -> bool {
+        matches!(self.source, Source::Ordinary { .. })
+    }
 }
 
 pub struct QemuPair {
@@ -47,18 +67,21 @@ pub struct QemuPair {
     aged: QemuL1,
     clean: QemuL1,
     moves: Vec<Move>,
+    options: gather::Options,
+    /// The aged RAM region's pages before the move (the gather path).
+    ram_present_before: Option<u64>,
 }
 
 impl QemuPair {
-    pub fn connect(from: &Path, to: &Path, timeout: Duration) -> Result<Self> {
+    pub fn connect(from: &Path, to: &Path, timeout: Duration, options: gather::Options) -> Result<Self> {
         let dev = vmbeam::Device::open()?;
         let aged = QemuL1::connect(from, timeout).context("the aged L1 (--from)")?;
         let clean = QemuL1::connect(to, timeout).context("the clean L1 (--to)")?;
-        Ok(Self::new(dev, aged, clean))
+        Ok(Self::new(dev, aged, clean, options))
     }
 
-    pub fn new(dev: vmbeam::Device, aged: QemuL1, clean: QemuL1) -> Self {
-        Self { dev, aged, clean, moves: Vec::new() }
+    pub fn new(dev: vmbeam::Device, aged: QemuL1, clean: QemuL1, options: gather::Options) -> Self {
+        Self { dev, aged, clean, moves: Vec::new(), options, ram_present_before: None }
     }
 
     /// The aged L1, to shut down once its L2s left.
@@ -66,14 +89,62 @@ impl QemuPair {
         self.aged
     }
 
+    /// Whether frames of the aged L1's RAM were left empty: it must then be
+    /// destroyed, not shut down.
+    pub fn left_holes(&self) -> bool {
+        self.options.holes && self.moves.iter().any(|m| m.gathered && m.is_ordinary())
+    }
+
+    fn aged_ram(&self) -> Result<&RamRegion> {
+        self.aged.ram.as_ref().ok_or_else(|| anyhow!("{}'s RAM is not a vmbeam region", self.aged.name))
+    }
+
+    /// Moves an L2's pages to the clean window, or (`back`) back again.
     fn gather(&self, m: &Move, back: bool) -> Result<()> {
-        let (src, dst) = if back {
-            (window(&self.clean, m.to)?, window(&self.aged, m.from)?)
-        } else {
-            (window(&self.aged, m.from)?, window(&self.clean, m.to)?)
-        };
-        let offsets: Vec<u64> = (0..m.pages).map(|p| p * 4096).collect();
-        self.dev.gather_into(src.region.as_fd(), &offsets, dst.region.as_fd(), 0)?;
+        let dst = window(&self.clean, m.to)?;
+        match (&m.source, back) {
+            (Source::Window(from), false) => {
+                let offsets: Vec<u64> = (0..m.pages).map(|p| p * 4096).collect();
+                self.dev.gather_into(window(&self.aged, *from)?.region.as_fd(), &offsets, dst.region.as_fd(), 0)?;
+            }
+            (Source::Window(from), true) => {
+                let offsets: Vec<u64> = (0..m.pages).map(|p| p * 4096).collect();
+                self.dev.gather_into(dst.region.as_fd(), &offsets, window(&self.aged, *from)?.region.as_fd(), 0)?;
+            }
+            (Source::Ordinary { offsets }, false) => {
+                self.dev.gather_into(self.aged_ram()?.region.as_fd(), offsets, dst.region.as_fd(), 0)?;
+            }
+            (Source::Ordinary { offsets }, true) => {
+                gather::into_slots(&self.dev, &dst.region, self.aged_ram()?, offsets)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For an L2 on ordinary memory, just paused: its frames from the aged
+    /// agent, checked, as offsets in the aged RAM region, and the L0 frames
+    /// behind them. Nothing has moved if this fails.
+    fn locate(&mut self, i: usize, report: &mut Report) -> Result<()> {
+        let name = self.moves[i].name.clone();
+        let mut f: L2Frames = self.aged.agent.call("query-l2-frames", Named { name: name.clone() })?;
+        let ram = self.aged_ram()?;
+        if let Some(c) = self.options.corrupt {
+            c.apply(&mut f.frames, ram.size);
+        }
+        ensure!(
+            f.frames.len() as u64 == self.moves[i].pages,
+            "{name}: the agent reported {} frames for {} pages",
+            f.frames.len(),
+            self.moves[i].pages
+        );
+        let offsets = gather::offsets(&name, &f.frames, ram.size)?;
+        let frames = ram.frames_at(self.aged.pid, &offsets).unwrap_or_default();
+        if let Some(l) = report.l2.iter_mut().find(|l| l.name == name) {
+            l.thp_bytes = Some(f.thp_bytes);
+        }
+        let m = &mut self.moves[i];
+        m.frames = frames;
+        m.source = Source::Ordinary { offsets };
         Ok(())
     }
 }
@@ -99,50 +170,65 @@ impl Pair for QemuPair {
                 report.skipped.push(format!("{} ({:?})", vm.name, vm.state));
                 continue;
             }
-            let src = window(&self.aged, vm.window)?;
+            if vm.window.is_none() && self.aged.ram.is_none() {
+                report.skipped.push(format!(
+                    "{} (on ordinary memory of {}, whose RAM is not a vmbeam region: boot L1s without --anonymous-ram)",
+                    vm.name, self.aged.name
+                ));
+                continue;
+            }
+            let size = match vm.window {
+                Some(k) => window(&self.aged, k)?.size,
+                None => vm.size,
+            };
             let free = |w: &&Window| {
-                w.size == src.size
+                w.size == size
                     && !taken.contains(&w.index)
                     && w.region.info().is_ok_and(|i| i.pages_present == 0)
                     && clean_status.windows.iter().any(|cw| cw.index == w.index)
             };
             // Its own window number when that one is free, else any that fits.
-            let target =
-                self.clean.windows.iter().filter(free).min_by_key(|w| (w.index != vm.window, w.index)).ok_or_else(
-                    || {
-                        anyhow!(
-                            "{}: no empty {}-byte window on {} (boot it with --windows to match)",
-                            vm.name,
-                            src.size,
-                            self.clean.name
-                        )
-                    },
-                )?;
+            let target = self
+                .clean
+                .windows
+                .iter()
+                .filter(free)
+                .min_by_key(|w| (Some(w.index) != vm.window, w.index))
+                .ok_or_else(|| {
+                anyhow!(
+                    "{}: no empty {size}-byte window on {} (boot it with --windows to match)",
+                    vm.name,
+                    self.clean.name
+                )
+            })?;
             taken.push(target.index);
-            let pages = src.region.info()?.pages_present;
-            ensure!(
-                pages == src.size / 4096,
-                "{}: window {} has {pages} of {} pages",
-                vm.name,
-                vm.window,
-                src.size / 4096
-            );
-            let w = |i: u32| vmbeam::control::Window { gpa: u64::from(i), size: src.size };
+            let (source, pages, frames) = match vm.window {
+                Some(k) => {
+                    let src = window(&self.aged, k)?;
+                    let pages = src.region.info()?.pages_present;
+                    ensure!(pages == size / 4096, "{}: window {k} has {pages} of {} pages", vm.name, size / 4096);
+                    (Source::Window(k), pages, src.frames(self.aged.pid).unwrap_or_default())
+                }
+                // Its frames are known once it is paused.
+                None => (Source::Ordinary { offsets: Vec::new() }, size / 4096, Vec::new()),
+            };
+            let w = |i: u32| vmbeam::control::Window { gpa: u64::from(i), size };
             report.l2.push(L2Report {
                 name: vm.name.clone(),
+                path: Some(if vm.window.is_some() { "window" } else { "gather" }.into()),
                 pages,
-                bytes: src.size,
-                from_window: Some(w(vm.window)),
+                bytes: size,
+                from_window: vm.window.map(w),
                 to_window: Some(w(target.index)),
                 passes_at_pause: vm.workload.map_or(0, |w| u64::from(w.pass)),
                 ..Default::default()
             });
             self.moves.push(Move {
                 name: vm.name.clone(),
-                from: vm.window,
+                source,
                 to: target.index,
                 pages,
-                frames: src.frames(self.aged.pid).unwrap_or_default(),
+                frames,
                 saved: None,
                 gathered: false,
             });
@@ -164,12 +250,19 @@ impl Pair for QemuPair {
     }
 
     fn pause(&mut self, report: &mut Report) -> Result<()> {
-        for m in &mut self.moves {
-            let saved: Saved = self.aged.agent.call("save-l2", Named { name: m.name.clone() })?;
-            let l = report.l2.iter_mut().find(|l| l.name == m.name).context("report row")?;
+        for i in 0..self.moves.len() {
+            let name = self.moves[i].name.clone();
+            let saved: Saved = self.aged.agent.call("save-l2", Named { name: name.clone() })?;
+            let l = report.l2.iter_mut().find(|l| l.name == name).context("report row")?;
             l.paused_at_ns = monotonic_ns().saturating_sub(saved.stopped_us_ago * 1000);
             l.passes_at_pause = saved.workload.map_or(0, |w| u64::from(w.pass));
-            m.saved = Some(saved);
+            self.moves[i].saved = Some(saved);
+            if self.moves[i].is_ordinary() {
+                self.locate(i, report)?;
+            }
+        }
+        if self.moves.iter().any(Move::is_ordinary) {
+            self.ram_present_before = Some(self.aged_ram()?.region.info()?.pages_present);
         }
         Ok(())
     }
@@ -228,7 +321,7 @@ impl Pair for QemuPair {
                 std::thread::sleep(Duration::from_millis(100));
             };
             let w = after.workload.unwrap_or_default();
-            let (src, dst) = (window(&self.aged, m.from)?, window(&self.clean, m.to)?);
+            let dst = window(&self.clean, m.to)?;
             let l = report.l2.iter_mut().find(|l| l.name == m.name).context("report row")?;
             l.passes_after = Some(u64::from(w.pass));
             l.errors = Some(u64::from(w.errors));
@@ -236,9 +329,8 @@ impl Pair for QemuPair {
             l.checksum_ok = Some(w.checksum == expected_checksum(&w));
             l.compare_frames(&m.frames, &dst.frames(self.clean.pid).unwrap_or_default());
             // Nothing is left for the aged L1: its QEMU maps none of the
-            // window, and the window's region holds no page.
-            let left = src.region.info()?.pages_present;
-            let mapped = src.frames(self.aged.pid).map(|f| f.iter().filter(|&&p| p != 0).count() as u64).unwrap_or(0);
+            // L2's pages, and its region holds none of them.
+            let (left, mapped) = self.left_on_aged(m)?;
             l.old_owner = Some(Probe {
                 name: m.name.clone(),
                 pages: m.pages,
@@ -268,6 +360,25 @@ impl Pair for QemuPair {
     fn retire(&mut self, report: &mut Report) {
         // The moved L2s must never run again on the aged L1.
         for m in &self.moves {
+            if let Source::Ordinary { offsets } = &m.source {
+                if self.options.holes {
+                    // Its locked pages keep the aged L1's kernel off the
+                    // empty frames: the QEMU stays, stopped, until the
+                    // aged L1 is destroyed.
+                    report.warnings.push(format!(
+                        "{}: its frames in {} are empty and its stopped QEMU is kept: destroy {} (QMP quit), never let it run on",
+                        m.name, self.aged.name, self.aged.name
+                    ));
+                    continue;
+                }
+                if let Err(e) = self.aged_ram().and_then(|ram| gather::fill(&self.dev, ram, offsets)) {
+                    report.warnings.push(format!(
+                        "{}: its frames in {} were not refilled ({e:#}); its stopped QEMU is kept",
+                        m.name, self.aged.name
+                    ));
+                    continue;
+                }
+            }
             if let Err(e) = self.aged.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() }) {
                 report.warnings.push(format!("{}: its stopped QEMU on {} was not killed: {e}", m.name, self.aged.name));
             }
@@ -310,6 +421,32 @@ impl Pair for QemuPair {
             bail!("{}", trouble.join("; "));
         }
         Ok(resumed)
+    }
+}
+
+impl QemuPair {
+    /// What the aged L1 still has of a moved L2: pages in its region at the
+    /// L2's place, and pages its QEMU maps there.
+    fn left_on_aged(&self, m: &Move) -> Result<(u64, u64)> {
+        let present = |f: &[u64]| f.iter().filter(|&&p| p != 0).count() as u64;
+        match &m.source {
+            Source::Window(from) => {
+                let src = window(&self.aged, *from)?;
+                let mapped = src.frames(self.aged.pid).map(|f| present(&f)).unwrap_or(0);
+                Ok((src.region.info()?.pages_present, mapped))
+            }
+            Source::Ordinary { offsets } => {
+                let ram = self.aged_ram()?;
+                let mapped = ram.frames_at(self.aged.pid, offsets).map(|f| present(&f)).unwrap_or(0);
+                // Per region, not per page: every gathered L2's pages must
+                // have left it, so the count dropped by all of them.
+                let gathered: u64 = self.moves.iter().filter(|m| m.is_ordinary() && m.gathered).map(|m| m.pages).sum();
+                let now = ram.region.info()?.pages_present;
+                let before = self.ram_present_before.unwrap_or(now);
+                let left = if before.saturating_sub(now) == gathered { 0 } else { m.pages };
+                Ok((left, mapped))
+            }
+        }
     }
 }
 

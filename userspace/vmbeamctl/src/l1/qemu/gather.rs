@@ -1,0 +1,148 @@
+//! The gather path for an L2 on ordinary L1 memory: its RAM is scattered
+//! over the aged L1's RAM region; the agent reports which L1 frames hold
+//! it, vmbeamctl checks them and turns them into region offsets, and
+//! `VMBEAM_GATHER_INTO` moves those pages, in the L2's guest-physical
+//! order, into a window the clean L1 plugged in ahead.
+//!
+//! What the aged L1 sees at those frames afterwards: nothing (holes; its
+//! QEMU gets `EFAULT` from `KVM_RUN` if the L1 touches one) until
+//! [`fill`] moves fresh zeroed pages of a new region into them. With
+//! holes, the moved L2's stopped QEMU must stay alive in the aged L1 (its
+//! locked pages are what keeps the L1's kernel off those frames) until the
+//! aged L1 is destroyed; with the fill, it may be killed and the L1 go on.
+
+use std::os::fd::AsFd;
+
+use anyhow::{bail, Result};
+use vmbeam::Device;
+
+use super::{ram::offset_of_frame, RamRegion};
+
+/// How the gather path runs (`migrate-all` options).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Leave gathered frames empty in the aged L1 (`--gather-holes`).
+    pub holes: bool,
+    /// Testing: spoil each frame list this way.
+    pub corrupt: Option<Corruption>,
+}
+
+/// A way a frame list can be wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Corruption {
+    /// A page not present.
+    Missing,
+    /// A frame that another page has too.
+    Repeated,
+    /// A frame past the end of the L1's RAM.
+    Outside,
+}
+
+impl Corruption {
+    /// Spoils the second entry of `frames`.
+    pub fn apply(self, frames: &mut [u64], ram_size: u64) {
+        if frames.len() < 2 {
+            return;
+        }
+        frames[1] = match self {
+            Corruption::Missing => 0,
+            Corruption::Repeated => frames[0],
+            Corruption::Outside => ram_size / 4096 + 1,
+        };
+    }
+}
+
+/// Checks an L2's frame list against the L1's RAM of `ram_size` bytes and
+/// returns the region offsets, in the same order. Refuses a page not
+/// present, a frame twice, or one outside RAM, naming how many and the
+/// first of each.
+pub fn offsets(name: &str, frames: &[u64], ram_size: u64) -> Result<Vec<u64>> {
+    let mut problems = Vec::new();
+    let missing: Vec<usize> = frames.iter().enumerate().filter(|(_, &f)| f == 0).map(|(i, _)| i).collect();
+    if let Some(first) = missing.first() {
+        problems.push(format!("{} pages not present (the first: L2 page {first})", missing.len()));
+    }
+    let outside: Vec<u64> =
+        frames.iter().copied().filter(|&f| f != 0 && offset_of_frame(ram_size, f).is_none()).collect();
+    if let Some(first) = outside.first() {
+        problems.push(format!("{} frames outside the L1's RAM (the first: {first:#x})", outside.len()));
+    }
+    let mut sorted: Vec<u64> = frames.iter().copied().filter(|&f| f != 0).collect();
+    sorted.sort_unstable();
+    let repeated: Vec<u64> = sorted.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]).collect();
+    if let Some(first) = repeated.first() {
+        problems.push(format!("{} frames repeated (the first: {first:#x})", repeated.len()));
+    }
+    if !problems.is_empty() {
+        bail!("{name}: the aged L1's frame list is refused, nothing moved: {}", problems.join("; "));
+    }
+    Ok(frames.iter().filter_map(|&f| offset_of_frame(ram_size, f)).collect())
+}
+
+/// A run of pages that are consecutive on both sides: `len` pages from
+/// page `index` of the list, at region offset `offset` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub index: usize,
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// `offsets` cut into runs of consecutive pages, in order.
+pub fn runs(offsets: &[u64]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, &o) in offsets.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if r.offset + r.len as u64 * 4096 == o => r.len += 1,
+            _ => runs.push(Run { index: i, offset: o, len: 1 }),
+        }
+    }
+    runs
+}
+
+/// Moves the pages of `src` (page i = list entry i) into the RAM region's
+/// slots at `offsets`, which must be holes: one `VMBEAM_GATHER_INTO` per
+/// run of consecutive slots.
+pub fn into_slots(dev: &Device, src: &impl AsFd, ram: &RamRegion, offsets: &[u64]) -> Result<()> {
+    for r in runs(offsets) {
+        let from: Vec<u64> = (r.index..r.index + r.len).map(|i| i as u64 * 4096).collect();
+        dev.gather_into(src.as_fd(), &from, ram.region.as_fd(), r.offset)?;
+    }
+    Ok(())
+}
+
+/// Fills the holes at `offsets` with the fresh zeroed pages of a new
+/// region: the aged L1 may touch those frames again. Costs that much
+/// memory at L0 until the aged L1 is gone.
+pub fn fill(dev: &Device, ram: &RamRegion, offsets: &[u64]) -> Result<()> {
+    let fresh = dev.create_region(offsets.len() as u64 * 4096)?;
+    into_slots(dev, &fresh, ram, offsets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_frame_lists_are_refused() {
+        let ram = 64 << 20;
+        assert_eq!(offsets("vm", &[3, 1, 2], ram).unwrap(), vec![0x3000, 0x1000, 0x2000]);
+        let err = |f: &[u64]| offsets("vm", f, ram).unwrap_err().to_string();
+        assert!(err(&[3, 0, 2]).contains("1 pages not present"));
+        assert!(err(&[3, 3, 2]).contains("1 frames repeated (the first: 0x3)"));
+        assert!(err(&[3, 0x4000, 2]).contains("1 frames outside the L1's RAM (the first: 0x4000)"));
+    }
+
+    #[test]
+    fn runs_follow_consecutive_offsets() {
+        let offsets = [0x1000, 0x2000, 0x3000, 0x9000, 0x5000, 0x6000];
+        assert_eq!(
+            runs(&offsets),
+            vec![
+                Run { index: 0, offset: 0x1000, len: 3 },
+                Run { index: 3, offset: 0x9000, len: 1 },
+                Run { index: 4, offset: 0x5000, len: 2 }
+            ]
+        );
+    }
+}
