@@ -38,7 +38,8 @@ fi
 echo "TAP version 13"
 windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}
 # The clean L1 also needs a window for each L2 on ordinary memory.
-clean_windows=$(printf "$size,%.0s" $(seq $((l2s + gather)))); clean_windows=${clean_windows%,}
+# (one more for the --gather-holes case at the end).
+clean_windows=$(printf "$size,%.0s" $(seq $((l2s + gather + (gather > 0))))); clean_windows=${clean_windows%,}
 stat() { "$ctl" status --json | json "d['stats']['$1']"; }
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
@@ -164,6 +165,24 @@ if [ "$gather" -gt 0 ]; then
 		ok "l2s_on_ordinary_memory_are_gathered_out_of_the_aged_l1s_ram"
 	else
 		not_ok "l2s_on_ordinary_memory_are_gathered_out_of_the_aged_l1s_ram" "pages owned $owned0 -> $owned1 (want +$want)" "$out"
+	fi
+
+	# --gather-holes: the frames stay empty in the aged L1, nothing is
+	# added at L0, and the moved L2's stopped QEMU is kept there (its
+	# locked pages keep the aged L1's kernel off the empty frames).
+	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name h0 --memory "$size" >/dev/null
+	for _ in $(seq 60); do [ "$(pass_of aged h0)" -ge 1 ] && break; sleep 0.5; done
+	owned0=$(stat pages_owned)
+	out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --gather-holes --json)
+	rc=$?
+	owned1=$(stat pages_owned)
+	kept=$(status_json aged | json "[v['state'] for v in d['vms'] if v['name']=='h0'][0]")
+	echo "# --gather-holes: module pages owned $owned0 -> $owned1; h0 on the aged L1: $kept"
+	if [ $rc = 0 ] && [ "$owned1" = "$owned0" ] && [ "$kept" = saved ] && [ "$(pass_of $clean h0)" -ge 1 ] &&
+		echo "$out" | json "[l for l in d['l2'] if l['name']=='h0'][0]['frames_same']>0 and d['module']['pages_owned_change']==0" | grep -q True; then
+		ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped"
+	else
+		not_ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped" "rc $rc, pages owned $owned0 -> $owned1, h0 $kept" "$out"
 	fi
 fi
 

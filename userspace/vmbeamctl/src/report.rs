@@ -132,6 +132,9 @@ pub struct ModuleDelta {
     pub pages_transferred: u64,
     pub revocations: u64,
     pub bytes_copied: u64,
+    /// Pages the module holds after less before: the memory the move
+    /// added at L0 (the fresh pages filling gathered frames; 0 otherwise).
+    pub pages_owned_change: i64,
 }
 
 impl ModuleDelta {
@@ -141,6 +144,7 @@ impl ModuleDelta {
             pages_transferred: b.pages_transferred.saturating_sub(a.pages_transferred),
             revocations: b.revocations.saturating_sub(a.revocations),
             bytes_copied: b.bytes_copied.saturating_sub(a.bytes_copied),
+            pages_owned_change: b.pages_owned as i64 - a.pages_owned as i64,
         }
     }
 }
@@ -245,8 +249,8 @@ fn print_text(r: &Report) {
     }
     if let Some(m) = &r.module {
         println!(
-            "  vmbeam.ko: +{} transfers, +{} pages transferred, +{} revocations, +{} bytes copied",
-            m.transfers, m.pages_transferred, m.revocations, m.bytes_copied
+            "  vmbeam.ko: +{} transfers, +{} pages transferred, +{} revocations, +{} bytes copied, {:+} pages owned",
+            m.transfers, m.pages_transferred, m.revocations, m.bytes_copied, m.pages_owned_change
         );
     }
     if let Some(summary) = &r.trace {

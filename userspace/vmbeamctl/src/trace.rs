@@ -36,18 +36,19 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let probes = Probes::attach(&Options { pids: args.pids.clone() }).context("vmbeamctl trace")?;
+    // Before the probes load (seconds under TCG): a Ctrl-C meanwhile ends
+    // the trace once they are in, and still prints what they saw.
     // SAFETY: the handler only stores to an atomic, which is
     // async-signal-safe.
     unsafe {
         signal::signal(Signal::SIGINT, SigHandler::Handler(on_interrupt))?;
         signal::signal(Signal::SIGTERM, SigHandler::Handler(on_interrupt))?;
     }
-    if !args.json {
-        let whom = if args.pids.is_empty() { "every process".to_string() } else { format!("pids {:?}", args.pids) };
-        let until = args.duration.map_or("Ctrl-C".to_string(), |s| format!("{s} s or Ctrl-C"));
-        eprintln!("Tracing page faults and guest entries of {whom} until {until}.");
-    }
+    let probes = Probes::attach(&Options { pids: args.pids.clone() }).context("vmbeamctl trace")?;
+    // On stderr even with --json: it says when tracing began.
+    let whom = if args.pids.is_empty() { "every process".to_string() } else { format!("pids {:?}", args.pids) };
+    let until = args.duration.map_or("Ctrl-C".to_string(), |s| format!("{s} s or Ctrl-C"));
+    eprintln!("Tracing page faults and guest entries of {whom} until {until}.");
     let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     while !INTERRUPTED.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
         std::thread::sleep(Duration::from_millis(50));

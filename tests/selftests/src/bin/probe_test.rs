@@ -203,15 +203,25 @@ fn main() {
         let pid = std::process::id().to_string();
         // One run ends at --duration, one at Ctrl-C: both print.
         let timed = Command::new(exe("vmbeamctl")).args(["trace", "--pid", &pid, "--duration", "2", "--json"]).output();
-        let child = Command::new(exe("vmbeamctl"))
+        let mut child = Command::new(exe("vmbeamctl"))
             .args(["trace", "--pid", &pid, "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        std::thread::sleep(Duration::from_secs(2));
+        // Its first stderr line says the probes are in (loading them takes
+        // seconds under TCG); then Ctrl-C it while faults go on.
+        let mut stderr = std::io::BufReader::new(child.stderr.take().ok_or("no stderr")?);
+        let mut ready = String::new();
+        let _ = std::io::BufRead::read_line(&mut stderr, &mut ready);
+        std::thread::sleep(Duration::from_secs(1));
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGINT);
-        let interrupted = child.wait_with_output();
+        let interrupted = child.wait_with_output().map(|mut out| {
+            let mut rest = ready.into_bytes();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut rest);
+            out.stderr = rest;
+            out
+        });
         stop.store(true, Ordering::Relaxed);
         let _ = busy.join();
         for (how, out) in [("--duration", timed), ("Ctrl-C", interrupted)] {
