@@ -41,6 +41,17 @@ windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}
 # (one more for the --gather-holes case at the end).
 clean_windows=$(printf "$size,%.0s" $(seq $((l2s + gather + (gather > 0))))); clean_windows=${clean_windows%,}
 stat() { "$ctl" status --json | json "d['stats']['$1']"; }
+# A dword of L1 $1's guest-physical memory at $2, read by its QEMU at L0.
+xp() {
+	python3 - "$dir/$1.qmp" "$2" <<'EOF' 2>&1 | tail -n1
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline(); f.write('{"execute": "qmp_capabilities"}\n'); f.flush(); f.readline()
+f.write(json.dumps({"execute": "human-monitor-command", "arguments": {"command-line": "xp /1wx %s" % sys.argv[2]}}) + "\n"); f.flush()
+line = f.readline()
+print(json.loads(line)["return"].split(":")[-1].strip() if line else "no answer")
+EOF
+}
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
 if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" >/dev/null &&
@@ -167,22 +178,17 @@ if [ "$gather" -gt 0 ]; then
 		not_ok "l2s_on_ordinary_memory_are_gathered_out_of_the_aged_l1s_ram" "pages owned $owned0 -> $owned1 (want +$want)" "$out"
 	fi
 
-	# --gather-holes: the frames stay empty in the aged L1, nothing is
-	# added at L0, and the moved L2's stopped QEMU is kept there (its
-	# locked pages keep the aged L1's kernel off the empty frames).
-	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name h0 --memory "$size" >/dev/null
-	for _ in $(seq 60); do [ "$(pass_of aged h0)" -ge 1 ] && break; sleep 0.5; done
-	owned0=$(stat pages_owned)
-	out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --gather-holes --json)
-	rc=$?
-	owned1=$(stat pages_owned)
-	kept=$(status_json aged | json "[v['state'] for v in d['vms'] if v['name']=='h0'][0]")
-	echo "# --gather-holes: module pages owned $owned0 -> $owned1; h0 on the aged L1: $kept"
-	if [ $rc = 0 ] && [ "$owned1" = "$owned0" ] && [ "$kept" = saved ] && [ "$(pass_of $clean h0)" -ge 1 ] &&
-		echo "$out" | json "[l for l in d['l2'] if l['name']=='h0'][0]['frames_same']>0 and d['module']['pages_owned_change']==0" | grep -q True; then
-		ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped"
+	# From L0, through the aged L1's QEMU (HMP xp: its own load of its RAM):
+	# the L1 frame that held g0's workload header ("VML2") now holds a
+	# fresh page (zeroed, unless the aged L1 reused it since), while the
+	# header runs on in the clean L1.
+	gpa=$(echo "$out" | json "[l for l in d['l2'] if l['name']=='g0'][0]['aged_l1_gpas'][1]")
+	seen=$(xp aged "$gpa")
+	echo "# the aged L1's dword at $gpa, where g0's header was: $seen"
+	if [[ "$seen" =~ ^0x[0-9a-f]{8}$ ]] && [ "$seen" != 0x324c4d56 ] && [ "$(pass_of $clean g0)" -ge 1 ]; then
+		ok "the_aged_l1_reads_a_fresh_page_where_the_l2_was"
 	else
-		not_ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped" "rc $rc, pages owned $owned0 -> $owned1, h0 $kept" "$out"
+		not_ok "the_aged_l1_reads_a_fresh_page_where_the_l2_was" "xp $gpa on the aged L1: $seen"
 	fi
 fi
 
@@ -208,6 +214,37 @@ if [ "$(grep -c "'error'" <<<"$reply")" = 3 ] && grep -q "'return'" <<<"$reply";
 	ok "malformed_agent_messages_get_error_objects"
 else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"
+fi
+
+# Last, as it ends the aged L1.
+if [ "$gather" -gt 0 ]; then
+	# --gather-holes: the frames stay empty in the aged L1, nothing is
+	# added at L0, and the moved L2's stopped QEMU is kept there (its
+	# locked pages keep the aged L1's kernel off the empty frames).
+	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name h0 --memory "$size" >/dev/null
+	for _ in $(seq 60); do [ "$(pass_of aged h0)" -ge 1 ] && break; sleep 0.5; done
+	owned0=$(stat pages_owned)
+	out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --gather-holes --json)
+	rc=$?
+	owned1=$(stat pages_owned)
+	kept=$(status_json aged | json "[v['state'] for v in d['vms'] if v['name']=='h0'][0]")
+	echo "# --gather-holes: module pages owned $owned0 -> $owned1; h0 on the aged L1: $kept"
+	if [ $rc = 0 ] && [ "$owned1" = "$owned0" ] && [ "$kept" = saved ] && [ "$(pass_of $clean h0)" -ge 1 ] &&
+		echo "$out" | json "[l for l in d['l2'] if l['name']=='h0'][0]['frames_same']>0 and d['module']['pages_owned_change']==0" | grep -q True; then
+		ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped"
+	else
+		not_ok "gather_holes_adds_no_memory_and_keeps_the_aged_copy_stopped" "rc $rc, pages owned $owned0 -> $owned1, h0 $kept" "$out"
+	fi
+	# The aged L1's QEMU loading the frame that held h0's header: a hole, so
+	# SIGBUS (status 128+7), never a byte of h0.
+	gpa=$(echo "$out" | json "[l for l in d['l2'] if l['name']=='h0'][0]['aged_l1_gpas'][1]")
+	seen=$(xp aged "$gpa")
+	sleep 1
+	if grep -q "status 135" "$dir/aged.log" && ! [[ "$seen" =~ ^0x ]]; then
+		ok "the_aged_l1_qemu_gets_sigbus_at_a_hole"
+	else
+		not_ok "the_aged_l1_qemu_gets_sigbus_at_a_hole" "xp $gpa: $seen" "$(cat "$dir/aged.log")"
+	fi
 fi
 
 pkill -9 -f "$dir/" ; sleep 1

@@ -54,6 +54,11 @@ pub struct L2Report {
     /// huge pages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thp_bytes: Option<u64>,
+    /// Gather path: the aged L1's guest-physical addresses that held three
+    /// of its pages (its first, the one at 2 MiB: the workload's header,
+    /// and its last), for a look from L0 at what the aged L1 sees there now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aged_l1_gpas: Option<Vec<u64>>,
     pub pages: u64,
     pub bytes: u64,
     pub from_window: Option<Window>,

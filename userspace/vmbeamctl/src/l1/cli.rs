@@ -81,6 +81,14 @@ pub fn run(cmd: &Command) -> Result<()> {
                 println!("{}", json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram}));
             } else {
                 println!("{} (QEMU pid {}, kernel {}):", status.name, l1.pid, status.kernel);
+                match &l1.ram {
+                    Some(r) => println!(
+                        "  RAM: {} MiB, a vmbeam region ({} pages at L0)",
+                        r.size >> 20,
+                        r.region.info().map_or(0, |i| i.pages_present)
+                    ),
+                    None => println!("  RAM: QEMU's own (anonymous): L2s on ordinary memory cannot be gathered"),
+                }
                 for w in &status.windows {
                     let pages = l1.window(w.index).and_then(|r| r.region.info().ok()).map_or(0, |i| i.pages_present);
                     println!(

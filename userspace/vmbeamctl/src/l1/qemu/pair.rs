@@ -141,6 +141,10 @@ impl QemuPair {
         let frames = ram.frames_at(self.aged.pid, &offsets).unwrap_or_default();
         if let Some(l) = report.l2.iter_mut().find(|l| l.name == name) {
             l.thp_bytes = Some(f.thp_bytes);
+            let pages = f.frames.len();
+            l.aged_l1_gpas = Some(
+                [0, 512, pages.saturating_sub(1)].iter().filter_map(|&i| f.frames.get(i).map(|f| f * 4096)).collect(),
+            );
         }
         let m = &mut self.moves[i];
         m.frames = frames;
