@@ -5,11 +5,14 @@
 //! `VMBEAM_GATHER` makes a new region of chosen pages of a source;
 //! `VMBEAM_GATHER_INTO` moves them into the missing slots of an existing
 //! region whose owner may already map it (a window plugged into the clean
-//! L1 ahead of a migration). Every check is made before a page moves, and
-//! the source's mappings of the moved pages are zapped under its lock, as
-//! in a transfer's revoke phase. With `VMBEAM_GATHER_REPLACE` fresh zeroed
-//! pages, allocated before anything moves, take the moved pages' slots in
-//! the source, so its owner faults zeros there instead of SIGBUS.
+//! L1 ahead of a migration); with `VMBEAM_GATHER_SCATTER` the other way
+//! round: the source's first pages go to chosen missing slots of the
+//! destination (holes refilled, a window's pages put back). Every check is
+//! made before a page moves, and the source's mappings of the moved pages
+//! are zapped under its lock, as in a transfer's revoke phase. With
+//! `VMBEAM_GATHER_REPLACE` fresh zeroed pages, allocated before anything
+//! moves, take the moved pages' slots in the source, so its owner faults
+//! zeros there instead of SIGBUS.
 //!
 //! Gathers are serialised by one module-wide lock. So the two region locks
 //! are taken one after the other, never nested (lockdep would see one lock
@@ -22,7 +25,7 @@ use kernel::{alloc::flags::GFP_KERNEL, alloc::KVVec, prelude::*, uaccess::UserSl
 
 use crate::{
     device::check_unused,
-    pages::{Pages, PAGE_SIZE},
+    pages::{Pages, BLOCK_PAGES, PAGE_SIZE},
     region::{Region, RegionFile, RegionGuard},
     stats::STATS,
     uapi,
@@ -51,59 +54,165 @@ impl Drop for GatherLock {
     }
 }
 
-/// The source pages to move, by page index, in destination order, and the
-/// same indexes sorted (to find repeats and runs to revoke).
-struct Selection {
-    indexes: KVVec<usize>,
-    sorted: KVVec<usize>,
-}
-
-impl Selection {
-    /// Reads `count` byte offsets from userspace and checks them against a
-    /// source of `src_size` bytes: page aligned, in range, distinct.
-    fn read(offsets: u64, count: usize, src_size: u64) -> Result<Self> {
-        let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-        let mut reader =
-            UserSlice::new(offsets as usize, count * core::mem::size_of::<u64>()).reader();
-        for _ in 0..count {
-            let offset = reader.read::<u64>()?;
-            if offset % PAGE_SIZE != 0 || offset >= src_size {
+/// Reads `count` byte offsets from userspace into a region of `size`
+/// bytes: page aligned, in range, distinct (else `EINVAL`). Returns them
+/// as page indexes, in order and sorted.
+fn read_pages(offsets: u64, count: usize, size: u64) -> Result<(KVVec<usize>, KVVec<usize>)> {
+    const WORD: usize = core::mem::size_of::<u64>();
+    let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
+    let mut reader = UserSlice::new(offsets as usize, count * WORD).reader();
+    // 64 offsets per copy, not one: each copy opens and closes a user
+    // access window, and a gather may name a million pages.
+    let mut buf = [0u8; 64 * WORD];
+    let mut left = count;
+    while left > 0 {
+        let bytes = &mut buf[..left.min(64) * WORD];
+        reader.read_slice(bytes)?;
+        for word in bytes.chunks_exact(WORD) {
+            let mut raw = [0u8; WORD];
+            raw.copy_from_slice(word);
+            let offset = u64::from_ne_bytes(raw);
+            if offset % PAGE_SIZE != 0 || offset >= size {
                 return Err(EINVAL);
             }
             indexes.push((offset / PAGE_SIZE) as usize, GFP_KERNEL)?;
         }
-        let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
-        for &i in indexes.iter() {
-            sorted.push(i, GFP_KERNEL)?;
+        left -= bytes.len() / WORD;
+    }
+    let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
+    for &i in indexes.iter() {
+        sorted.push(i, GFP_KERNEL)?;
+    }
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(EINVAL);
+    }
+    Ok((indexes, sorted))
+}
+
+/// Most pages that stay in the source between two moved ones whose
+/// mappings one zap may take along: 2 MiB, one fault-around window (one
+/// PMD in a huge region), so the owner's own loads map a bridged gap
+/// again in at most two faults.
+const BRIDGE_MAX: usize = BLOCK_PAGES;
+
+/// Which gaps between runs of moved source pages a zap bridges: all gaps
+/// shorter than `below` pages, and the first `at` gaps of exactly `below`.
+///
+/// The rule: the shortest gaps first, none over [`BRIDGE_MAX`], and the
+/// pages in them (pages that stay but lose their mapping, and are faulted
+/// back in) add up to at most the pages that move. A zap call saved is an
+/// MMU-notifier invalidation and a TLB flush saved, KVM's too; a bridged
+/// page costs its owner at most one fault when it touches the page again
+/// (a KVM stage-2 fault per 4 KiB; its VMM's own loads map 2 MiB per
+/// fault). So a gather of close pages zaps in few calls, and what it
+/// leaves its owner to fault back stays below what it moved, wherever the
+/// pages lie.
+#[derive(Clone, Copy)]
+struct Bridges {
+    below: usize,
+    at: usize,
+}
+
+impl Bridges {
+    /// The bridges for moving the `sorted` pages (distinct, ascending).
+    fn plan(sorted: &[usize]) -> Result<Self> {
+        // How many gaps of each length up to BRIDGE_MAX.
+        let mut gaps = KVVec::from_elem(0usize, BRIDGE_MAX + 1, GFP_KERNEL)?;
+        for w in sorted.windows(2) {
+            if let Some(n) = gaps.get_mut(w[1] - w[0] - 1) {
+                *n += 1;
+            }
         }
-        sorted.sort_unstable();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(EINVAL);
+        let mut budget = sorted.len();
+        for (len, &n) in gaps.iter().enumerate().skip(1) {
+            if n * len > budget {
+                // `len` is at least 1: `checked_div` says so without a
+                // panic path, which objtool on 6.12 takes for a fall-through.
+                let at = budget.checked_div(len).unwrap_or(0);
+                return Ok(Self { below: len, at });
+            }
+            budget -= n * len;
         }
-        Ok(Self { indexes, sorted })
+        Ok(Self {
+            below: BRIDGE_MAX + 1,
+            at: 0,
+        })
+    }
+
+    /// Whether the next gap, of `len` pages, is bridged (0: no gap).
+    fn bridge(&mut self, len: usize) -> bool {
+        if len == self.below && self.at > 0 {
+            self.at -= 1;
+            return true;
+        }
+        len < self.below
+    }
+}
+
+/// The source pages to move, by page index, in destination order; the
+/// same sorted (to check them, and to find what to zap) unless they are
+/// sorted already.
+struct Selection {
+    indexes: KVVec<usize>,
+    sorted: Option<KVVec<usize>>,
+    bridges: Bridges,
+}
+
+impl Selection {
+    /// The pages at `count` byte offsets read from userspace, checked
+    /// against a source of `src_size` bytes (see [`read_pages`]).
+    fn read(offsets: u64, count: usize, src_size: u64) -> Result<Self> {
+        let (indexes, sorted) = read_pages(offsets, count, src_size)?;
+        let bridges = Bridges::plan(&sorted)?;
+        Ok(Self {
+            indexes,
+            sorted: Some(sorted),
+            bridges,
+        })
+    }
+
+    /// The source's first `count` pages, in order (a scatter): one run.
+    fn first(count: usize) -> Result<Self> {
+        let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
+        for i in 0..count {
+            indexes.push(i, GFP_KERNEL)?;
+        }
+        let bridges = Bridges { below: 1, at: 0 };
+        Ok(Self {
+            indexes,
+            sorted: None,
+            bridges,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.indexes.len()
+    }
+
+    fn sorted(&self) -> &[usize] {
+        self.sorted.as_deref().unwrap_or(&self.indexes)
     }
 
     /// With `replace`, the fresh pages for the source's emptied slots, one
     /// per selected page: allocated before anything moves, so a gather
     /// that cannot have them (`ENOMEM`, `EINTR`) moves nothing.
     fn fresh(&self, replace: bool) -> Result<Option<Pages>> {
-        replace
-            .then(|| Pages::alloc(self.indexes.len(), false))
-            .transpose()
+        replace.then(|| Pages::alloc(self.len(), false)).transpose()
     }
 
     /// Takes the selected pages out of the source into `moved` (slot i =
     /// the i-th selected page), puts page i of `fresh` (if any) in the
     /// i-th selected page's place, and zaps the source's mappings of the
-    /// moved pages, one call per run of consecutive pages. `EBUSY` if the
-    /// source is moving, `EINVAL` if a page is gone already: then nothing
-    /// moved (and `fresh` is freed).
+    /// moved pages ([`Selection::zap`]). `EBUSY` if the source is moving,
+    /// `EINVAL` if a page is gone already: then nothing moved (and `fresh`
+    /// is freed).
     fn take(&self, src: &RegionFile, moved: &mut Pages, mut fresh: Option<Pages>) -> Result {
         let mut state: RegionGuard<'_> = src.region().lock();
         if state.moving {
             return Err(EBUSY);
         }
-        if self.sorted.iter().any(|&i| state.pages.get(i).is_none()) {
+        if self.sorted().iter().any(|&i| state.pages.get(i).is_none()) {
             return Err(EINVAL);
         }
         for (to, &from) in self.indexes.iter().enumerate() {
@@ -114,23 +223,51 @@ impl Selection {
         }
         // The zap comes after the swap, still under the lock: no mapping of
         // a moved page survives it, and the next fault maps the fresh one.
-        let sorted = &self.sorted;
-        let mut run_start = 0;
-        for k in 1..=sorted.len() {
-            if k == sorted.len() || sorted[k] != sorted[k - 1] + 1 {
-                src.revoke(&state, sorted[run_start] as u64, (k - run_start) as u64);
-                run_start = k;
-            }
-        }
+        self.zap(src, &state);
         drop(state);
         STATS.revocations.fetch_add(1, Relaxed);
         if fresh.is_some() {
             // New pages in a region: the moved ones are counted already.
-            STATS
-                .pages_owned
-                .fetch_add(self.indexes.len() as u64, Relaxed);
+            STATS.pages_owned.fetch_add(self.len() as u64, Relaxed);
         }
         Ok(())
+    }
+
+    /// Zaps every mapping of the moved pages: one call per run of
+    /// consecutive pages, where runs separated by a bridged gap
+    /// ([`Bridges`]) share the call. A bridged page stays in the region
+    /// and keeps its bytes; only its mapping goes, and the owner's next
+    /// fault maps it again (its 2 MiB window, by fault-around).
+    fn zap(&self, src: &RegionFile, state: &RegionGuard<'_>) {
+        let Some((&head, rest)) = self.sorted().split_first() else {
+            return;
+        };
+        let mut bridges = self.bridges;
+        let (mut first, mut end) = (head, head + 1);
+        for &i in rest {
+            if !bridges.bridge(i - end) {
+                src.revoke(state, first as u64, (end - first) as u64);
+                first = i;
+            }
+            end = i + 1;
+        }
+        src.revoke(state, first as u64, (end - first) as u64);
+    }
+}
+
+/// Where the moved pages go in an existing region: page i into slot
+/// `first + i`, or into the i-th listed slot (a scatter).
+enum Slots {
+    Run(usize),
+    Listed(KVVec<usize>),
+}
+
+impl Slots {
+    fn slot(&self, i: usize) -> usize {
+        match self {
+            Slots::Run(first) => first + i,
+            Slots::Listed(slots) => slots[i],
+        }
     }
 }
 
@@ -138,9 +275,17 @@ impl Selection {
 pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     let into = g.flags & uapi::VMBEAM_GATHER_INTO != 0;
     let replace = g.flags & uapi::VMBEAM_GATHER_REPLACE != 0;
-    let known = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_REPLACE;
+    let scatter = g.flags & uapi::VMBEAM_GATHER_SCATTER != 0;
+    let known =
+        uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_REPLACE | uapi::VMBEAM_GATHER_SCATTER;
     check_unused(g.flags & !known, u64::from(g.pad), &[])?;
     if !into && (g.dst_fd != 0 || g.dst_offset != 0) {
+        return Err(EINVAL);
+    }
+    // A scatter moves the source's first pages, into an existing region;
+    // its sources (a fresh region, a window given back) are dropped
+    // afterwards, so fresh pages left in them would be wasted.
+    if scatter && (!into || replace || g.dst_offset != 0) {
         return Err(EINVAL);
     }
     let count = usize::try_from(g.count).map_err(|_| EINVAL)?;
@@ -148,6 +293,9 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
         return Err(EINVAL);
     }
     let src = RegionFile::get(g.src_fd)?;
+    if scatter {
+        return scatter_into(&src, g.offsets, count, g.dst_fd);
+    }
     let selection = Selection::read(g.offsets, count, src.region().size())?;
     if into {
         gather_into(&src, &selection, replace, g.dst_fd, g.dst_offset)
@@ -157,7 +305,7 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
 }
 
 fn gather_new(src: &RegionFile, selection: &Selection, replace: bool) -> Result<c_long> {
-    let count = selection.indexes.len();
+    let count = selection.len();
     // Everything that can fail, but the source's checks, before a page moves.
     let mut moved = Pages::empty(count)?;
     let dst = Region::new(Pages::empty(count)?, false)?;
@@ -179,18 +327,43 @@ fn gather_into(
     dst_fd: i32,
     dst_offset: u64,
 ) -> Result<c_long> {
-    let count = selection.indexes.len();
+    let count = selection.len();
     let dst = RegionFile::get(dst_fd)?;
     if dst.same_region(src) || dst_offset % PAGE_SIZE != 0 {
         return Err(EINVAL);
     }
     let first = usize::try_from(dst_offset / PAGE_SIZE).map_err(|_| EINVAL)?;
-    let slots = first..first.checked_add(count).ok_or(EINVAL)?;
-    if slots.end as u64 > dst.region().npages() {
+    let end = first.checked_add(count).ok_or(EINVAL)?;
+    if end as u64 > dst.region().npages() {
         return Err(EINVAL);
     }
-    let mut moved = Pages::empty(count)?;
     let fresh = selection.fresh(replace)?;
+    move_into(src, selection, fresh, &dst, &Slots::Run(first))
+}
+
+/// `VMBEAM_GATHER_SCATTER`: the source's first `count` pages into the
+/// destination's slots at the byte `offsets` read from userspace.
+fn scatter_into(src: &RegionFile, offsets: u64, count: usize, dst_fd: i32) -> Result<c_long> {
+    let dst = RegionFile::get(dst_fd)?;
+    if dst.same_region(src) || count as u64 > src.region().npages() {
+        return Err(EINVAL);
+    }
+    let (slots, _) = read_pages(offsets, count, dst.region().size())?;
+    let selection = Selection::first(count)?;
+    move_into(src, &selection, None, &dst, &Slots::Listed(slots))
+}
+
+/// Moves the selected source pages into `slots` of `dst`, which must all
+/// be missing (`EEXIST`), after every other check.
+fn move_into(
+    src: &RegionFile,
+    selection: &Selection,
+    fresh: Option<Pages>,
+    dst: &RegionFile,
+    slots: &Slots,
+) -> Result<c_long> {
+    let count = selection.len();
+    let mut moved = Pages::empty(count)?;
 
     let _serial = GatherLock::lock();
     {
@@ -198,7 +371,11 @@ fn gather_into(
         if state.moving {
             return Err(EBUSY);
         }
-        if !state.pages.all_missing(slots.clone()) {
+        let missing = match slots {
+            Slots::Run(first) => state.pages.all_missing(*first..first + count),
+            Slots::Listed(slots) => slots.iter().all(|&s| state.pages.get(s).is_none()),
+        };
+        if !missing {
             return Err(EEXIST);
         }
     }
@@ -207,12 +384,18 @@ fn gather_into(
     // meanwhile, and the pages then go with the region.
     selection.take(src, &mut moved, fresh)?;
     let mut state = dst.region().lock();
-    for (i, slot) in slots.clone().enumerate() {
-        state.pages.take_from(slot, &mut moved, i);
+    for i in 0..count {
+        state.pages.take_from(slots.slot(i), &mut moved, i);
     }
-    // The slots were missing, so nothing maps them; zapping keeps that
-    // exact should a mapper ever install something for a missing page.
-    dst.revoke(&state, first as u64, count as u64);
+    // Nothing maps a missing slot: every path that empties a slot zaps it
+    // under the region lock, and faults map only present pages. A run is
+    // zapped all the same, in one call, to keep that exact should a mapper
+    // ever install something for a missing page; scattered slots are not
+    // (one call per slot is the cost scattering avoids), and the zap would
+    // take the destination's mappings of the pages between them.
+    if let Slots::Run(first) = slots {
+        dst.revoke(&state, *first as u64, count as u64);
+    }
     drop(state);
     Ok(0)
 }

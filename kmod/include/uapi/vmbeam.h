@@ -26,9 +26,10 @@
  * 3: a refused transfer is invisible to faults and mmaps; a fault or mmap
  * that meets a move waits for its outcome (see struct vmbeam_transfer).
  * 4: VMBEAM_CREATE_HUGE. 5: VMBEAM_BIND_PROCESS (a region owned by a
- * process), VMBEAM_GATHER_REPLACE.
+ * process), VMBEAM_GATHER_REPLACE. 6: VMBEAM_GATHER_SCATTER; a gather may
+ * zap the source's mappings of pages that stay (see struct vmbeam_gather).
  */
-#define VMBEAM_API_VERSION 5
+#define VMBEAM_API_VERSION 6
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -262,19 +263,23 @@ struct vmbeam_transfer_batch {
 /* struct vmbeam_gather flags. */
 #define VMBEAM_GATHER_INTO (1U << 0) /* into @dst_fd's missing pages */
 #define VMBEAM_GATHER_REPLACE (1U << 1) /* fresh zeroed pages fill the source's holes (since 5) */
+#define VMBEAM_GATHER_SCATTER (1U << 2) /* with _INTO: @offsets name destination slots (since 6) */
 
 /**
  * struct vmbeam_gather - VMBEAM_GATHER (on /dev/vmbeam).
  * @offsets:    in: user pointer to @count __u64 byte offsets into the
- *              source, each page aligned, all distinct.
+ *              source (with VMBEAM_GATHER_SCATTER: into the destination),
+ *              each page aligned, all distinct.
  * @count:      in: 1 .. VMBEAM_GATHER_MAX.
  * @src_fd:     in: the source region fd.
- * @flags:      in: 0, or VMBEAM_GATHER_INTO and/or VMBEAM_GATHER_REPLACE.
+ * @flags:      in: 0, or VMBEAM_GATHER_INTO and/or VMBEAM_GATHER_REPLACE,
+ *              or VMBEAM_GATHER_INTO | VMBEAM_GATHER_SCATTER.
  * @dst_fd:     in: with VMBEAM_GATHER_INTO, the destination region fd;
  *              otherwise must be 0.
  * @pad:        in: must be 0.
  * @dst_offset: in: with VMBEAM_GATHER_INTO, the byte offset in the
  *              destination of the first page (page aligned); otherwise 0.
+ *              With VMBEAM_GATHER_SCATTER, must be 0.
  *
  * Without flags: returns a new, ownerless region fd whose page i is the
  * source's page at offsets[i]. With VMBEAM_GATHER_INTO: the source's page
@@ -287,8 +292,30 @@ struct vmbeam_transfer_batch {
  *
  * Either way the pages move, their bytes do not. The source loses exactly
  * those pages (its mappings of them are zapped; touching them again gets
- * SIGBUS, KVM_RUN -EFAULT); the rest of the source is untouched. Every
- * check is made before a page moves: an error moves nothing.
+ * SIGBUS, KVM_RUN -EFAULT); the rest of the source keeps its pages and
+ * bytes. Every check is made before a page moves: an error moves nothing.
+ *
+ * The zap (since version 6): to zap scattered pages in few calls, one call
+ * may span the pages that stay between two moved ones, so those lose
+ * their mappings too, and the owner's next touch faults them back in (the
+ * same pages; KVM maps them again). The rule: the shortest such gaps
+ * first, none longer than 2 MiB, and their pages add up to at most @count.
+ * Only mappings go, never a page that stays or its bytes: a VMM must not
+ * count on a page that stays being mapped after a gather, only on its
+ * being there.
+ *
+ * VMBEAM_GATHER_SCATTER (since version 6; only with VMBEAM_GATHER_INTO,
+ * @dst_offset 0): the other direction. The pages that move are the
+ * source's first @count pages (its bytes 0 .. @count pages), and page i
+ * goes to the destination's slot at offsets[i], which must be missing
+ * there. In one call, this refills the holes a gather left with a fresh
+ * region's pages, or moves a window's pages back to their scattered slots
+ * in a rollback. The same guarantees as VMBEAM_GATHER_INTO: every check
+ * before a page moves, the source's mappings of those pages zapped, the
+ * destination keeps its owner and its mappings. Not with
+ * VMBEAM_GATHER_REPLACE (the source of a scatter, a fresh region or a
+ * window given back, is dropped afterwards: fresh pages there would be
+ * wasted): -EINVAL.
  *
  * VMBEAM_GATHER_REPLACE (since version 5): each moved page's slot in the
  * source gets a fresh zeroed page instead of a hole, so the source's owner
@@ -300,7 +327,10 @@ struct vmbeam_transfer_batch {
  * charged to the caller's memcg and allocated before any page moves.
  *
  * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone),
- * destination range out of bounds, src == dst, an unknown flag; -EEXIST: a
+ * destination range out of bounds, src == dst, an unknown flag;
+ * VMBEAM_GATHER_SCATTER without VMBEAM_GATHER_INTO, with
+ * VMBEAM_GATHER_REPLACE or a nonzero @dst_offset, @count more than the
+ * source's pages, one of its first @count pages gone already; -EEXIST: a
  * destination slot holds a page; -EBUSY: a region is moving; -EBADF: a fd
  * is not open; -ENOMEM: out of memory (with VMBEAM_GATHER_REPLACE, for the
  * fresh pages too); -EINTR: a fatal signal while allocating them.

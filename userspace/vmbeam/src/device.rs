@@ -164,6 +164,18 @@ impl Device {
         self.gather_raw(src, offsets, Some((dst, dst_offset)), Source::Replace).map(drop)
     }
 
+    /// Moves the first `dst_offsets.len()` pages of `src` (its bytes from
+    /// 0 on) into the missing pages of `dst` at byte `dst_offsets`, page i
+    /// to `dst_offsets[i]` (`VMBEAM_GATHER_INTO | VMBEAM_GATHER_SCATTER`,
+    /// uAPI 6): the reverse of [`Device::gather_into`], in one call. Fills
+    /// the holes a gather left with a fresh region's pages, or puts a
+    /// window's pages back where they came from. `dst` keeps its owner,
+    /// whose VMM faults them in; `src` loses them.
+    pub fn scatter_into(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>, dst_offsets: &[u64]) -> Result<(), Error> {
+        let flags = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_SCATTER;
+        self.gather_ioctl(src, dst_offsets, flags, dst.as_raw_fd(), 0, "VMBEAM_GATHER_INTO(SCATTER)").map(drop)
+    }
+
     fn gather_raw(
         &self,
         src: BorrowedFd<'_>,
@@ -179,6 +191,24 @@ impl Device {
             Some((dst, offset)) => (uapi::VMBEAM_GATHER_INTO | replace, dst.as_raw_fd(), offset),
             None => (replace, 0, 0),
         };
+        let op = match (into.is_some(), source) {
+            (false, Source::Holes) => "VMBEAM_GATHER",
+            (true, Source::Holes) => "VMBEAM_GATHER_INTO",
+            (false, Source::Replace) => "VMBEAM_GATHER(REPLACE)",
+            (true, Source::Replace) => "VMBEAM_GATHER_INTO(REPLACE)",
+        };
+        self.gather_ioctl(src, offsets, flags, dst_fd, dst_offset, op)
+    }
+
+    fn gather_ioctl(
+        &self,
+        src: BorrowedFd<'_>,
+        offsets: &[u64],
+        flags: u32,
+        dst_fd: i32,
+        dst_offset: u64,
+        op: &'static str,
+    ) -> Result<i32, Error> {
         let arg = uapi::vmbeam_gather {
             offsets: offsets.as_ptr() as u64,
             count: offsets.len() as u64,
@@ -187,12 +217,6 @@ impl Device {
             dst_fd,
             dst_offset,
             ..Default::default()
-        };
-        let op = match (into.is_some(), source) {
-            (false, Source::Holes) => "VMBEAM_GATHER",
-            (true, Source::Holes) => "VMBEAM_GATHER_INTO",
-            (false, Source::Replace) => "VMBEAM_GATHER(REPLACE)",
-            (true, Source::Replace) => "VMBEAM_GATHER_INTO(REPLACE)",
         };
         // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
         // (alive across the call) holds `count` offsets.

@@ -1,7 +1,8 @@
 //! Allocation failure at every allocation of every module path, with the
 //! kernel's own fault injection (failslab, fail_page_alloc): region
 //! creation, bind, gather (new region and into a window, each also with
-//! `VMBEAM_GATHER_REPLACE` out of a process-owned region), transfer batch.
+//! `VMBEAM_GATHER_REPLACE` out of a process-owned region), scatter (a fresh
+//! region's pages into the holes of a mapped one), transfer batch.
 //!
 //! For each path, `/proc/thread-self/fail-nth` makes the 1st, 2nd, 3rd ...
 //! fault-injectable allocation of the call fail, until a call runs through
@@ -197,7 +198,7 @@ fn main() {
     }
     let mut fail = FailNth::open().unwrap_or_else(|e| Tap::skip_all(&e));
     let stats0 = dev.stats().expect("stats");
-    let mut tap = Tap::new(8);
+    let mut tap = Tap::new(9);
     let note = |what: &str, n: u32| println!("# {what}: {n} injectable allocations on its path, each failed once");
 
     tap.test("create_region_fails_cleanly_at_every_allocation", || {
@@ -321,6 +322,34 @@ fn main() {
             },
         )?;
         note("gather-into with REPLACE", n);
+        Ok(())
+    });
+
+    // Holes refilled with a fresh region's pages: a failure leaves the
+    // holes and the fresh region as they were; a success leaves zeros.
+    let holes = [9 * 4096, 2 * 4096, 5 * 4096];
+    tap.test("scatter_into_fails_cleanly_at_every_allocation", || {
+        let n = every_nth(
+            &mut fail,
+            || {
+                let s = Owned::new(&dev)?;
+                let gone = dev.gather(s.region.as_fd(), &holes).map_err(err)?;
+                Ok((s, gone, dev.create_region(3 * 4096).map_err(err)?))
+            },
+            |(s, _, fresh)| dev.scatter_into(fresh.as_fd(), s.region.as_fd(), &holes),
+            |(s, _, fresh), ok| {
+                let (dst, src) = (s.region.info().map_err(err)?, fresh.info().map_err(err)?);
+                if ok {
+                    check(src.pages_present == 0, || format!("fresh region after the scatter: {src:?}"))?;
+                    s.replaced(&[9, 2, 5])
+                } else {
+                    check(dst.pages_present == PAGES - 3 && src.pages_present == 3, || {
+                        format!("a failed scatter: region {dst:?}, fresh region {src:?}")
+                    })
+                }
+            },
+        )?;
+        note("scatter", n);
         Ok(())
     });
 

@@ -103,8 +103,10 @@ fn main() {
             .collect();
         let gathered: Vec<Sample> = gathers.iter().map(|g| g.gather).collect();
         push(&mut rows, "vmbeam gather: scattered 4K pages out of a RAM region", size, &gathered);
+        let scattered: Vec<Sample> = gathers.iter().map(|g| g.scatter).collect();
+        push(&mut rows, "vmbeam scatter: a fresh region's pages into the holes (one call)", size, &scattered);
         let filled: Vec<Sample> = gathers.iter().map(|g| g.filled).collect();
-        push(&mut rows, "vmbeam gather + fill the holes (one ioctl per hole)", size, &filled);
+        push(&mut rows, "vmbeam gather + fill the holes (new region + one scatter)", size, &filled);
         let memfd: Vec<(Sample, Sample)> = (0..runs)
             .filter(|_| want("memfd"))
             .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())

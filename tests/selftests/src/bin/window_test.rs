@@ -4,12 +4,15 @@
 //! caller did not create (QEMU creates its own), and only a holder of
 //! `/dev/vmbeam` may; an empty region is mapped ahead of time and
 //! `VMBEAM_GATHER_INTO` moves another region's pages into it, zero copy,
-//! and back, with the source losing every way in.
+//! and back, with the source losing every way in; scattered pages gathered
+//! out of a mapped source are all unmapped there while the pages that stay
+//! read right (refaulted if a zap took them along); `VMBEAM_GATHER_SCATTER`
+//! moves a region's first pages to named slots of another (uAPI 6).
 
 use std::{
     fs::OpenOptions,
     io::Seek,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
 use nix::{
@@ -61,13 +64,16 @@ fn vmm_with_vm() -> Result<(Vmm, OwnedFd), String> {
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(7);
+    let mut tap = Tap::new(10);
     tap.test("reopened_region_fd_is_the_same_region", || reopened(&dev));
     tap.test("reopen_outlives_the_first_fd", || reopen_after_close(&dev));
     tap.test("bind_to_a_vm_the_caller_did_not_create", || bind_any(&dev));
     tap.test("bind_refused_without_dev_vmbeam", || bind_unprivileged(&dev));
     tap.test("gather_into_a_window_mapped_ahead", || gather_into(&dev));
     tap.test("gather_into_bad_arguments_move_nothing", || gather_into_errors(&dev));
+    tap.test("scattered_gather_unmaps_every_moved_page_the_rest_reads_right", || scattered_gather(&dev));
+    tap.test("scatter_into_named_slots_same_frames", || scatter(&dev));
+    tap.test("scatter_bad_arguments_move_nothing", || scatter_errors(&dev));
     tap.test("counters_return_to_zero", || {
         let st = dev.stats().map_err(|e| e.to_string())?;
         check(st.regions == 0 && st.pages_owned == 0 && st.bytes_copied == 0, || format!("{st:?}"))
@@ -322,6 +328,176 @@ fn gather_into_errors(dev: &Device) -> TestResult {
     check(src.pages_present == size / PAGE - 1 && dst.pages_present == 1, || format!("src {src:?}, dst {dst:?}"))?;
     let (byte, _) = w.aged.ok(&Request::Touch { slot: SLOT, offset: PAGE }, &[])?;
     let _ = byte;
+    w.finish();
+    Ok(())
+}
+
+/// What the FILL program from `seed` left in pages `from..to`, summed.
+fn pages_sum(seed: u32, from: u64, to: u64) -> u32 {
+    let dwords = |p: u64| (p * PAGE / 4) as u32;
+    fill_sum(seed, dwords(to)).wrapping_sub(fill_sum(seed, dwords(from)))
+}
+
+fn scattered_gather(dev: &Device) -> TestResult {
+    let (size, seed) = (4 * MIB, 0x5ca7);
+    let mut w = Windows::new(dev, size, seed)?;
+    // Close pages (every other one), a run, and two far apart: some gaps
+    // a zap may take along, some it may not.
+    let mut moved: Vec<u64> = (0..64).map(|k| 2 * k + 1).collect();
+    moved.extend([300, 301, 302, 700, 1000]);
+    let offsets: Vec<u64> = moved.iter().rev().map(|p| p * PAGE).collect();
+    let before = pfns(w.aged.pid, w.aged_hva, size)?;
+    check(before.iter().all(|&f| f != 0), || "the aged mapping is not populated".into())?;
+    dev.gather_into(w.region.as_fd(), &offsets, w.window.as_fd(), 0).map_err(|e| e.to_string())?;
+
+    // Every moved page is unmapped in the aged VMM; of the pages that stay,
+    // at most as many as moved lost their mapping (the header's bound).
+    let after = pfns(w.aged.pid, w.aged_hva, size)?;
+    let kept_unmapped = (0..size / PAGE).filter(|p| !moved.contains(p) && after[*p as usize] == 0).count();
+    let still = moved.iter().filter(|&&p| after[p as usize] != 0).count();
+    check(still == 0, || format!("{still} moved pages are still mapped in the aged VMM"))?;
+    check(kept_unmapped <= moved.len(), || format!("{kept_unmapped} pages that stay lost their mapping"))?;
+    println!("# {kept_unmapped} pages that stay were unmapped along with {} moved ones", moved.len());
+
+    // The aged guest reads every page that stayed, run by run (refaulted
+    // where needed), from the frames it had.
+    let mut from = 0;
+    for &end in moved.iter().chain(&[size / PAGE]) {
+        if end > from {
+            let sum = run_at(&mut w.aged, from, end)?;
+            check(sum == pages_sum(seed, from, end), || format!("aged guest, pages {from}..{end}: {sum:#x}"))?;
+        }
+        from = end + 1;
+    }
+    let now = pfns(w.aged.pid, w.aged_hva, size)?;
+    let changed = (0..size / PAGE).filter(|p| !moved.contains(p) && now[*p as usize] != before[*p as usize]).count();
+    check(changed == 0, || format!("{changed} pages that stay are mapped from other frames"))?;
+
+    // The window's guest reads the moved pages, in the order asked for.
+    let want = moved.iter().fold(0u32, |a, &p| a.wrapping_add(pages_sum(seed, p, p + 1)));
+    let sum = run(&mut w.clean, SLOT, Program::Sum, moved.len() as u64 * PAGE)?;
+    check(sum == want, || format!("the window's guest sums {sum:#x}, expected {want:#x}"))?;
+    // The aged VMM's own loads of every moved page: SIGBUS (probes last).
+    for &p in &moved {
+        expect_sigbus(&mut w.aged, SLOT, p * PAGE, &format!("the aged VMM's load of moved page {p}"))?;
+    }
+    w.finish();
+    Ok(())
+}
+
+/// The guest's sum of pages `from..to` of its slot.
+fn run_at(vmm: &mut Vmm, from: u64, to: u64) -> Result<u32, String> {
+    let req = Request::Run {
+        slot: SLOT,
+        program: Program::Sum,
+        offset: from * PAGE,
+        count: ((to - from) * PAGE / 4) as u32,
+        stride: 4,
+    };
+    vmm.ok(&req, &[]).map(|(v, _)| v as u32)
+}
+
+/// The slots the source's page i goes to: scattered over 256 pages.
+fn scatter_slots(n: u64) -> Vec<u64> {
+    (0..n).map(|i| (i * 37 + 5) % 256 * PAGE).collect()
+}
+
+fn scatter(dev: &Device) -> TestResult {
+    let (size, seed, n) = (MIB, 0x5ca1, 64);
+    // The aged VMM's region is the source: its first n pages move to
+    // scattered slots of the clean VMM's window, mapped ahead of time.
+    let mut w = Windows::new(dev, size, seed)?;
+    let slots = scatter_slots(n);
+    let before = pfns(w.aged.pid, w.aged_hva, size)?;
+    let st0 = dev.stats().map_err(|e| e.to_string())?;
+    dev.scatter_into(w.region.as_fd(), w.window.as_fd(), &slots).map_err(|e| e.to_string())?;
+    let st = dev.stats().map_err(|e| e.to_string())?;
+    check(st.bytes_copied == 0 && st.pages_owned == st0.pages_owned, || format!("stats {st0:?} -> {st:?}"))?;
+
+    // Page i of the source is the window's slot slots[i]: its guest reads
+    // the bytes there (faulting them in), from the very frame.
+    for (i, &slot) in slots.iter().enumerate() {
+        let sum = run_at(&mut w.clean, slot / PAGE, slot / PAGE + 1)?;
+        let want = pages_sum(seed, i as u64, i as u64 + 1);
+        check(sum == want, || format!("the window's guest at slot {}: {sum:#x}, expected {want:#x}", slot / PAGE))?;
+    }
+    let after = pfns(w.clean.pid, w.clean_hva, size)?;
+    for (i, &slot) in slots.iter().enumerate() {
+        let (got, want) = (after[(slot / PAGE) as usize], before[i]);
+        check(got == want && want != 0, || {
+            format!("window slot {}: frame {got:#x}, source page {i} {want:#x}", slot / PAGE)
+        })?;
+    }
+    let info =
+        |fd: &OwnedFd| Region::from_fd(fd.try_clone().map_err(|e| e.to_string())?).info().map_err(|e| e.to_string());
+    let (src, dst) = (info(&w.region)?, info(&w.window)?);
+    check(src.pages_present == size / PAGE - n && dst.pages_present == n, || {
+        format!("source {src:?}, window {dst:?}")
+    })?;
+    // The source's pages after the first n are untouched; the moved ones
+    // are gone for its guest and its VMM.
+    let sum = run_at(&mut w.aged, n, size / PAGE)?;
+    check(sum == pages_sum(seed, n, size / PAGE), || format!("the aged guest's kept pages sum {sum:#x}"))?;
+    expect_efault(&mut w.aged, "the aged guest on a scattered page")?;
+    expect_sigbus(&mut w.aged, SLOT, (n - 1) * PAGE, "the aged VMM on a scattered page")?;
+    w.finish();
+    Ok(())
+}
+
+/// `VMBEAM_GATHER` with any flags and `dst_offset`.
+fn raw_gather(dev: &Device, src: i32, offsets: &[u64], flags: u32, dst: i32, dst_offset: u64) -> Result<i32, Errno> {
+    let mut arg = vmbeam::uapi::vmbeam_gather {
+        offsets: offsets.as_ptr() as u64,
+        count: offsets.len() as u64,
+        src_fd: src,
+        flags,
+        dst_fd: dst,
+        dst_offset,
+        ..Default::default()
+    };
+    // SAFETY: the struct VMBEAM_GATHER takes, with a live offsets array.
+    unsafe { dev.raw_ioctl(vmbeam::uapi::VMBEAM_IOCTL_GATHER, (&raw mut arg).cast()) }
+}
+
+fn scatter_errors(dev: &Device) -> TestResult {
+    let (size, seed) = (MIB, 0x5ca2);
+    let mut w = Windows::new(dev, size, seed)?;
+    let (r, win) = (w.region.as_fd(), w.window.as_fd());
+    // One slot of the window taken, by a valid scatter of page 0.
+    dev.scatter_into(r, win, &[9 * PAGE]).map_err(|e| e.to_string())?;
+    let slots = scatter_slots(4);
+    errno_is("a slot that holds a page", dev.scatter_into(r, win, &[PAGE, 9 * PAGE]), Errno::EEXIST)?;
+    errno_is("a repeated slot", dev.scatter_into(r, win, &[PAGE, 2 * PAGE, PAGE]), Errno::EINVAL)?;
+    errno_is("an unaligned slot", dev.scatter_into(r, win, &[PAGE, 100]), Errno::EINVAL)?;
+    errno_is("a slot out of range", dev.scatter_into(r, win, &[PAGE, size]), Errno::EINVAL)?;
+    errno_is("into itself", dev.scatter_into(r, r, &[9 * PAGE]), Errno::EINVAL)?;
+    // The source's page 0 is gone now: its first pages are not all there.
+    errno_is("a source page gone", dev.scatter_into(r, win, &slots), Errno::EINVAL)?;
+    let small = dev.create_region(2 * PAGE).map_err(|e| e.to_string())?;
+    errno_is("more slots than source pages", dev.scatter_into(small.as_fd(), win, &slots[..3]), Errno::EINVAL)?;
+    let (into, scatter) = (vmbeam::uapi::VMBEAM_GATHER_INTO, vmbeam::uapi::VMBEAM_GATHER_SCATTER);
+    let raw =
+        |flags, dst_offset| raw_gather(dev, small.as_fd().as_raw_fd(), &slots[..2], flags, win.as_raw_fd(), dst_offset);
+    for (what, flags, dst_offset) in [
+        ("a nonzero dst_offset", into | scatter, PAGE),
+        ("with VMBEAM_GATHER_REPLACE", into | scatter | vmbeam::uapi::VMBEAM_GATHER_REPLACE, 0),
+    ] {
+        let got = raw(flags, dst_offset);
+        check(got == Err(Errno::EINVAL), || format!("scatter {what}: {got:?}"))?;
+    }
+    let got = raw_gather(dev, small.as_fd().as_raw_fd(), &slots[..2], scatter, 0, 0);
+    check(got == Err(Errno::EINVAL), || format!("scatter without VMBEAM_GATHER_INTO: {got:?}"))?;
+
+    // Nothing moved but the one page: the rest reads as written.
+    let info = |fd: BorrowedFd<'_>| {
+        Region::from_fd(fd.try_clone_to_owned().map_err(|e| e.to_string())?).info().map_err(|e| e.to_string())
+    };
+    let (src, dst, fresh) = (info(r)?, info(win)?, small.info().map_err(|e| e.to_string())?);
+    check(src.pages_present == size / PAGE - 1 && dst.pages_present == 1 && fresh.pages_present == 2, || {
+        format!("source {src:?}, window {dst:?}, small source {fresh:?}")
+    })?;
+    let sum = run_at(&mut w.aged, 1, size / PAGE)?;
+    check(sum == pages_sum(seed, 1, size / PAGE), || format!("the aged guest sums {sum:#x} after refused scatters"))?;
     w.finish();
     Ok(())
 }

@@ -148,7 +148,15 @@ impl Worker {
         let (src_fd, a) = self.fd_arg(Kind::Region, dups);
         let into = self.rng.gen_bool(0.5);
         let replace = if self.rng.gen_bool(0.3) { uapi::VMBEAM_GATHER_REPLACE } else { 0 };
-        let flags = if into { uapi::VMBEAM_GATHER_INTO | replace } else { self.flags(replace) };
+        // A scatter: the source's first pages to the slots named, mostly
+        // without REPLACE and with dst_offset 0 (else EINVAL).
+        let scatter = into && self.rng.gen_bool(0.3);
+        let flags = match (into, scatter) {
+            (true, true) if self.rng.gen_range(0..10) != 0 => uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_SCATTER,
+            (true, true) => uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_SCATTER | replace,
+            (true, false) => uapi::VMBEAM_GATHER_INTO | replace,
+            (false, _) => self.flags(replace | uapi::VMBEAM_GATHER_SCATTER),
+        };
         let (dst_fd, b) = if into { self.fd_arg(Kind::Region, dups) } else { (0, Some(Kind::Closed)) };
         let n = self.rng.gen_range(1..=32);
         let offsets: Vec<u64> = (0..n)
@@ -171,7 +179,11 @@ impl Worker {
             flags,
             dst_fd,
             pad: u32::from(self.rng.gen_range(0..30) == 0),
-            dst_offset: if into { self.rng.gen_range(0..64) * 4096 } else { 0 },
+            dst_offset: match (into, scatter) {
+                (true, true) if self.rng.gen_range(0..10) != 0 => 0,
+                (true, _) => self.rng.gen_range(0..64) * 4096,
+                (false, _) => 0,
+            },
         };
         let addr = self.place(arg);
         let dev = self.pool.device;
@@ -181,6 +193,9 @@ impl Worker {
             if flags & uapi::VMBEAM_GATHER_REPLACE != 0 {
                 bump(&self.pool.reached.replacing_gathers);
             }
+            if flags & uapi::VMBEAM_GATHER_SCATTER != 0 {
+                bump(&self.pool.reached.scatters);
+            }
             if fd > 0 {
                 self.pool.add(Fd::new(fd, Kind::Region));
             }
@@ -188,8 +203,9 @@ impl Worker {
     }
 
     /// A well-formed life of a region: created, bound to a pool VM, moved
-    /// to another in a batch, some pages gathered out of it. Every call is
-    /// valid when made; the other workers' calls race it.
+    /// to another in a batch, some pages gathered out of it and, unless
+    /// replaced, scattered back into their holes. Every call is valid when
+    /// made; the other workers' calls race it.
     pub(super) fn valid_chain(&mut self, dups: &mut Vec<Fd>) {
         let (Some(a), Some(b)) =
             (self.pool.pick(&mut self.rng, Some(Kind::Vm)), self.pool.pick(&mut self.rng, Some(Kind::Vm)))
@@ -237,6 +253,16 @@ impl Worker {
                     bump(&self.pool.reached.replacing_gathers);
                 }
                 dups.push(Fd::new(fd, Kind::Region));
+                let back = uapi::vmbeam_gather {
+                    src_fd: fd,
+                    flags: uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_SCATTER,
+                    dst_fd: region.raw,
+                    ..gather
+                };
+                if !replace && self.ioctl(dev, uapi::VMBEAM_IOCTL_GATHER, (&raw const back) as u64, true).is_ok() {
+                    bump(&self.pool.reached.gathers);
+                    bump(&self.pool.reached.scatters);
+                }
             }
         }
         if self.pool.count(Kind::Region) < REGIONS_MAX {

@@ -51,6 +51,8 @@ pub struct Reached {
     pub process_binds: AtomicU64,
     /// Gathers that left fresh pages in the source (`VMBEAM_GATHER_REPLACE`).
     pub replacing_gathers: AtomicU64,
+    /// Gathers from a region's first pages to named slots (`VMBEAM_GATHER_SCATTER`).
+    pub scatters: AtomicU64,
     pub maps: AtomicU64,
     pub guest_runs: AtomicU64,
     pub children_killed: AtomicU64,
@@ -58,7 +60,7 @@ pub struct Reached {
 
 impl Reached {
     /// `(name, count)` of every kind.
-    pub fn all(&self) -> [(&'static str, u64); 10] {
+    pub fn all(&self) -> [(&'static str, u64); 11] {
         [
             ("regions created", self.regions.load(Relaxed)),
             ("binds", self.binds.load(Relaxed)),
@@ -67,6 +69,7 @@ impl Reached {
             ("gathers", self.gathers.load(Relaxed)),
             ("process binds", self.process_binds.load(Relaxed)),
             ("replacing gathers", self.replacing_gathers.load(Relaxed)),
+            ("scatters", self.scatters.load(Relaxed)),
             ("region mmaps", self.maps.load(Relaxed)),
             ("guest runs", self.guest_runs.load(Relaxed)),
             ("children killed", self.children_killed.load(Relaxed)),

@@ -6,7 +6,7 @@
 //!
 //! What the aged L1 sees at those frames afterwards: nothing (holes; its
 //! QEMU gets `EFAULT` from `KVM_RUN` if the L1 touches one) until
-//! [`fill`] moves fresh zeroed pages of a new region into them. With
+//! [`fill`] scatters fresh zeroed pages of a new region into them. With
 //! holes, the moved L2's stopped QEMU must stay alive in the aged L1 (its
 //! locked pages are what keeps the L1's kernel off those frames) until the
 //! aged L1 is destroyed; with the fill, it may be killed and the L1 go on.
@@ -79,35 +79,11 @@ pub fn offsets(name: &str, frames: &[u64], ram_size: u64) -> Result<Vec<u64>> {
     Ok(frames.iter().filter_map(|&f| offset_of_frame(ram_size, f)).collect())
 }
 
-/// A run of pages that are consecutive on both sides: `len` pages from
-/// page `index` of the list, at region offset `offset` on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub index: usize,
-    pub offset: u64,
-    pub len: usize,
-}
-
-/// `offsets` cut into runs of consecutive pages, in order.
-pub fn runs(offsets: &[u64]) -> Vec<Run> {
-    let mut runs: Vec<Run> = Vec::new();
-    for (i, &o) in offsets.iter().enumerate() {
-        match runs.last_mut() {
-            Some(r) if r.offset + r.len as u64 * 4096 == o => r.len += 1,
-            _ => runs.push(Run { index: i, offset: o, len: 1 }),
-        }
-    }
-    runs
-}
-
-/// Moves the pages of `src` (page i = list entry i) into the RAM region's
-/// slots at `offsets`, which must be holes: one `VMBEAM_GATHER_INTO` per
-/// run of consecutive slots.
+/// Moves the pages of `src` (its page i = list entry i) into the RAM
+/// region's slots at `offsets`, which must be holes: one
+/// `VMBEAM_GATHER_SCATTER`, the reverse of the gather.
 pub fn into_slots(dev: &Device, src: &impl AsFd, ram: &RamRegion, offsets: &[u64]) -> Result<()> {
-    for r in runs(offsets) {
-        let from: Vec<u64> = (r.index..r.index + r.len).map(|i| i as u64 * 4096).collect();
-        dev.gather_into(src.as_fd(), &from, ram.region.as_fd(), r.offset)?;
-    }
+    dev.scatter_into(src.as_fd(), ram.region.as_fd(), offsets)?;
     Ok(())
 }
 
@@ -131,18 +107,5 @@ mod tests {
         assert!(err(&[3, 0, 2]).contains("1 pages not present"));
         assert!(err(&[3, 3, 2]).contains("1 frames repeated (the first: 0x3)"));
         assert!(err(&[3, 0x4000, 2]).contains("1 frames outside the L1's RAM (the first: 0x4000)"));
-    }
-
-    #[test]
-    fn runs_follow_consecutive_offsets() {
-        let offsets = [0x1000, 0x2000, 0x3000, 0x9000, 0x5000, 0x6000];
-        assert_eq!(
-            runs(&offsets),
-            vec![
-                Run { index: 0, offset: 0x1000, len: 3 },
-                Run { index: 3, offset: 0x9000, len: 1 },
-                Run { index: 4, offset: 0x5000, len: 2 }
-            ]
-        );
     }
 }
