@@ -93,7 +93,12 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
             qemu: PathBuf::from("qemu-system-x86_64"),
             boot_timeout_s: a.timeout_s,
         };
-        let clean = qemu::launch(&launch)?;
+        // Nothing has moved yet: a clean L1 that does not come up is booted
+        // once more before the rejuvenation gives up.
+        let clean = qemu::launch(&launch).or_else(|e| {
+            eprintln!("rejuvenate: the clean L1 did not come up ({e:#}); booting it once more");
+            qemu::launch(&launch).context("the clean L1 did not come up twice")
+        })?;
         anyhow::Ok((aged, clean, boot.elapsed()))
     });
     let mut m = Migration::new(&args);
