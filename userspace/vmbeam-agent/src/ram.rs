@@ -30,6 +30,11 @@ pub fn prepare(thp: bool) -> Result<()> {
 /// writable, anonymous mapping of exactly that size.
 pub fn find(pid: u32, size: u64) -> Result<u64> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("/proc/{pid}/maps"))?;
+    find_in(&maps, size).with_context(|| format!("QEMU {pid}"))
+}
+
+/// [`find`] over the text of a `/proc/PID/maps`.
+fn find_in(maps: &str, size: u64) -> Result<u64> {
     let found: Vec<u64> = maps
         .lines()
         .filter_map(|line| {
@@ -44,8 +49,8 @@ pub fn find(pid: u32, size: u64) -> Result<u64> {
         .collect();
     match found[..] {
         [start] => Ok(start),
-        [] => bail!("QEMU {pid} has no shared anonymous mapping of {size} bytes (its RAM)"),
-        _ => bail!("QEMU {pid} has {} shared anonymous mappings of {size} bytes: which is RAM is unclear", found.len()),
+        [] => bail!("no shared anonymous mapping of {size} bytes (its RAM)"),
+        _ => bail!("{} shared anonymous mappings of {size} bytes: which is RAM is unclear", found.len()),
     }
 }
 
@@ -66,6 +71,11 @@ pub fn frames(pid: u32, hva: u64, size: u64) -> Result<Vec<u64>> {
 /// (`ShmemPmdMapped` in its smaps entry).
 pub fn thp_bytes(pid: u32, hva: u64) -> Result<u64> {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).with_context(|| format!("/proc/{pid}/smaps"))?;
+    thp_bytes_in(&smaps, hva).with_context(|| format!("QEMU {pid}"))
+}
+
+/// [`thp_bytes`] over the text of a `/proc/PID/smaps`.
+fn thp_bytes_in(smaps: &str, hva: u64) -> Result<u64> {
     let head = format!("{hva:x}-");
     // An entry: its maps line, then `Field:  value` lines up to the next.
     let entry = smaps
@@ -74,8 +84,47 @@ pub fn thp_bytes(pid: u32, hva: u64) -> Result<u64> {
         .skip(1)
         .take_while(|l| l.split_whitespace().next().is_some_and(|f| f.ends_with(':')))
         .find(|l| l.starts_with("ShmemPmdMapped:"))
-        .ok_or_else(|| anyhow!("no smaps entry at {hva:#x} in QEMU {pid}"))?;
+        .ok_or_else(|| anyhow!("no smaps entry at {hva:#x}"))?;
     let kb: u64 = entry.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
     ensure!(kb.is_multiple_of(2048), "ShmemPmdMapped {kb} kB is not whole 2 MiB pages");
     Ok(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Trimmed from a QEMU 7.2 with `memory-backend-ram,share=on,size=16M`.
+    const MAPS: &str = "\
+55d0c1a00000-55d0c1b00000 r--p 00000000 fe:01 131 /usr/bin/qemu-system-x86_64
+7fb190400000-7fb190600000 rw-p 00000000 00:00 0
+7fb190600000-7fb191600000 rw-s 00000000 00:01 1450                       /dev/zero (deleted)
+7fb191800000-7fb192800000 rw-p 00000000 00:00 0
+7fb192a00000-7fb192a20000 rw-s 00000000 00:01 1452                       /dev/zero (deleted)
+";
+
+    #[test]
+    fn ram_is_the_shared_anonymous_mapping_of_its_size() {
+        assert_eq!(find_in(MAPS, 16 << 20).unwrap(), 0x7fb1_9060_0000);
+        assert!(find_in(MAPS, 32 << 20).unwrap_err().to_string().contains("no shared anonymous mapping"));
+        let twice = format!("{MAPS}7fb1a0000000-7fb1a1000000 rw-s 00000000 00:01 9 /dev/zero (deleted)\n");
+        assert!(find_in(&twice, 16 << 20).unwrap_err().to_string().contains("2 shared anonymous mappings"));
+    }
+
+    #[test]
+    fn thp_bytes_come_from_the_mappings_own_entry() {
+        let smaps = "\
+7fb190600000-7fb191600000 rw-s 00000000 00:01 1450                       /dev/zero (deleted)
+Size:              16384 kB
+Rss:               16384 kB
+ShmemPmdMapped:    12288 kB
+Locked:            16384 kB
+7fb192a00000-7fb192a20000 rw-s 00000000 00:01 1452                       /dev/zero (deleted)
+Size:                128 kB
+ShmemPmdMapped:     2048 kB
+";
+        assert_eq!(thp_bytes_in(smaps, 0x7fb1_9060_0000).unwrap(), 12 << 20);
+        assert_eq!(thp_bytes_in(smaps, 0x7fb1_92a0_0000).unwrap(), 2 << 20);
+        assert!(thp_bytes_in(smaps, 0x1000).is_err());
+    }
 }
