@@ -9,16 +9,21 @@ total=(0 0 0) status=0
 for mode in --test --nested-smoke; do
 	out=$(mktemp /tmp/vmbeam-run.XXXXXX)
 	if [ $mode = --nested-smoke ]; then
-		VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-240} "$here/run.sh" $mode | tee "$out"
-		rc=${PIPESTATUS[0]}
-		if [ "$rc" != 0 ] || grep -q '# SKIP the test kernel stopped answering' "$out"; then
-			# Measured here: TCG's nested SVM stalls a CPU of the test kernel
-			# or resets an L1 in about half of the boots that run L2s. One
-			# more boot; its result is the one counted, both are shown.
-			echo "# the real nested case failed or stalled in this boot: one more boot (see README, Tests)"
+		# Measured here: TCG's nested SVM stalls a CPU of the test kernel or
+		# resets an L1 in a third to a half of the boots that run L2s (2 of
+		# the 4 make test runs of 2026-11-30 needed a second boot). Up to
+		# VMBEAM_NESTED_BOOTS boots (3); the last one's result is the one
+		# counted, all are shown.
+		boots=${VMBEAM_NESTED_BOOTS:-3}
+		for boot in $(seq "$boots"); do
 			VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-240} "$here/run.sh" $mode | tee "$out"
 			rc=${PIPESTATUS[0]}
-		fi
+			if [ "$rc" = 0 ] && ! grep -q '# SKIP the test kernel stopped answering' "$out"; then
+				break
+			fi
+			[ "$boot" -lt "$boots" ] &&
+				echo "# the real nested case failed or stalled in boot $boot of $boots: one more boot (see README, Tests)"
+		done
 	else
 		"$here/run.sh" $mode | tee "$out"
 		rc=${PIPESTATUS[0]}
