@@ -54,8 +54,15 @@ EOF
 }
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
-if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" >/dev/null &&
-	"$ctl" l1 start --name clean --dir "$dir" --windows "$clean_windows" --empty >/dev/null; then
+# VMBEAM_NESTED_ANON_RAM=1: L1s on QEMU's own RAM (no L2 on ordinary
+# memory can then move): how make test boots its nested case (README, Known
+# flakiness).
+ram=; [ "${VMBEAM_NESTED_ANON_RAM:-0}" = 1 ] && ram=--anonymous-ram
+if [ -n "$ram" ] && [ "$gather" -gt 0 ]; then
+	echo "1..0 # SKIP L2s on ordinary memory need L1s whose RAM is a region"; exit 4
+fi
+if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" $ram >/dev/null &&
+	"$ctl" l1 start --name clean --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null; then
 	ok "two_real_l1s_boot_with_vmbeam_windows"
 else
 	not_ok "two_real_l1s_boot_with_vmbeam_windows" "$(tail -5 "$dir"/*.log "$dir"/*.console 2>/dev/null)"
@@ -146,7 +153,7 @@ if [ "$l2s" -gt 1 ]; then
 	kill -CONT $mig
 	wait $mig
 	rolled_back "clean_l1_killed_after_the_transfer_l2s_back_on_the_aged_l1" $? "$(cat "$dir/killed.json")" none
-	"$ctl" l1 start --name clean2 --dir "$dir" --windows "$clean_windows" --empty >/dev/null ||
+	"$ctl" l1 start --name clean2 --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null ||
 		not_ok "a_second_clean_l1_boots" "$(tail -5 "$dir"/clean2.log)"
 	clean=clean2
 else

@@ -10,8 +10,8 @@ for mode in --test --nested-smoke; do
 	out=$(mktemp /tmp/vmbeam-run.XXXXXX)
 	if [ $mode = --nested-smoke ]; then
 		# Measured here: TCG's nested SVM stalls a CPU of the test kernel or
-		# resets an L1 in a third to a half of the boots that run L2s (2 of
-		# the 4 make test runs of 2026-11-30 needed a second boot). Up to
+		# resets an L1 in a third to a half of the boots that run L2s (4 of
+		# the 6 make test runs of 2026-11-30 needed a second boot). Up to
 		# VMBEAM_NESTED_BOOTS boots (3); the last one's result is the one
 		# counted, all are shown.
 		boots=${VMBEAM_NESTED_BOOTS:-3}
