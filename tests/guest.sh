@@ -108,7 +108,7 @@ case $mode in
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" "${VMBEAM_NESTED_L2S:-2}" "${VMBEAM_NESTED_GATHER:-1}"
 	;;
 --nested-smoke) # the smallest real nested case: one L2 between two real L1s
-	VMBEAM_NESTED_ANON_RAM=1 run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
+	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
 --demo)
 	"$VMBEAM_TESTS/nested-demo.sh" "$bin" || top_fail=1

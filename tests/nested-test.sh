@@ -55,8 +55,8 @@ EOF
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
 # VMBEAM_NESTED_ANON_RAM=1: L1s on QEMU's own RAM (no L2 on ordinary
-# memory can then move): how make test boots its nested case (README, Known
-# flakiness).
+# memory can then move), to compare how often TCG resets them (README,
+# Known flakiness).
 ram=; [ "${VMBEAM_NESTED_ANON_RAM:-0}" = 1 ] && ram=--anonymous-ram
 if [ -n "$ram" ] && [ "$gather" -gt 0 ]; then
 	echo "1..0 # SKIP L2s on ordinary memory need L1s whose RAM is a region"; exit 4
