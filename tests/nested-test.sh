@@ -21,6 +21,17 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 status_json() { "$ctl" l1 status --qmp "$dir/$1.qmp" --json; }
 # pass of L2 $2 on L1 $1, or -1
 pass_of() { status_json "$1" | json "next((v['workload'] or {}).get('pass',-1) for v in d['vms'] if v['name']=='$2' and v['state']=='running')" 2>/dev/null || echo -1; }
+# Waits up to 30 s for L2 $2 on L1 $1 to finish its first pass (the
+# workload's first fill of its RAM); prints its pass, or -1.
+first_pass() {
+	local p=-1
+	for _ in $(seq 60); do
+		p=$(pass_of "$1" "$2")
+		[ "$p" -ge 1 ] && break
+		sleep 0.5
+	done
+	echo "$p"
+}
 pages_at_l0() { "$ctl" l1 status --qmp "$dir/$1.qmp" | sed -n "s/.*window $2 .* \([0-9]*\) pages at L0.*/\1/p"; }
 
 # The vmbeam:fault tracepoint shows any page a VMM touched that is not
@@ -73,12 +84,7 @@ started=1
 for i in $(seq 0 $((l2s - 1))); do
 	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name "vm$i" --window "$i" >/dev/null || started=0
 done
-# The first pass ends after the workload's first fill of its RAM.
-for _ in $(seq 60); do
-	p0=$(pass_of aged vm0)
-	[ "$p0" -ge 1 ] && break
-	sleep 0.5
-done
+p0=$(first_pass aged vm0)
 if [ "$started" = 1 ] && [ "$p0" -ge 1 ]; then ok "l2_qemus_run_the_workload_on_windows"
 else not_ok "l2_qemus_run_the_workload_on_windows" "vm0 pass $p0"; fi
 
@@ -90,11 +96,7 @@ if [ "$gather" -gt 0 ]; then
 		thp=; [ "$i" = 0 ] && [ "${VMBEAM_NESTED_THP:-1}" = 1 ] && thp=--thp
 		"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name "g$i" --memory "$size" $thp >/dev/null || started=0
 	done
-	for _ in $(seq 60); do
-		g0=$(pass_of aged g0)
-		[ "$g0" -ge 1 ] && break
-		sleep 0.5
-	done
+	g0=$(first_pass aged g0)
 	if [ "$started" = 1 ] && [ "$g0" -ge 1 ]; then ok "l2_qemus_run_the_workload_on_ordinary_l1_memory"
 	else not_ok "l2_qemus_run_the_workload_on_ordinary_l1_memory" "g0 pass $g0" "$(tail -3 "$dir"/aged.console)"; fi
 
@@ -229,7 +231,7 @@ if [ "$gather" -gt 0 ]; then
 	# added at L0, and the moved L2's stopped QEMU is kept there (its
 	# locked pages keep the aged L1's kernel off the empty frames).
 	"$ctl" l1 start-l2 --qmp "$dir/aged.qmp" --name h0 --memory "$size" >/dev/null
-	for _ in $(seq 60); do [ "$(pass_of aged h0)" -ge 1 ] && break; sleep 0.5; done
+	first_pass aged h0 >/dev/null
 	owned0=$(stat pages_owned)
 	out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --gather-holes --json)
 	rc=$?

@@ -21,15 +21,6 @@ nix::ioctl_write_ptr_bad!(ioctl_transfer_batch, uapi::VMBEAM_IOCTL_TRANSFER_BATC
 nix::ioctl_write_ptr_bad!(ioctl_gather, uapi::VMBEAM_IOCTL_GATHER, uapi::vmbeam_gather);
 nix::ioctl_write_ptr_bad!(ioctl_bind, uapi::VMBEAM_IOCTL_BIND, uapi::vmbeam_bind);
 
-/// What a gather leaves in the source where the moved pages were.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    /// Missing pages: the source's owner gets SIGBUS there.
-    Holes,
-    /// Fresh zeroed pages (`VMBEAM_GATHER_REPLACE`).
-    Replace,
-}
-
 /// An open `/dev/vmbeam`.
 #[derive(Debug)]
 pub struct Device {
@@ -122,7 +113,8 @@ impl Device {
     /// A new region made of the pages of `src` at byte `offsets` (moved,
     /// not copied); `src` loses exactly those pages.
     pub fn gather(&self, src: BorrowedFd<'_>, offsets: &[u64]) -> Result<Region, Error> {
-        self.gather_new(src, offsets, Source::Holes)
+        let fd = self.gather_ioctl(src, offsets, 0, 0, 0, "VMBEAM_GATHER")?;
+        Ok(Region::from_raw_ioctl_result(fd))
     }
 
     /// As [`Device::gather`], with `VMBEAM_GATHER_REPLACE`: fresh zeroed
@@ -130,11 +122,7 @@ impl Device {
     /// those addresses again (reading zeros) instead of getting SIGBUS.
     /// Costs `offsets.len()` new pages.
     pub fn gather_replacing(&self, src: BorrowedFd<'_>, offsets: &[u64]) -> Result<Region, Error> {
-        self.gather_new(src, offsets, Source::Replace)
-    }
-
-    fn gather_new(&self, src: BorrowedFd<'_>, offsets: &[u64], source: Source) -> Result<Region, Error> {
-        let fd = self.gather_raw(src, offsets, None, source)?;
+        let fd = self.gather_ioctl(src, offsets, uapi::VMBEAM_GATHER_REPLACE, 0, 0, "VMBEAM_GATHER(REPLACE)")?;
         Ok(Region::from_raw_ioctl_result(fd))
     }
 
@@ -148,7 +136,8 @@ impl Device {
         dst: BorrowedFd<'_>,
         dst_offset: u64,
     ) -> Result<(), Error> {
-        self.gather_raw(src, offsets, Some((dst, dst_offset)), Source::Holes).map(drop)
+        let flags = uapi::VMBEAM_GATHER_INTO;
+        self.gather_ioctl(src, offsets, flags, dst.as_raw_fd(), dst_offset, "VMBEAM_GATHER_INTO").map(drop)
     }
 
     /// As [`Device::gather_into`], with `VMBEAM_GATHER_REPLACE`: `src`
@@ -161,7 +150,8 @@ impl Device {
         dst: BorrowedFd<'_>,
         dst_offset: u64,
     ) -> Result<(), Error> {
-        self.gather_raw(src, offsets, Some((dst, dst_offset)), Source::Replace).map(drop)
+        let flags = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_REPLACE;
+        self.gather_ioctl(src, offsets, flags, dst.as_raw_fd(), dst_offset, "VMBEAM_GATHER_INTO(REPLACE)").map(drop)
     }
 
     /// Moves the first `dst_offsets.len()` pages of `src` (its bytes from
@@ -176,30 +166,8 @@ impl Device {
         self.gather_ioctl(src, dst_offsets, flags, dst.as_raw_fd(), 0, "VMBEAM_GATHER_INTO(SCATTER)").map(drop)
     }
 
-    fn gather_raw(
-        &self,
-        src: BorrowedFd<'_>,
-        offsets: &[u64],
-        into: Option<(BorrowedFd<'_>, u64)>,
-        source: Source,
-    ) -> Result<i32, Error> {
-        let replace = match source {
-            Source::Holes => 0,
-            Source::Replace => uapi::VMBEAM_GATHER_REPLACE,
-        };
-        let (flags, dst_fd, dst_offset) = match into {
-            Some((dst, offset)) => (uapi::VMBEAM_GATHER_INTO | replace, dst.as_raw_fd(), offset),
-            None => (replace, 0, 0),
-        };
-        let op = match (into.is_some(), source) {
-            (false, Source::Holes) => "VMBEAM_GATHER",
-            (true, Source::Holes) => "VMBEAM_GATHER_INTO",
-            (false, Source::Replace) => "VMBEAM_GATHER(REPLACE)",
-            (true, Source::Replace) => "VMBEAM_GATHER_INTO(REPLACE)",
-        };
-        self.gather_ioctl(src, offsets, flags, dst_fd, dst_offset, op)
-    }
-
+    /// `VMBEAM_GATHER` with these flags and destination; `op` names it in
+    /// errors. Returns the ioctl's result (a new region fd, or 0).
     fn gather_ioctl(
         &self,
         src: BorrowedFd<'_>,
