@@ -65,6 +65,29 @@ EOF
 }
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
+# migrate-all from L1 $2 to L1 $3, SIGKILLed after step $1 (stopped there
+# first); then waits up to 60 s for its witness (`vmbeamctl l1 recover`)
+# to settle the migration. 0 if the witness ended and removed the journal.
+killed_at() {
+	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json >/dev/null &
+	local mig=$!
+	for _ in $(seq 300); do
+		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
+		sleep 0.1
+	done
+	kill -9 $mig
+	wait $mig 2>/dev/null
+	for _ in $(seq 120); do
+		if ! pgrep -f "l1 recover --journal $dir/" >/dev/null; then
+			[ ! -e "$dir/$3.migration.json" ]
+			return
+		fi
+		sleep 0.5
+	done
+	return 1
+}
+witness_log() { cat "$dir/$1.migration.log" 2>/dev/null; }
+
 # VMBEAM_NESTED_ANON_RAM=1: L1s on QEMU's own RAM (no L2 on ordinary
 # memory can then move), to compare how often TCG resets them (README,
 # Known flakiness).
@@ -158,13 +181,48 @@ if [ "$l2s" -gt 1 ]; then
 	"$ctl" l1 start --name clean2 --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null ||
 		not_ok "a_second_clean_l1_boots" "$(tail -5 "$dir"/clean2.log)"
 	clean=clean2
+
+	# vmbeamctl killed before any page moved: its witness stops the
+	# receiving QEMUs it started on the clean L1 and resumes every L2 that
+	# it stopped on the aged L1.
+	for step in prepare pause; do
+		p0=$(pass_of aged vm1) g0=$(pass_of aged g0)
+		killed_at $step aged $clean
+		settled=$?
+		sleep 2
+		p1=$(pass_of aged vm1) g1=$(pass_of aged g0)
+		free=$(status_json $clean | json "all(w['l2'] is None for w in d['status']['windows']) and all(v['state']=='exited' for v in d['vms'])")
+		if [ $settled = 0 ] && [ "$p1" -gt "$p0" ] && { [ "$gather" = 0 ] || [ "$g1" -gt "$g0" ]; } && [ "$free" = True ]; then
+			ok "vmbeamctl_killed_after_${step}_its_witness_resumes_the_l2s_on_the_aged_l1"
+		else
+			not_ok "vmbeamctl_killed_after_${step}_its_witness_resumes_the_l2s_on_the_aged_l1" "settled $settled, vm1 pass $p0 -> $p1, g0 $g0 -> $g1, clean windows free: $free" "$(witness_log $clean)"
+		fi
+	done
+	src=aged dst=$clean
 else
 	clean=clean
+	# vmbeamctl killed after the transfer (the gather: the commit point):
+	# its witness restores the L2 on the clean L1 and retires its aged copy.
+	# The verified move below then goes the other way.
+	p0=$(pass_of aged vm0)
+	killed_at transfer aged clean
+	settled=$?
+	sleep 2
+	p1=$(pass_of clean vm0) left=$(pages_at_l0 aged 0) there=$(pages_at_l0 clean 0)
+	sleep 2
+	p2=$(pass_of clean vm0)
+	if [ $settled = 0 ] && [ "$p1" -gt "$p0" ] && [ "$p2" -gt "$p1" ] && [ "$left" = 0 ] && [ "$there" = 4096 ] &&
+		[ "$(pass_of aged vm0)" = -1 ]; then
+		ok "vmbeamctl_killed_after_the_transfer_its_witness_runs_the_l2_in_the_clean_l1"
+	else
+		not_ok "vmbeamctl_killed_after_the_transfer_its_witness_runs_the_l2_in_the_clean_l1" "settled $settled, pass $p0 -> $p1 -> $p2 on the clean L1, pages aged $left clean $there" "$(witness_log clean)"
+	fi
+	src=clean dst=aged
 fi
 
-before=$(pass_of aged vm0)
+before=$(pass_of $src vm0)
 owned0=$(stat pages_owned)
-out=$("$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/$clean.qmp" --json)
+out=$("$ctl" migrate-all --from "$dir/$src.qmp" --to "$dir/$dst.qmp" --json)
 rc=$?
 owned1=$(stat pages_owned)
 echo "$out" | json "'\n'.join('# %s (%s): %d/%d frames same, copied %s, downtime %.0f ms, passes %s -> %s, checksum ok %s, THP %s bytes' % (l['name'], l.get('path'), l['frames_same'], l['frames_compared'], l['bytes_copied'], l['downtime_ms'] or -1, l['passes_at_pause'], l['passes_after'], l['checksum_ok'], l.get('thp_bytes')) for l in d['l2'])" 2>/dev/null
@@ -202,16 +260,16 @@ if [ "$gather" -gt 0 ]; then
 fi
 
 sleep 2
-after=$(pass_of $clean vm0)
-aged0=$(pages_at_l0 aged 0)
-if [ "$after" -gt "$before" ] && [ "$aged0" = 0 ] && [ "$(pass_of aged vm0)" = -1 ]; then
+after=$(pass_of $dst vm0)
+aged0=$(pages_at_l0 $src 0)
+if [ "$after" -gt "$before" ] && [ "$aged0" = 0 ] && [ "$(pass_of $src vm0)" = -1 ]; then
 	ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing"
 else
 	not_ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing" "pass $before -> $after; aged window 0 has $aged0 pages"
 fi
 
 # A malformed message to an agent gets an error object; the agent goes on.
-reply=$(python3 - "$dir/$clean.agent" <<'EOF'
+reply=$(python3 - "$dir/$dst.agent" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
 f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()

@@ -164,6 +164,13 @@ impl L2 {
         self.child.id()
     }
 
+    /// Whether this is a QEMU started by `prepare-l2` on window `index`,
+    /// waiting for its state.
+    pub fn is_waiting_on(&mut self, index: u32) -> bool {
+        self.poll();
+        self.state == AgentL2State::Incoming && self.ram.window_index() == Some(index)
+    }
+
     /// Notices an exited QEMU.
     pub fn poll(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {

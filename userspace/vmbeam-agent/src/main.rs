@@ -21,7 +21,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
     agent::{
-        AgentL2State, AgentStatus, AgentWindow, Named, RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
+        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, PrepareL2, RestoreL2, Restored, StartL2,
+        AGENT_COMMANDS, AGENT_SERVICE,
     },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
@@ -181,6 +182,10 @@ impl Agent {
                 l2.resume().map_err(generic)?;
                 Ok(json!(l2.info()))
             }
+            "prepare-l2" => {
+                let a: PrepareL2 = args(req)?;
+                self.prepare(&a).map(|i| json!(i)).map_err(generic)
+            }
             "restore-l2" => {
                 let a: RestoreL2 = args(req)?;
                 self.restore(&a).map(|r| json!(r)).map_err(generic)
@@ -292,11 +297,27 @@ impl Agent {
         Ok(json!(info))
     }
 
-    fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
-        let arrived = Instant::now();
+    /// Starts the QEMU an L2 will be restored into, ahead of the move: out
+    /// of the L2's downtime.
+    fn prepare(&mut self, a: &PrepareL2) -> Result<AgentL2> {
         let w = self.free_window(&a.name, a.window)?;
         let mut l2 = L2::start(&self.cfg, &a.name, &Ram::Window(w), true)?;
-        let start_us = arrived.elapsed().as_micros() as u64;
+        let info = l2.info();
+        self.l2s.insert(a.name.clone(), l2);
+        Ok(info)
+    }
+
+    fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
+        let arrived = Instant::now();
+        let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window));
+        let mut l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
+            Some(l2) => l2,
+            None => {
+                let w = self.free_window(&a.name, a.window)?;
+                L2::start(&self.cfg, &a.name, &Ram::Window(w), true)?
+            }
+        };
+        let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
         if let Err(e) = l2.restore(&self.cfg, &a.state) {
             l2.kill();
             return Err(e);

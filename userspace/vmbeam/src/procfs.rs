@@ -8,16 +8,36 @@ use std::{
     os::fd::{FromRawFd, OwnedFd},
 };
 
-/// A copy of fd `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`;
-/// needs ptrace access to the process: root).
-pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+/// A pidfd of process `pid` (`pidfd_open(2)`): names that process and no
+/// later one that reuses its number.
+pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) with a pid and no flags; returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+}
+
+/// Blocks until the process behind `pidfd` has exited (its pidfd polls
+/// readable then), however it ended; any process, not only a child.
+pub fn wait_exit(pidfd: &OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
+    loop {
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A copy of fd `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`;
+/// needs ptrace access to the process: root).
+pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let pidfd = pidfd(pid)?;
     // SAFETY: pidfd_getfd(2) with our pidfd, the target's fd number and no
     // flags; returns a new close-on-exec fd or -1.
     let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };

@@ -6,7 +6,8 @@
 //!
 //! | step     | what happens                                    | on failure                          |
 //! |----------|-------------------------------------------------|-------------------------------------|
-//! | plan     | query both L1s, place every L2 (then: ready the clean side) | nothing changed         |
+//! | plan     | query both L1s, place every L2                   | nothing changed                     |
+//! | prepare  | ready the clean side out of the downtime (real: the receiving L2 QEMUs start, `-incoming defer`) | what it started goes |
 //! | pause    | the aged L1 stops the L2s                        | L2s resumed on the aged L1          |
 //! | send     | the aged L1 hands over what moves besides memory; the clean L1 holds it (lab: staged) | L2s resumed on the aged L1 |
 //! | transfer | the memory moves at L0 (lab: one `VMBEAM_TRANSFER_BATCH`; real: `VMBEAM_GATHER_INTO` into windows plugged ahead) | all or nothing: resumed on the aged |
@@ -107,6 +108,7 @@ impl Args {
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
     Plan,
+    Prepare,
     Pause,
     Send,
     Transfer,
@@ -160,7 +162,7 @@ pub struct Migration<'a> {
 impl<'a> Migration<'a> {
     pub fn new(args: &'a Args) -> Self {
         let progress = if std::io::stderr().is_terminal() && !args.json {
-            let bar = ProgressBar::new(6);
+            let bar = ProgressBar::new(7);
             bar.set_style(
                 ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -220,7 +222,8 @@ impl<'a> Migration<'a> {
             self.trace = Some(MigrationTrace::attach(pids)?);
         }
         let stats_before = dev.stats()?;
-        if let Err(e) = pair.prepare(&mut self.report) {
+        self.enter(Step::Prepare, "readying the clean L1");
+        if let Err(e) = pair.prepare(&mut self.report).and_then(|()| self.after(Step::Prepare)) {
             return Err(self.resume_on_aged(pair, e));
         }
 

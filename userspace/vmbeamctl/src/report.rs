@@ -73,6 +73,10 @@ pub struct L2Report {
     pub paused_at_ns: u64,
     pub resumed_at_ns: Option<u64>,
     pub downtime_ms: Option<f64>,
+    /// Real L1s: of the downtime, the clean agent's restore (the state
+    /// loaded into the QEMU prepared ahead, and `cont`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<f64>,
     pub passes_at_pause: u64,
     pub passes_after: Option<u64>,
     pub errors: Option<u64>,

@@ -13,6 +13,7 @@
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
 //! | `query-l2-frames` | [`Named`]     | [`L2Frames`]       |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
+//! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
 //! | `poweroff`     | –                | `{}` (then the L1 powers off) |
@@ -20,11 +21,12 @@
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
 //! window, which the stream skips. The L2 stays stopped until `resume-l2`
-//! (a rollback) or `kill-l2` (it moved). `restore-l2` starts a QEMU on a
-//! window with `-incoming defer`, loads the state and resumes it. It runs
-//! once the window's pages have arrived: a QEMU loading a state writes
-//! guest RAM (kvmvapic patches its ROM copy at 0xc0000), so it cannot be
-//! started ahead on a window whose pages are still on their way.
+//! (a rollback) or `kill-l2` (it moved). `prepare-l2` starts the receiving
+//! QEMU on a window with `-incoming defer`, before the pause: starting
+//! touches none of its RAM, so the window may still be empty. `restore-l2`
+//! loads the state into that QEMU (or starts one, if none was prepared)
+//! and resumes it. It runs once the window's pages have arrived: loading a
+//! state writes guest RAM (kvmvapic patches its ROM copy at 0xc0000).
 //!
 //! An L2 started without a window runs on *ordinary* memory of the L1
 //! (`memory-backend-ram,share=on`, locked with `-overcommit mem-lock=on`):
@@ -45,6 +47,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "save-l2",
     "query-l2-frames",
     "resume-l2",
+    "prepare-l2",
     "restore-l2",
     "kill-l2",
     "poweroff",
@@ -162,6 +165,13 @@ pub struct Saved {
     pub workload: Option<Workload>,
 }
 
+/// The receiving QEMU of an L2 that is to arrive on `window`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrepareL2 {
+    pub name: String,
+    pub window: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RestoreL2 {
     pub name: String,
@@ -174,6 +184,7 @@ pub struct Restored {
     pub l2: AgentL2,
     /// Microseconds from the request's arrival to the L2 running again.
     pub resumed_after_us: u64,
-    /// Of those, the QEMU start (before the state is loaded).
+    /// Of those, the QEMU start (before the state is loaded): 0 when
+    /// `prepare-l2` started it ahead.
     pub start_us: u64,
 }

@@ -41,6 +41,20 @@ pub enum Command {
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
     },
+    /// Settle a migration between real L1s whose vmbeamctl died: each L2
+    /// runs on the clean L1 if its pages got there (restored there if need
+    /// be, its aged copy retired), else on the aged L1. `migrate-all` starts
+    /// this itself as a witness; run it by hand only for a journal a witness
+    /// left (it prints why).
+    Recover {
+        /// The journal, `NAME.migration.json` beside the clean L1's QMP socket.
+        #[arg(long)]
+        journal: PathBuf,
+        /// Wait for this process (the vmbeamctl that runs the migration) to
+        /// end first; do nothing if it removed the journal.
+        #[arg(long, hide = true)]
+        after_pid: Option<u32>,
+    },
     /// Show an L1's windows and L2 VMs (as its agent sees them).
     Status {
         #[arg(long)]
@@ -69,6 +83,21 @@ pub fn run(cmd: &Command) -> Result<()> {
             println!("{}", serde_json::to_string(&vm)?);
         }
         Command::ExecOwning { region_fd, command } => qemu::ram::exec_owning(*region_fd, command)?,
+        Command::Recover { journal, after_pid } => {
+            if let Some(pid) = after_pid {
+                // ESRCH: it is gone already.
+                if let Ok(pidfd) = vmbeam::procfs::pidfd(*pid) {
+                    vmbeam::procfs::wait_exit(&pidfd)?;
+                }
+                if !journal.exists() {
+                    return Ok(()); // it ended in order
+                }
+                eprintln!("recover: vmbeamctl (pid {pid}) died mid-migration; settling {}", journal.display());
+            }
+            for line in qemu::recover(journal, timeout)? {
+                println!("recover: {line}");
+            }
+        }
         Command::Status { qmp, json } => {
             let mut l1 = QemuL1::connect(qmp, timeout)?;
             let status: AgentStatus = l1.agent.call("query-status", ())?;

@@ -30,9 +30,10 @@ use vmbeam::{
 };
 
 pub mod gather;
+pub mod journal;
 mod pair;
 pub mod ram;
-pub use pair::QemuPair;
+pub use pair::{recover, QemuPair};
 pub use ram::RamRegion;
 
 /// The chardev QEMU exposes the agent's virtio-serial port through.

@@ -10,6 +10,7 @@
 //! | step     | what happens |
 //! |----------|--------------|
 //! | plan     | every running L2 gets an empty window of its size on the clean L1 |
+//! | prepare  | the clean agent starts each L2's receiving QEMU on its window (`-incoming defer`): out of the downtime |
 //! | pause    | the aged agent stops each L2 and saves CPU + devices (QEMU migration, `x-ignore-shared`: no RAM); for the gather path it reports the L1 frames of the L2's RAM, which are checked |
 //! | transfer | `VMBEAM_GATHER_INTO`: each L2's pages leave the aged L1's window region, or its RAM region at the reported frames, for the clean L1's window |
 //! | receive  | the clean agent loads each state and resumes the L2 |
@@ -25,11 +26,11 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
-    agent::{AgentL2, AgentL2State, AgentStatus, L2Frames, Named, RestoreL2, Restored, Saved, Workload},
+    agent::{AgentL2, AgentL2State, AgentStatus, L2Frames, Named, PrepareL2, RestoreL2, Restored, Saved, Workload},
     Probe,
 };
 
-use super::{gather, QemuL1, RamRegion, Window};
+use super::{gather, journal, QemuL1, RamRegion, Window};
 use crate::{
     l1::{monotonic_ns, Pair},
     report::{Endpoint, L2Report, Report},
@@ -70,7 +71,13 @@ pub struct QemuPair {
     options: gather::Options,
     /// The aged RAM region's pages before the move (the gather path).
     ram_present_before: Option<u64>,
+    /// The journal on disk from `prepare` on (its witness settles the
+    /// migration if this process dies; [`recover`]).
+    journal: Option<journal::JournalFile>,
 }
+
+mod recover;
+pub use recover::recover;
 
 impl QemuPair {
     pub fn connect(from: &Path, to: &Path, timeout: Duration, options: gather::Options) -> Result<Self> {
@@ -81,7 +88,7 @@ impl QemuPair {
     }
 
     pub fn new(dev: vmbeam::Device, aged: QemuL1, clean: QemuL1, options: gather::Options) -> Self {
-        Self { dev, aged, clean, moves: Vec::new(), options, ram_present_before: None }
+        Self { dev, aged, clean, moves: Vec::new(), options, ram_present_before: None, journal: None }
     }
 
     /// The aged L1, to shut down once its L2s left.
@@ -166,6 +173,14 @@ impl Pair for QemuPair {
         report.from = Some(endpoint(&self.aged));
         report.to = Some(endpoint(&self.clean));
         ensure!(self.aged.pid != self.clean.pid, "--from and --to are the same L1 (pid {})", self.aged.pid);
+        let journal = journal::path_for(&self.clean.qmp_path);
+        ensure!(
+            !journal.exists(),
+            "a migration into {} is in flight or was never settled ({}): let its witness end, or run `vmbeamctl l1 recover --journal {}`",
+            self.clean.name,
+            journal.display(),
+            journal.display()
+        );
         let vms: Vec<AgentL2> = self.aged.agent.call("query-vms", ())?;
         let clean_status: AgentStatus = self.clean.agent.call("query-status", ())?;
         let mut taken: Vec<u32> = clean_status.windows.iter().filter(|w| w.l2.is_some()).map(|w| w.index).collect();
@@ -244,12 +259,15 @@ impl Pair for QemuPair {
     }
 
     fn prepare(&mut self, _report: &mut Report) -> Result<()> {
-        // The windows were plugged into the clean L1 when it booted. The
-        // receiving QEMUs cannot start ahead: loading a state writes guest
-        // RAM (kvmvapic), and the pages are not there before the transfer;
-        // without kvmvapic (`-global kvm-apic.vapic=false`) they could, but
-        // with it 3 of 4 nested runs here stalled a CPU of L0 (TCG) when an
-        // L2 started; the cause is not known, so it stays on.
+        // The windows were plugged into the clean L1 when it booted; the
+        // receiving QEMUs start now, on windows still empty: a QEMU waiting
+        // with `-incoming defer` touches none of its RAM. Loading the state
+        // does (kvmvapic writes guest RAM), so that waits for the pages.
+        self.begin_journal()?;
+        for m in &self.moves {
+            let args = PrepareL2 { name: m.name.clone(), window: m.to };
+            self.clean.agent.call::<AgentL2>("prepare-l2", args)?;
+        }
         Ok(())
     }
 
@@ -268,7 +286,7 @@ impl Pair for QemuPair {
         if self.moves.iter().any(Move::is_ordinary) {
             self.ram_present_before = Some(self.aged_ram()?.region.info()?.pages_present);
         }
-        Ok(())
+        self.update_journal()
     }
 
     fn send(&mut self, _report: &mut Report) -> Result<()> {
@@ -296,6 +314,7 @@ impl Pair for QemuPair {
             let r: Restored = self.clean.agent.call("restore-l2", args)?;
             if let Some(l) = report.l2.iter_mut().find(|l| l.name == m.name) {
                 l.resumed_at_ns = Some(asked + r.resumed_after_us * 1000);
+                l.restore_ms = Some(r.resumed_after_us as f64 / 1e3);
             }
         }
         Ok(())

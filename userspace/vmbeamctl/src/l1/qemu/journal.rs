@@ -1,0 +1,153 @@
+//! The journal of a real-L1 migration in flight, and the witness that
+//! settles it if vmbeamctl dies.
+//!
+//! A real L1 cannot find out by itself whether an L2's pages have left it
+//! or arrived: it cannot even look, since touching a page that is not there
+//! stops the L1. The lab L1 asks the module who owns a region; an agent
+//! inside a real L1 cannot. So, while `migrate-all` runs between real L1s,
+//! what is needed to finish or undo the move without vmbeamctl is kept at
+//! L0 in a file next to the clean L1's QMP socket (`NAME.migration.json`),
+//! and a *witness* waits for vmbeamctl to end:
+//! `vmbeamctl l1 recover --journal FILE --after-pid PID`, started in its
+//! own process group so that a signal to vmbeamctl's group spares it.
+//!
+//! vmbeamctl removes the file whenever its flow ends, however it ended
+//! (the report then says where every L2 is); the file outlives vmbeamctl
+//! only if vmbeamctl was killed. Then the witness settles each L2 by the
+//! one fact that decides it, read from the module at L0: are its pages in
+//! its clean window? The gather is the commit point, as the transfer ioctl
+//! is for lab L1s:
+//!
+//! | pages in the clean window | the witness |
+//! |---|---|
+//! | no  | stops the receiving QEMU on the clean L1; resumes the L2 on the aged L1 if it was stopped |
+//! | yes | restores the L2 on the clean L1 (unless it runs there already), then retires its aged copy as `migrate-all` does; if the restore fails, moves the pages back and resumes it on the aged L1 |
+
+use std::{
+    fs,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// What a migration between two real L1s needs to be finished or undone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Journal {
+    /// The aged and the clean L1's QMP sockets.
+    pub aged: PathBuf,
+    pub clean: PathBuf,
+    /// `--gather-holes`: gathered frames of the aged L1 stay empty.
+    pub holes: bool,
+    pub moves: Vec<Entry>,
+}
+
+/// One L2 on its way.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    /// The aged window that is its RAM; `None`: ordinary memory of the aged
+    /// L1, at `offsets` of its RAM region (known once it is paused).
+    pub from_window: Option<u32>,
+    #[serde(default)]
+    pub offsets: Vec<u64>,
+    /// Its window on the clean L1.
+    pub to: u32,
+    pub pages: u64,
+    /// Its saved CPU and device state (base64), once it is paused.
+    pub state: Option<String>,
+}
+
+/// The journal file of a migration into the L1 whose QMP socket is `qmp`.
+pub fn path_for(clean_qmp: &Path) -> PathBuf {
+    clean_qmp.with_extension("migration.json")
+}
+
+/// The journal on disk while the flow runs; removed when dropped, which
+/// every end of the flow does and a killed process does not.
+pub struct JournalFile {
+    path: PathBuf,
+}
+
+impl JournalFile {
+    /// Writes the first version and starts the witness.
+    pub fn begin(journal: &Journal) -> Result<Self> {
+        let path = path_for(&journal.clean);
+        let file = Self { path };
+        file.write(journal)?;
+        spawn_witness(&file.path)?;
+        Ok(file)
+    }
+
+    /// Replaces the file whole (write, then rename): a reader sees the old
+    /// version or the new one.
+    pub fn write(&self, journal: &Journal) -> Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec(journal)?).with_context(|| tmp.display().to_string())?;
+        fs::rename(&tmp, &self.path).with_context(|| self.path.display().to_string())
+    }
+}
+
+impl Drop for JournalFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Reads a journal file.
+pub fn read(path: &Path) -> Result<Journal> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not a migration journal", path.display()))
+}
+
+/// Starts `vmbeamctl l1 recover --journal PATH --after-pid <us>` in its own
+/// process group, its output in `PATH` with `.log` for an extension.
+fn spawn_witness(path: &Path) -> Result<()> {
+    let exe = std::env::current_exe().context("finding vmbeamctl for the witness")?;
+    let log = fs::File::create(path.with_extension("log"))?;
+    Command::new(exe)
+        .args(["l1", "recover", "--journal"])
+        .arg(path)
+        .arg("--after-pid")
+        .arg(std::process::id().to_string())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the witness (vmbeamctl l1 recover)")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_reads_back_as_written_and_goes_with_its_file() {
+        let dir = std::env::temp_dir().join(format!("vmbeam-journal-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let j = Journal {
+            aged: dir.join("aged.qmp"),
+            clean: dir.join("clean.qmp"),
+            holes: false,
+            moves: vec![Entry {
+                name: "vm0".into(),
+                from_window: None,
+                offsets: vec![0, 4096],
+                to: 1,
+                pages: 2,
+                state: Some("c3RhdGU=".into()),
+            }],
+        };
+        let file = JournalFile { path: path_for(&j.clean) };
+        file.write(&j).unwrap();
+        assert_eq!(file.path, dir.join("clean.migration.json"));
+        assert_eq!(read(&file.path).unwrap(), j);
+        drop(file);
+        assert!(!dir.join("clean.migration.json").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
