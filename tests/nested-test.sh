@@ -283,7 +283,31 @@ else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"
 fi
 
-# Last, as it ends the aged L1.
+# Last, as they end the aged L1.
+if [ "$l2s" = 1 ]; then
+	# The aged L1 dies after the pause (its QEMU killed at L0): its L2's
+	# memory is still a region vmbeamctl holds, and its state was saved, so
+	# the migration goes on and the L2 runs on in the clean L1.
+	p0=$(pass_of aged vm0)
+	"$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --stop-at pause --json >"$dir/aged-killed.json" &
+	mig=$!
+	for _ in $(seq 300); do
+		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
+		sleep 0.1
+	done
+	pkill -9 -f "unix:$dir/aged.qmp"
+	sleep 1
+	kill -CONT $mig
+	wait $mig
+	rc=$?
+	sleep 2
+	p1=$(pass_of clean vm0)
+	if [ $rc = 0 ] && [ "$p1" -gt "$p0" ] && json "d['l2'][0]['frames_same']==d['l2'][0]['frames_compared']>0" <"$dir/aged-killed.json" | grep -q True; then
+		ok "aged_l1_killed_after_the_pause_the_l2_moves_on_to_the_clean_l1"
+	else
+		not_ok "aged_l1_killed_after_the_pause_the_l2_moves_on_to_the_clean_l1" "rc $rc, pass $p0 -> $p1" "$(cat "$dir/aged-killed.json")"
+	fi
+fi
 if [ "$gather" -gt 0 ]; then
 	# --gather-holes: the frames stay empty in the aged L1, nothing is
 	# added at L0, and the moved L2's stopped QEMU is kept there (its
