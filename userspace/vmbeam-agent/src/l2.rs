@@ -212,16 +212,33 @@ impl L2 {
 
     /// Stops the L2 and saves its CPU and device state (no RAM).
     pub fn save(&mut self, cfg: &Config) -> Result<Saved> {
+        let stopped = self.begin_save(cfg)?;
+        self.finish_save(cfg, stopped)
+    }
+
+    /// Stops the L2 and starts QEMU's save of its state (QEMU's migration
+    /// thread writes it); [`Self::finish_save`] collects it. Saves begun on
+    /// several L2s run at once. Returns when it stopped.
+    pub fn begin_save(&mut self, cfg: &Config) -> Result<Instant> {
         if self.state != AgentL2State::Running {
             bail!("L2 {} is {:?}, not running", self.name, self.state);
         }
-        let path = cfg.run_dir.join(format!("{}.state", self.name));
         self.qmp.execute("stop", json!({}))?;
         let stopped = Instant::now();
         self.state = AgentL2State::Saved;
+        let uri = format!("exec:cat > {}", self.state_path(cfg).display());
+        if let Err(e) = self.qmp.execute("migrate", json!({"uri": uri})) {
+            let _ = self.resume();
+            return Err(anyhow::Error::from(e).context(format!("saving L2 {} (resumed)", self.name)));
+        }
+        Ok(stopped)
+    }
+
+    /// Waits for the save [`Self::begin_save`] started; resumes the L2 if
+    /// it failed.
+    pub fn finish_save(&mut self, cfg: &Config, stopped: Instant) -> Result<Saved> {
+        let path = self.state_path(cfg);
         let saved = (|| {
-            let uri = format!("exec:cat > {}", path.display());
-            self.qmp.execute("migrate", json!({"uri": uri}))?;
             self.qmp.wait_migration(cfg.timeout)?;
             let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
             let _ = std::fs::remove_file(&path);
@@ -243,6 +260,10 @@ impl L2 {
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
         })
+    }
+
+    fn state_path(&self, cfg: &Config) -> PathBuf {
+        cfg.run_dir.join(format!("{}.state", self.name))
     }
 
     /// Which L1 frames hold the RAM of this stopped L2 on ordinary memory,
@@ -275,13 +296,23 @@ impl L2 {
         Ok(())
     }
 
-    /// Loads a saved state into an L2 started with `incoming` and runs it.
-    pub fn restore(&mut self, cfg: &Config, state: &str) -> Result<()> {
+    /// Starts loading a saved state into an L2 started with `incoming`
+    /// (QEMU loads it in the background); [`Self::finish_restore`] runs it.
+    pub fn begin_restore(&mut self, cfg: &Config, state: &str) -> Result<()> {
         let bytes = STANDARD.decode(state).context("the state is not base64")?;
-        let path = cfg.run_dir.join(format!("{}.incoming", self.name));
+        let path = self.incoming_path(cfg);
         std::fs::write(&path, &bytes)?;
+        let uri = format!("exec:cat {}", path.display());
+        self.qmp.execute("migrate-incoming", json!({"uri": uri})).map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            anyhow::Error::from(e).context(format!("restoring L2 {}", self.name))
+        })?;
+        Ok(())
+    }
+
+    /// Waits for the load [`Self::begin_restore`] started, then resumes.
+    pub fn finish_restore(&mut self, cfg: &Config) -> Result<()> {
         let loaded = (|| {
-            self.qmp.execute("migrate-incoming", json!({"uri": format!("exec:cat {}", path.display())}))?;
             self.qmp.wait_migration(cfg.timeout)?;
             self.qmp.execute("cont", json!({}))?;
             anyhow::Ok(())
@@ -289,8 +320,12 @@ impl L2 {
         if loaded.is_ok() {
             self.state = AgentL2State::Running;
         }
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(self.incoming_path(cfg));
         loaded.with_context(|| format!("restoring L2 {}", self.name))
+    }
+
+    fn incoming_path(&self, cfg: &Config) -> PathBuf {
+        cfg.run_dir.join(format!("{}.incoming", self.name))
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).

@@ -21,8 +21,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, PrepareL2, RestoreL2, Restored, StartL2,
-        AGENT_COMMANDS, AGENT_SERVICE,
+        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, Names, PrepareL2, RestoreL2, RestoreL2s, Restored,
+        Saved, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
     },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
@@ -172,6 +172,14 @@ impl Agent {
                 let cfg = self.cfg.clone();
                 self.l2(&a.name)?.save(&cfg).map(|s| json!(s)).map_err(generic)
             }
+            "save-l2s" => {
+                let a: Names = args(req)?;
+                self.save_many(&a.names).map(|s| json!(s)).map_err(generic)
+            }
+            "restore-l2s" => {
+                let a: RestoreL2s = args(req)?;
+                self.restore_many(&a.l2s).map(|r| json!(r)).map_err(generic)
+            }
             "query-l2-frames" => {
                 let a: Named = args(req)?;
                 self.l2(&a.name)?.frames().map(|f| json!(f)).map_err(generic)
@@ -308,24 +316,107 @@ impl Agent {
     }
 
     fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
-        let arrived = Instant::now();
-        let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window));
-        let mut l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
-            Some(l2) => l2,
-            None => {
-                let w = self.free_window(&a.name, a.window)?;
-                L2::start(&self.cfg, &a.name, &Ram::Window(w), true)?
+        let mut done = self.restore_many(std::slice::from_ref(a))?;
+        done.pop().ok_or_else(|| anyhow!("nothing restored"))
+    }
+
+    /// Stops every L2 named, then saves them all at once. All or nothing:
+    /// if one fails, the others run again.
+    fn save_many(&mut self, names: &[String]) -> Result<Vec<Saved>> {
+        for (i, name) in names.iter().enumerate() {
+            self.l2(name).map_err(|e| anyhow!(e.desc))?;
+            if names[..i].contains(name) {
+                bail!("`{name}` is named twice");
             }
-        };
-        let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
-        if let Err(e) = l2.restore(&self.cfg, &a.state) {
-            l2.kill();
-            return Err(e);
         }
-        let resumed_after_us = arrived.elapsed().as_micros() as u64;
-        let info = l2.info();
-        self.l2s.insert(a.name.clone(), l2);
-        Ok(Restored { l2: info, resumed_after_us, start_us })
+        let cfg = self.cfg.clone();
+        let mut failed = None;
+        let mut begun = Vec::new();
+        for name in names {
+            let Some(l2) = self.l2s.get_mut(name) else { continue };
+            match l2.begin_save(&cfg) {
+                Ok(stopped) => begun.push((name, stopped)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut saved = Vec::new();
+        for (name, stopped) in begun {
+            let Some(l2) = self.l2s.get_mut(name) else { continue };
+            match l2.finish_save(&cfg, stopped) {
+                Ok(s) => saved.push(s),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for s in &saved {
+                if let Some(l2) = self.l2s.get_mut(&s.name) {
+                    let _ = l2.resume();
+                }
+            }
+            return Err(e.context("no L2 stays stopped"));
+        }
+        Ok(saved)
+    }
+
+    /// Loads every state into its L2's receiving QEMU (the one `prepare-l2`
+    /// started, or a new one), all at once; each resumes as soon as its own
+    /// load is done. One that fails is killed; the others run.
+    fn restore_many(&mut self, list: &[RestoreL2]) -> Result<Vec<Restored>> {
+        let arrived = Instant::now();
+        for (i, a) in list.iter().enumerate() {
+            if list[..i].iter().any(|b| b.name == a.name || b.window == a.window) {
+                bail!("`{}` or window {} is named twice", a.name, a.window);
+            }
+        }
+        let cfg = self.cfg.clone();
+        let mut failed = None;
+        let mut begun = Vec::new();
+        for a in list {
+            let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window));
+            let l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
+                Some(l2) => Ok(l2),
+                None => {
+                    self.free_window(&a.name, a.window).and_then(|w| L2::start(&cfg, &a.name, &Ram::Window(w), true))
+                }
+            };
+            let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
+            match l2.and_then(|mut l2| match l2.begin_restore(&cfg, &a.state) {
+                Ok(()) => Ok(l2),
+                Err(e) => {
+                    l2.kill();
+                    Err(e)
+                }
+            }) {
+                Ok(l2) => begun.push((l2, start_us)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut done = Vec::new();
+        for (mut l2, start_us) in begun {
+            match l2.finish_restore(&cfg) {
+                Ok(()) => {
+                    let resumed_after_us = arrived.elapsed().as_micros() as u64;
+                    done.push(Restored { l2: l2.info(), resumed_after_us, start_us });
+                }
+                Err(e) => {
+                    l2.kill();
+                    failed.get_or_insert(e);
+                }
+            }
+            self.l2s.insert(l2.name.clone(), l2);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 }
 

@@ -11,12 +11,20 @@
 //! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
+//! | `save-l2s`     | [`Names`]        | `[`[`Saved`]`]`    |
 //! | `query-l2-frames` | [`Named`]     | [`L2Frames`]       |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
+//! | `restore-l2s`  | [`RestoreL2s`]   | `[`[`Restored`]`]` |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
 //! | `poweroff`     | –                | `{}` (then the L1 powers off) |
+//!
+//! `save-l2s` and `restore-l2s` do the same for several L2s at once: all
+//! stop first, then their QEMUs save at the same time (each in its own
+//! migration thread), so one L2's downtime does not hold another's; a
+//! restored L2 resumes as soon as its own state is loaded. `save-l2s` is
+//! all or nothing (the L2s it stopped run again if one save fails).
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -45,10 +53,12 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "query-vms",
     "start-l2",
     "save-l2",
+    "save-l2s",
     "query-l2-frames",
     "resume-l2",
     "prepare-l2",
     "restore-l2",
+    "restore-l2s",
     "kill-l2",
     "poweroff",
 ];
@@ -149,6 +159,11 @@ pub struct Named {
     pub name: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Names {
+    pub names: Vec<String>,
+}
+
 /// The saved L2: its device state, and when it stopped.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Saved {
@@ -177,6 +192,11 @@ pub struct RestoreL2 {
     pub name: String,
     pub window: u32,
     pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoreL2s {
+    pub l2s: Vec<RestoreL2>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

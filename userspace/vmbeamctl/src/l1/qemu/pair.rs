@@ -26,7 +26,10 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
-    agent::{AgentL2, AgentL2State, AgentStatus, L2Frames, Named, PrepareL2, RestoreL2, Restored, Saved, Workload},
+    agent::{
+        AgentL2, AgentL2State, AgentStatus, L2Frames, Named, Names, PrepareL2, RestoreL2, RestoreL2s, Restored, Saved,
+        Workload,
+    },
     Probe,
 };
 
@@ -272,13 +275,20 @@ impl Pair for QemuPair {
     }
 
     fn pause(&mut self, report: &mut Report) -> Result<()> {
+        // All stop at once and save side by side: one L2's save does not
+        // lengthen another's downtime.
+        let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
+        let saved: Vec<Saved> = self.aged.agent.call("save-l2s", names)?;
+        let arrived = monotonic_ns();
+        for s in saved {
+            let i = self.moves.iter().position(|m| m.name == s.name).context("save-l2s: an L2 not asked for")?;
+            let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
+            l.paused_at_ns = arrived.saturating_sub(s.stopped_us_ago * 1000);
+            l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
+            self.moves[i].saved = Some(s);
+        }
+        ensure!(self.moves.iter().all(|m| m.saved.is_some()), "save-l2s did not save every L2");
         for i in 0..self.moves.len() {
-            let name = self.moves[i].name.clone();
-            let saved: Saved = self.aged.agent.call("save-l2", Named { name: name.clone() })?;
-            let l = report.l2.iter_mut().find(|l| l.name == name).context("report row")?;
-            l.paused_at_ns = monotonic_ns().saturating_sub(saved.stopped_us_ago * 1000);
-            l.passes_at_pause = saved.workload.map_or(0, |w| u64::from(w.pass));
-            self.moves[i].saved = Some(saved);
             if self.moves[i].is_ordinary() {
                 self.locate(i, report)?;
             }
@@ -307,12 +317,15 @@ impl Pair for QemuPair {
     }
 
     fn receive(&mut self, report: &mut Report) -> Result<()> {
+        let mut l2s = Vec::new();
         for m in &self.moves {
             let saved = m.saved.as_ref().ok_or_else(|| anyhow!("{}: not saved", m.name))?;
-            let asked = monotonic_ns();
-            let args = RestoreL2 { name: m.name.clone(), window: m.to, state: saved.state.clone() };
-            let r: Restored = self.clean.agent.call("restore-l2", args)?;
-            if let Some(l) = report.l2.iter_mut().find(|l| l.name == m.name) {
+            l2s.push(RestoreL2 { name: m.name.clone(), window: m.to, state: saved.state.clone() });
+        }
+        let asked = monotonic_ns();
+        let restored: Vec<Restored> = self.clean.agent.call("restore-l2s", RestoreL2s { l2s })?;
+        for r in restored {
+            if let Some(l) = report.l2.iter_mut().find(|l| l.name == r.l2.name) {
                 l.resumed_at_ns = Some(asked + r.resumed_after_us * 1000);
                 l.restore_ms = Some(r.resumed_after_us as f64 / 1e3);
             }
