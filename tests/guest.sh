@@ -32,12 +32,15 @@ run_selftest() { # name [args...]
 }
 
 run_selftest_cmd() { # name command [args...]
-	local name=$1 out rc
+	local name=$1 out rc log
 	shift
 	echo "# selftests: vmbeam: $name"
-	out=$(VMBEAM_KO=$ko "$@" 2>&1)
-	rc=$?
-	sed 's/^/# /' <<<"$out"
+	# Printed as it comes: a run that stalls (TCG) shows how far it got.
+	log=$(mktemp)
+	VMBEAM_KO=$ko "$@" 2>&1 | tee "$log" | sed -u 's/^/# /'
+	rc=${PIPESTATUS[0]}
+	out=$(cat "$log")
+	rm -f "$log"
 	passed=$((passed + $(grep -cE '^ok [0-9]+ [^#]*$' <<<"$out")))
 	failed=$((failed + $(grep -cE '^not ok ' <<<"$out")))
 	skipped=$((skipped + $(grep -cE '^ok [0-9]+ .*# SKIP' <<<"$out")))
