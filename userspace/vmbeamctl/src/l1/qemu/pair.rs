@@ -186,11 +186,18 @@ impl Pair for QemuPair {
         );
         let vms: Vec<AgentL2> = self.aged.agent.call("query-vms", ())?;
         let clean_status: AgentStatus = self.clean.agent.call("query-status", ())?;
+        // An L2 on the clean L1 under a moving L2's name is refused, so that
+        // any clean L2 of that name a rollback or the witness stops is the
+        // one this migration started.
+        let clean_vms: Vec<AgentL2> = self.clean.agent.call("query-vms", ())?;
         let mut taken: Vec<u32> = clean_status.windows.iter().filter(|w| w.l2.is_some()).map(|w| w.index).collect();
         for vm in vms {
             if vm.state != AgentL2State::Running {
                 report.skipped.push(format!("{} ({:?})", vm.name, vm.state));
                 continue;
+            }
+            if clean_vms.iter().any(|c| c.name == vm.name && c.state != AgentL2State::Exited) {
+                bail!("{}: {} has an L2 of that name already", vm.name, self.clean.name);
             }
             if vm.window.is_none() && self.aged.ram.is_none() {
                 report.skipped.push(format!(
@@ -436,8 +443,9 @@ impl Pair for QemuPair {
     }
 
     fn resume_aged(&mut self, report: &mut Report) -> Result<usize> {
-        for m in self.moves.iter().filter(|m| m.saved.is_some()) {
-            // A restore that failed half-way may have left a QEMU there.
+        for m in &self.moves {
+            // Its receiving QEMU (prepare), or what a restore that failed
+            // half-way left there (plan made sure the name is ours).
             let _ = self.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() });
         }
         let mut resumed = 0;
