@@ -83,6 +83,18 @@ pub struct L2 {
     /// The workload as the last save left it: a saved L2's RAM may have
     /// left this L1 at L0, and touching it then would kill the L1.
     saved_workload: Option<Workload>,
+    /// A save or a load QEMU is doing in the background.
+    pending: Option<Pending>,
+}
+
+/// What an L2's QEMU is doing in the background, begun by `save-l2s` or
+/// `load-l2`, until `save-l2` or `restore-l2s` collects it.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// Saving its state since it stopped at this instant.
+    Save(Instant),
+    /// Loading a state; its QEMU took this long to start (0: prepared).
+    Load { start_us: u64 },
 }
 
 impl L2 {
@@ -148,6 +160,7 @@ impl L2 {
             state: AgentL2State::Running,
             detail: None,
             saved_workload: None,
+            pending: None,
         };
         if incoming {
             l2.state = AgentL2State::Incoming;
@@ -210,15 +223,19 @@ impl L2 {
         }
     }
 
-    /// Stops the L2 and saves its CPU and device state (no RAM).
+    /// Stops the L2 and saves its CPU and device state (no RAM); or, after
+    /// [`Self::begin_save`], waits for that save.
     pub fn save(&mut self, cfg: &Config) -> Result<Saved> {
-        let stopped = self.begin_save(cfg)?;
+        let stopped = match self.pending.take() {
+            Some(Pending::Save(stopped)) => stopped,
+            _ => self.begin_save(cfg)?,
+        };
         self.finish_save(cfg, stopped)
     }
 
     /// Stops the L2 and starts QEMU's save of its state (QEMU's migration
-    /// thread writes it); [`Self::finish_save`] collects it. Saves begun on
-    /// several L2s run at once. Returns when it stopped.
+    /// thread writes it) without waiting: saves begun on several L2s run
+    /// at once, and [`Self::save`] collects each.
     pub fn begin_save(&mut self, cfg: &Config) -> Result<Instant> {
         if self.state != AgentL2State::Running {
             bail!("L2 {} is {:?}, not running", self.name, self.state);
@@ -231,12 +248,13 @@ impl L2 {
             let _ = self.resume();
             return Err(anyhow::Error::from(e).context(format!("saving L2 {} (resumed)", self.name)));
         }
+        self.pending = Some(Pending::Save(stopped));
         Ok(stopped)
     }
 
-    /// Waits for the save [`Self::begin_save`] started; resumes the L2 if
-    /// it failed.
-    pub fn finish_save(&mut self, cfg: &Config, stopped: Instant) -> Result<Saved> {
+    /// Waits for the save begun at `stopped`; resumes the L2 if it failed.
+    fn finish_save(&mut self, cfg: &Config, stopped: Instant) -> Result<Saved> {
+        self.pending = None;
         let path = self.state_path(cfg);
         let saved = (|| {
             self.qmp.wait_migration(cfg.timeout)?;
@@ -291,14 +309,19 @@ impl L2 {
         if self.state == AgentL2State::Exited {
             bail!("L2 {}: its QEMU has exited", self.name);
         }
+        if let Some(Pending::Save(_)) = self.pending.take() {
+            // A save nobody collected: let it end before the L2 runs again.
+            let _ = self.qmp.wait_migration(Duration::from_secs(60));
+        }
         self.qmp.execute("cont", json!({}))?;
         self.state = AgentL2State::Running;
         Ok(())
     }
 
     /// Starts loading a saved state into an L2 started with `incoming`
-    /// (QEMU loads it in the background); [`Self::finish_restore`] runs it.
-    pub fn begin_restore(&mut self, cfg: &Config, state: &str) -> Result<()> {
+    /// (QEMU loads it in the background; its QEMU took `start_us` to
+    /// start); [`Self::finish_restore`] runs it.
+    pub fn begin_restore(&mut self, cfg: &Config, state: &str, start_us: u64) -> Result<()> {
         let bytes = STANDARD.decode(state).context("the state is not base64")?;
         let path = self.incoming_path(cfg);
         std::fs::write(&path, &bytes)?;
@@ -307,11 +330,21 @@ impl L2 {
             let _ = std::fs::remove_file(&path);
             anyhow::Error::from(e).context(format!("restoring L2 {}", self.name))
         })?;
+        self.pending = Some(Pending::Load { start_us });
         Ok(())
     }
 
+    /// Whether a load begun by [`Self::begin_restore`] waits to be finished.
+    pub fn is_loading(&self) -> bool {
+        matches!(self.pending, Some(Pending::Load { .. }))
+    }
+
     /// Waits for the load [`Self::begin_restore`] started, then resumes.
-    pub fn finish_restore(&mut self, cfg: &Config) -> Result<()> {
+    /// Returns how long its QEMU took to start.
+    pub fn finish_restore(&mut self, cfg: &Config) -> Result<u64> {
+        let Some(Pending::Load { start_us }) = self.pending.take() else {
+            bail!("L2 {} has no state loading (load-l2)", self.name);
+        };
         let loaded = (|| {
             self.qmp.wait_migration(cfg.timeout)?;
             self.qmp.execute("cont", json!({}))?;
@@ -321,7 +354,8 @@ impl L2 {
             self.state = AgentL2State::Running;
         }
         let _ = std::fs::remove_file(self.incoming_path(cfg));
-        loaded.with_context(|| format!("restoring L2 {}", self.name))
+        loaded.with_context(|| format!("restoring L2 {}", self.name))?;
+        Ok(start_us)
     }
 
     fn incoming_path(&self, cfg: &Config) -> PathBuf {

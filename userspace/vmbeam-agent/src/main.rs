@@ -21,8 +21,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, Names, PrepareL2, RestoreL2, RestoreL2s, Restored,
-        Saved, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
+        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, Names, PrepareL2, RestoreL2, Restored, StartL2,
+        AGENT_COMMANDS, AGENT_SERVICE,
     },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
@@ -174,11 +174,15 @@ impl Agent {
             }
             "save-l2s" => {
                 let a: Names = args(req)?;
-                self.save_many(&a.names).map(|s| json!(s)).map_err(generic)
+                self.begin_saves(&a.names).map(|s| json!(s)).map_err(generic)
+            }
+            "load-l2" => {
+                let a: RestoreL2 = args(req)?;
+                self.load(&a).map(|i| json!(i)).map_err(generic)
             }
             "restore-l2s" => {
-                let a: RestoreL2s = args(req)?;
-                self.restore_many(&a.l2s).map(|r| json!(r)).map_err(generic)
+                let a: Names = args(req)?;
+                self.resume_loaded(&a.names).map(|r| json!(r)).map_err(generic)
             }
             "query-l2-frames" => {
                 let a: Named = args(req)?;
@@ -316,93 +320,77 @@ impl Agent {
     }
 
     fn restore(&mut self, a: &RestoreL2) -> Result<Restored> {
-        let mut done = self.restore_many(std::slice::from_ref(a))?;
+        self.load(a)?;
+        let mut done = self.resume_loaded(std::slice::from_ref(&a.name))?;
         done.pop().ok_or_else(|| anyhow!("nothing restored"))
     }
 
-    /// Stops every L2 named, then saves them all at once. All or nothing:
-    /// if one fails, the others run again.
-    fn save_many(&mut self, names: &[String]) -> Result<Vec<Saved>> {
+    /// Every name is an L2 here, once.
+    fn check_names(&mut self, names: &[String]) -> Result<()> {
         for (i, name) in names.iter().enumerate() {
             self.l2(name).map_err(|e| anyhow!(e.desc))?;
             if names[..i].contains(name) {
                 bail!("`{name}` is named twice");
             }
         }
-        let cfg = self.cfg.clone();
-        let mut failed = None;
-        let mut begun = Vec::new();
-        for name in names {
-            let Some(l2) = self.l2s.get_mut(name) else { continue };
-            match l2.begin_save(&cfg) {
-                Ok(stopped) => begun.push((name, stopped)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let mut saved = Vec::new();
-        for (name, stopped) in begun {
-            let Some(l2) = self.l2s.get_mut(name) else { continue };
-            match l2.finish_save(&cfg, stopped) {
-                Ok(s) => saved.push(s),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(e) = failed {
-            for s in &saved {
-                if let Some(l2) = self.l2s.get_mut(&s.name) {
-                    let _ = l2.resume();
-                }
-            }
-            return Err(e.context("no L2 stays stopped"));
-        }
-        Ok(saved)
+        Ok(())
     }
 
-    /// Loads every state into its L2's receiving QEMU (the one `prepare-l2`
-    /// started, or a new one), all at once; each resumes as soon as its own
-    /// load is done. One that fails is killed; the others run.
-    fn restore_many(&mut self, list: &[RestoreL2]) -> Result<Vec<Restored>> {
-        let arrived = Instant::now();
-        for (i, a) in list.iter().enumerate() {
-            if list[..i].iter().any(|b| b.name == a.name || b.window == a.window) {
-                bail!("`{}` or window {} is named twice", a.name, a.window);
-            }
-        }
+    /// Stops every L2 named, then lets their QEMUs save side by side;
+    /// `save-l2` collects each state. All or nothing: if one cannot begin,
+    /// the others run again.
+    fn begin_saves(&mut self, names: &[String]) -> Result<Vec<AgentL2>> {
+        self.check_names(names)?;
         let cfg = self.cfg.clone();
-        let mut failed = None;
-        let mut begun = Vec::new();
-        for a in list {
-            let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window));
-            let l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
-                Some(l2) => Ok(l2),
-                None => {
-                    self.free_window(&a.name, a.window).and_then(|w| L2::start(&cfg, &a.name, &Ram::Window(w), true))
+        for (i, name) in names.iter().enumerate() {
+            let Some(l2) = self.l2s.get_mut(name) else { continue };
+            if let Err(e) = l2.begin_save(&cfg) {
+                for begun in &names[..i] {
+                    if let Some(l2) = self.l2s.get_mut(begun) {
+                        let _ = l2.resume();
+                    }
                 }
-            };
-            let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
-            match l2.and_then(|mut l2| match l2.begin_restore(&cfg, &a.state) {
-                Ok(()) => Ok(l2),
-                Err(e) => {
-                    l2.kill();
-                    Err(e)
-                }
-            }) {
-                Ok(l2) => begun.push((l2, start_us)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+                return Err(e.context("no L2 stays stopped"));
             }
         }
+        Ok(names.iter().filter_map(|n| self.l2s.get_mut(n).map(L2::info)).collect())
+    }
+
+    /// Starts loading a state into its L2's receiving QEMU (the one
+    /// `prepare-l2` started, or a new one) and returns: states load side
+    /// by side, `restore-l2s` resumes them.
+    fn load(&mut self, a: &RestoreL2) -> Result<AgentL2> {
+        let arrived = Instant::now();
+        let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window) && !l.is_loading());
+        let mut l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
+            Some(l2) => l2,
+            None => {
+                let w = self.free_window(&a.name, a.window)?;
+                L2::start(&self.cfg, &a.name, &Ram::Window(w), true)?
+            }
+        };
+        let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
+        let begun = l2.begin_restore(&self.cfg, &a.state, start_us);
+        if begun.is_err() {
+            l2.kill();
+        }
+        let info = l2.info();
+        self.l2s.insert(a.name.clone(), l2);
+        begun.map(|()| info)
+    }
+
+    /// Resumes every L2 named as soon as its own state has loaded. One that
+    /// fails is killed; the others run.
+    fn resume_loaded(&mut self, names: &[String]) -> Result<Vec<Restored>> {
+        let arrived = Instant::now();
+        self.check_names(names)?;
+        let cfg = self.cfg.clone();
         let mut done = Vec::new();
-        for (mut l2, start_us) in begun {
+        let mut failed = None;
+        for name in names {
+            let Some(l2) = self.l2s.get_mut(name) else { continue };
             match l2.finish_restore(&cfg) {
-                Ok(()) => {
+                Ok(start_us) => {
                     let resumed_after_us = arrived.elapsed().as_micros() as u64;
                     done.push(Restored { l2: l2.info(), resumed_after_us, start_us });
                 }
@@ -411,7 +399,6 @@ impl Agent {
                     failed.get_or_insert(e);
                 }
             }
-            self.l2s.insert(l2.name.clone(), l2);
         }
         match failed {
             Some(e) => Err(e),

@@ -11,20 +11,23 @@
 //! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
-//! | `save-l2s`     | [`Names`]        | `[`[`Saved`]`]`    |
+//! | `save-l2s`     | [`Names`]        | `[`[`AgentL2`]`]`  |
 //! | `query-l2-frames` | [`Named`]     | [`L2Frames`]       |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
-//! | `restore-l2s`  | [`RestoreL2s`]   | `[`[`Restored`]`]` |
+//! | `load-l2`      | [`RestoreL2`]    | [`AgentL2`]        |
+//! | `restore-l2s`  | [`Names`]        | `[`[`Restored`]`]` |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
 //! | `poweroff`     | –                | `{}` (then the L1 powers off) |
 //!
-//! `save-l2s` and `restore-l2s` do the same for several L2s at once: all
-//! stop first, then their QEMUs save at the same time (each in its own
-//! migration thread), so one L2's downtime does not hold another's; a
-//! restored L2 resumes as soon as its own state is loaded. `save-l2s` is
-//! all or nothing (the L2s it stopped run again if one save fails).
+//! Several L2s move side by side, so that one's downtime does not hold
+//! another's: `save-l2s` stops them all, then their QEMUs save at the
+//! same time (each in its own migration thread), and `save-l2` collects
+//! each state (all or nothing: if one cannot begin, the others run
+//! again); `load-l2` starts loading one state and returns, and
+//! `restore-l2s` resumes each as soon as its own has loaded. Every message
+//! carries at most one state (a line is at most `MAX_LINE` bytes).
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -58,6 +61,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "resume-l2",
     "prepare-l2",
     "restore-l2",
+    "load-l2",
     "restore-l2s",
     "kill-l2",
     "poweroff",
@@ -192,11 +196,6 @@ pub struct RestoreL2 {
     pub name: String,
     pub window: u32,
     pub state: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RestoreL2s {
-    pub l2s: Vec<RestoreL2>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -27,8 +27,7 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, L2Frames, Named, Names, PrepareL2, RestoreL2, RestoreL2s, Restored, Saved,
-        Workload,
+        AgentL2, AgentL2State, AgentStatus, L2Frames, Named, Names, PrepareL2, RestoreL2, Restored, Saved, Workload,
     },
     Probe,
 };
@@ -285,12 +284,11 @@ impl Pair for QemuPair {
         // All stop at once and save side by side: one L2's save does not
         // lengthen another's downtime.
         let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
-        let saved: Vec<Saved> = self.aged.agent.call("save-l2s", names)?;
-        let arrived = monotonic_ns();
-        for s in saved {
-            let i = self.moves.iter().position(|m| m.name == s.name).context("save-l2s: an L2 not asked for")?;
+        self.aged.agent.call::<Vec<AgentL2>>("save-l2s", names)?;
+        for i in 0..self.moves.len() {
+            let s: Saved = self.aged.agent.call("save-l2", Named { name: self.moves[i].name.clone() })?;
             let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
-            l.paused_at_ns = arrived.saturating_sub(s.stopped_us_ago * 1000);
+            l.paused_at_ns = monotonic_ns().saturating_sub(s.stopped_us_ago * 1000);
             l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
             self.moves[i].saved = Some(s);
         }
@@ -324,13 +322,15 @@ impl Pair for QemuPair {
     }
 
     fn receive(&mut self, report: &mut Report) -> Result<()> {
-        let mut l2s = Vec::new();
+        // Every state starts loading, then each L2 resumes once its own has.
         for m in &self.moves {
             let saved = m.saved.as_ref().ok_or_else(|| anyhow!("{}: not saved", m.name))?;
-            l2s.push(RestoreL2 { name: m.name.clone(), window: m.to, state: saved.state.clone() });
+            let args = RestoreL2 { name: m.name.clone(), window: m.to, state: saved.state.clone() };
+            self.clean.agent.call::<AgentL2>("load-l2", args)?;
         }
+        let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
         let asked = monotonic_ns();
-        let restored: Vec<Restored> = self.clean.agent.call("restore-l2s", RestoreL2s { l2s })?;
+        let restored: Vec<Restored> = self.clean.agent.call("restore-l2s", names)?;
         for r in restored {
             if let Some(l) = report.l2.iter_mut().find(|l| l.name == r.l2.name) {
                 l.resumed_at_ns = Some(asked + r.resumed_after_us * 1000);
@@ -448,9 +448,13 @@ impl Pair for QemuPair {
             // half-way left there (plan made sure the name is ours).
             let _ = self.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() });
         }
+        // Every L2 the aged agent holds stopped, whether or not its save's
+        // reply reached us (a timeout, a reply too long).
+        let aged_vms: Vec<AgentL2> = self.aged.agent.call("query-vms", ())?;
+        let stopped = |name: &str| aged_vms.iter().any(|v| v.name == name && v.state == AgentL2State::Saved);
         let mut resumed = 0;
         let mut trouble = Vec::new();
-        for m in self.moves.iter().filter(|m| m.saved.is_some()) {
+        for m in self.moves.iter().filter(|m| stopped(&m.name)) {
             if m.gathered {
                 trouble.push(format!("{}: its pages are on {}", m.name, self.clean.name));
                 continue;
