@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use base64::{engine::general_purpose::STANDARD, Engine};
 use serde_json::json;
 use vmbeam::{
     control::agent::{AgentL2, AgentL2State, L2Frames, Saved, Workload},
@@ -273,7 +272,7 @@ impl L2 {
         Ok(Saved {
             name: self.name.clone(),
             window: self.ram.window_index(),
-            state: STANDARD.encode(&bytes),
+            state: crate::state::encode(&bytes)?,
             state_bytes: bytes.len() as u64,
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
@@ -322,7 +321,7 @@ impl L2 {
     /// (QEMU loads it in the background; its QEMU took `start_us` to
     /// start); [`Self::finish_restore`] runs it.
     pub fn begin_restore(&mut self, cfg: &Config, state: &str, start_us: u64) -> Result<()> {
-        let bytes = STANDARD.decode(state).context("the state is not base64")?;
+        let bytes = crate::state::decode(state)?;
         let path = self.incoming_path(cfg);
         std::fs::write(&path, &bytes)?;
         let uri = format!("exec:cat {}", path.display());

@@ -31,6 +31,7 @@ mod header;
 mod l2;
 mod port;
 mod ram;
+mod state;
 mod window;
 
 use l2::{Config, Ram, L2};

@@ -173,8 +173,10 @@ pub struct Names {
 pub struct Saved {
     pub name: String,
     pub window: Option<u32>,
-    /// QEMU's migration stream (CPU and devices, no RAM), base64.
+    /// QEMU's migration stream (CPU and devices, no RAM), gzip, base64
+    /// (a plain stream in base64 is read too).
     pub state: String,
+    /// The stream's own size (before gzip).
     pub state_bytes: u64,
     /// Microseconds from the L2's stop to this reply leaving the agent:
     /// L0 subtracts it from the reply's arrival to place the stop on its
