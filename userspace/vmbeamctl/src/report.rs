@@ -73,8 +73,13 @@ pub struct L2Report {
     pub paused_at_ns: u64,
     pub resumed_at_ns: Option<u64>,
     pub downtime_ms: Option<f64>,
-    /// Real L1s: of the downtime, the clean agent's restore (the state
-    /// loaded into the QEMU prepared ahead, and `cont`).
+    /// Real L1s: of the downtime, the aged agent's save (from the L2's
+    /// stop to its state's reply leaving the agent, the saves of all L2s
+    /// side by side)...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_ms: Option<f64>,
+    /// ... and the clean agent's restore (from its `restore-l2s` request
+    /// to this L2's `cont`; the states were sent before, with `load-l2`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<f64>,
     pub passes_at_pause: u64,
@@ -248,6 +253,15 @@ fn print_text(r: &Report) {
         let phases: Vec<String> =
             r.phases_ms.iter().map(|(s, t)| format!("{} {t:.1}", format!("{s:?}").to_lowercase())).collect();
         println!("  steps (ms): {}", phases.join(", "));
+    }
+    // Real L1s: where each L2's downtime went, as its agents timed it.
+    let split: Vec<String> = r
+        .l2
+        .iter()
+        .filter_map(|l| Some(format!("{} save {:.0} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?)))
+        .collect();
+    if !split.is_empty() {
+        println!("  downtime (ms, the agents' clocks): {}", split.join("; "));
     }
     let probed: Vec<&Probe> = r.l2.iter().filter_map(|l| l.old_owner.as_ref()).collect();
     if !probed.is_empty() {
