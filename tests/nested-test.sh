@@ -265,13 +265,13 @@ aged0=$(pages_at_l0 $src 0)
 if [ "$after" -gt "$before" ] && [ "$aged0" = 0 ] && [ "$(pass_of $src vm0)" = -1 ]; then
 	ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing"
 else
-	not_ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing" "pass $before -> $after; aged window 0 has $aged0 pages"
+	not_ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing" "pass $before -> $after; window 0 of $src has $aged0 pages" "$dst console: $(tail -5 "$dir/$dst.console" 2>/dev/null)"
 fi
 
 # A malformed message to an agent gets an error object; the agent goes on.
 reply=$(python3 - "$dir/$dst.agent" <<'EOF'
 import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb")
+s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1]); f = s.makefile("rwb")
 f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()
 for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"execute": "save-l2", "arguments": {"nam": 1}}\n', b'{"execute": "query-commands"}\n'):
     f.write(line); f.flush(); print(json.loads(f.readline()))
