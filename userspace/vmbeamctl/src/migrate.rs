@@ -16,8 +16,10 @@
 //!
 //! If vmbeamctl itself dies, the L1s settle without it: the lab L1 that
 //! owns an L2's region runs it (the aged one resumes what it still owns,
-//! the clean one starts what it staged and now owns), so the transfer is
-//! the one commit point and no single death leaves an L2 without a
+//! the clean one starts what it staged and now owns); real L1s cannot ask
+//! the module, so a witness process at L0 reads it for them and settles
+//! each L2 from a journal (`l1::qemu::journal`). Either way the memory
+//! move is the one commit point and no single death leaves an L2 without a
 //! hypervisor (README, "Kill points").
 //!
 //! Downtime of an L2 is measured, not estimated: from the moment it
