@@ -22,7 +22,7 @@ use vmbeam::{
 };
 
 use crate::{
-    ram,
+    ram, stream,
     window::{self, Window},
 };
 
@@ -88,12 +88,12 @@ pub struct L2 {
 
 /// What an L2's QEMU is doing in the background, begun by `save-l2s` or
 /// `load-l2`, until `save-l2` or `restore-l2s` collects it.
-#[derive(Debug, Clone, Copy)]
 enum Pending {
-    /// Saving its state since it stopped at this instant.
-    Save(Instant),
-    /// Loading a state; its QEMU took this long to start (0: prepared).
-    Load { start_us: u64 },
+    /// Saving its state into `out` since it stopped at `stopped`.
+    Save { stopped: Instant, out: stream::Outgoing },
+    /// Loading a state from `into`; its QEMU took `start_us` to start (0:
+    /// prepared).
+    Load { start_us: u64, into: stream::Incoming },
 }
 
 impl L2 {
@@ -225,42 +225,43 @@ impl L2 {
     /// Stops the L2 and saves its CPU and device state (no RAM); or, after
     /// [`Self::begin_save`], waits for that save.
     pub fn save(&mut self, cfg: &Config) -> Result<Saved> {
-        let stopped = match self.pending.take() {
-            Some(Pending::Save(stopped)) => stopped,
-            _ => self.begin_save(cfg)?,
-        };
-        self.finish_save(cfg, stopped)
+        if !matches!(self.pending, Some(Pending::Save { .. })) {
+            self.begin_save(cfg)?;
+        }
+        self.finish_save(cfg)
     }
 
     /// Stops the L2 and starts QEMU's save of its state (QEMU's migration
-    /// thread writes it) without waiting: saves begun on several L2s run
-    /// at once, and [`Self::save`] collects each.
-    pub fn begin_save(&mut self, cfg: &Config) -> Result<Instant> {
+    /// thread sends it, a thread of ours reads it) without waiting: saves
+    /// begun on several L2s run at once, and [`Self::save`] collects each.
+    pub fn begin_save(&mut self, cfg: &Config) -> Result<()> {
         if self.state != AgentL2State::Running {
             bail!("L2 {} is {:?}, not running", self.name, self.state);
         }
+        let out = stream::Outgoing::listen(cfg.run_dir.join(format!("{}.out.sock", self.name)))?;
         self.qmp.execute("stop", json!({}))?;
         let stopped = Instant::now();
         self.state = AgentL2State::Saved;
-        let uri = format!("exec:cat > {}", self.state_path(cfg).display());
-        if let Err(e) = self.qmp.execute("migrate", json!({"uri": uri})) {
+        if let Err(e) = self.qmp.execute("migrate", json!({"uri": out.uri()})) {
+            let _ = out.collect(false);
             let _ = self.resume();
             return Err(anyhow::Error::from(e).context(format!("saving L2 {} (resumed)", self.name)));
         }
-        self.pending = Some(Pending::Save(stopped));
-        Ok(stopped)
+        self.pending = Some(Pending::Save { stopped, out });
+        Ok(())
     }
 
-    /// Waits for the save begun at `stopped`; resumes the L2 if it failed.
-    fn finish_save(&mut self, cfg: &Config, stopped: Instant) -> Result<Saved> {
-        self.pending = None;
-        let path = self.state_path(cfg);
-        let saved = (|| {
-            self.qmp.wait_migration(cfg.timeout)?;
-            let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
-            let _ = std::fs::remove_file(&path);
+    /// Waits for the save [`Self::begin_save`] started; resumes the L2 if
+    /// it failed.
+    fn finish_save(&mut self, cfg: &Config) -> Result<Saved> {
+        let Some(Pending::Save { stopped, out }) = self.pending.take() else {
+            bail!("L2 {} has no save under way", self.name);
+        };
+        let migrated = self.qmp.wait_migration(cfg.timeout);
+        let saved = out.collect(migrated.is_ok()).and_then(|bytes| {
+            migrated?;
             anyhow::Ok(bytes)
-        })();
+        });
         let bytes = match saved {
             Ok(b) => b,
             Err(e) => {
@@ -277,10 +278,6 @@ impl L2 {
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
         })
-    }
-
-    fn state_path(&self, cfg: &Config) -> PathBuf {
-        cfg.run_dir.join(format!("{}.state", self.name))
     }
 
     /// Which L1 frames hold the RAM of this stopped L2 on ordinary memory,
@@ -308,9 +305,10 @@ impl L2 {
         if self.state == AgentL2State::Exited {
             bail!("L2 {}: its QEMU has exited", self.name);
         }
-        if let Some(Pending::Save(_)) = self.pending.take() {
+        if let Some(Pending::Save { out, .. }) = self.pending.take() {
             // A save nobody collected: let it end before the L2 runs again.
-            let _ = self.qmp.wait_migration(Duration::from_secs(60));
+            let migrated = self.qmp.wait_migration(Duration::from_secs(60));
+            let _ = out.collect(migrated.is_ok());
         }
         self.qmp.execute("cont", json!({}))?;
         self.state = AgentL2State::Running;
@@ -322,14 +320,14 @@ impl L2 {
     /// start); [`Self::finish_restore`] runs it.
     pub fn begin_restore(&mut self, cfg: &Config, state: &str, start_us: u64) -> Result<()> {
         let bytes = crate::state::decode(state)?;
-        let path = self.incoming_path(cfg);
-        std::fs::write(&path, &bytes)?;
-        let uri = format!("exec:cat {}", path.display());
-        self.qmp.execute("migrate-incoming", json!({"uri": uri})).map_err(|e| {
-            let _ = std::fs::remove_file(&path);
-            anyhow::Error::from(e).context(format!("restoring L2 {}", self.name))
-        })?;
-        self.pending = Some(Pending::Load { start_us });
+        let path = cfg.run_dir.join(format!("{}.in.sock", self.name));
+        let _ = std::fs::remove_file(&path);
+        // QEMU listens once the command returns.
+        self.qmp
+            .execute("migrate-incoming", json!({"uri": stream::Incoming::uri(&path)}))
+            .with_context(|| format!("restoring L2 {}", self.name))?;
+        let into = stream::Incoming::send(path, bytes);
+        self.pending = Some(Pending::Load { start_us, into });
         Ok(())
     }
 
@@ -341,24 +339,19 @@ impl L2 {
     /// Waits for the load [`Self::begin_restore`] started, then resumes.
     /// Returns how long its QEMU took to start.
     pub fn finish_restore(&mut self, cfg: &Config) -> Result<u64> {
-        let Some(Pending::Load { start_us }) = self.pending.take() else {
+        let Some(Pending::Load { start_us, into }) = self.pending.take() else {
             bail!("L2 {} has no state loading (load-l2)", self.name);
         };
         let loaded = (|| {
             self.qmp.wait_migration(cfg.timeout)?;
+            into.finish()?;
             self.qmp.execute("cont", json!({}))?;
             anyhow::Ok(())
         })();
-        if loaded.is_ok() {
-            self.state = AgentL2State::Running;
-        }
-        let _ = std::fs::remove_file(self.incoming_path(cfg));
+        let _ = std::fs::remove_file(cfg.run_dir.join(format!("{}.in.sock", self.name)));
         loaded.with_context(|| format!("restoring L2 {}", self.name))?;
+        self.state = AgentL2State::Running;
         Ok(start_us)
-    }
-
-    fn incoming_path(&self, cfg: &Config) -> PathBuf {
-        cfg.run_dir.join(format!("{}.incoming", self.name))
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).

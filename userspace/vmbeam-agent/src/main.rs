@@ -32,6 +32,7 @@ mod l2;
 mod port;
 mod ram;
 mod state;
+mod stream;
 mod window;
 
 use l2::{Config, Ram, L2};
