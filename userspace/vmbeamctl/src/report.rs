@@ -255,11 +255,10 @@ fn print_text(r: &Report) {
         println!("  steps (ms): {}", phases.join(", "));
     }
     // Real L1s: where each L2's downtime went, as its agents timed it.
-    let split: Vec<String> = r
-        .l2
-        .iter()
-        .filter_map(|l| Some(format!("{} save {:.0} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?)))
-        .collect();
+    let split: Vec<String> =
+        r.l2.iter()
+            .filter_map(|l| Some(format!("{} save {:.0} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?)))
+            .collect();
     if !split.is_empty() {
         println!("  downtime (ms, the agents' clocks): {}", split.join("; "));
     }
