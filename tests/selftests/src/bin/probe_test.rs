@@ -176,6 +176,14 @@ fn main() {
         }
         let after = none_of_ours_loaded().map_err(|e| format!("20 attach/detach: {e}"))?;
         check(after.2 <= objects.2, || format!("links: {} before, {} after", objects.2, after.2))?;
+        // On the debug kernel, KASAN's quarantine holds freed objects back
+        // (up to 1/32 of RAM: 4.9 MiB here over 20 rounds), so growth says
+        // nothing; kmemleak is its leak finder, and the harness scans it and
+        // fails the run on any report.
+        if std::path::Path::new("/sys/kernel/debug/kmemleak").exists() {
+            println!("# kernel memory growth not judged: KASAN's quarantine; kmemleak is scanned at the end");
+            return Ok(());
+        }
         // Deferred frees (RCU, workqueues) may still be in flight: a while.
         let mut grew = kernel_kib().saturating_sub(kernel);
         for _ in 0..50 {
