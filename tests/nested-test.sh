@@ -284,10 +284,12 @@ else
 fi
 
 # Last, as they end the aged L1.
-if [ "$l2s" = 1 ]; then
+if [ "$l2s" = 1 ] && [ "${VMBEAM_NESTED_KILL_AGED:-0}" = 1 ]; then
 	# The aged L1 dies after the pause (its QEMU killed at L0): its L2's
 	# memory is still a region vmbeamctl holds, and its state was saved, so
-	# the migration goes on and the L2 runs on in the clean L1.
+	# the migration goes on and the L2 runs on in the clean L1. Opt-in:
+	# every L2 start or restore under TCG risks an L1 reset (README, Known
+	# flakiness), and make test's case already has three.
 	p0=$(pass_of aged vm0)
 	"$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --stop-at pause --json >"$dir/aged-killed.json" &
 	mig=$!
