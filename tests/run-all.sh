@@ -13,10 +13,12 @@ for mode in --test --nested-smoke; do
 		# resets an L1 in a third to a half of the boots that run L2s (4 of
 		# the 6 make test runs of 2026-11-30 needed a second boot). Up to
 		# VMBEAM_NESTED_BOOTS boots (3); the last one's result is the one
-		# counted, all are shown.
+		# counted, all are shown. A boot that passes takes about 230 s
+		# (with the witness case), so each gets 420 s before it counts as
+		# stalled.
 		boots=${VMBEAM_NESTED_BOOTS:-3}
 		for boot in $(seq "$boots"); do
-			VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-240} "$here/run.sh" $mode | tee "$out"
+			VMBEAM_RUN_TIMEOUT=${VMBEAM_NESTED_TIMEOUT:-420} "$here/run.sh" $mode | tee "$out"
 			rc=${PIPESTATUS[0]}
 			if [ "$rc" = 0 ] && ! grep -q '# SKIP the test kernel stopped answering' "$out"; then
 				break
