@@ -65,16 +65,23 @@ EOF
 }
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
-# migrate-all from L1 $2 to L1 $3, SIGKILLed after step $1 (stopped there
-# first); then waits up to 60 s for its witness (`vmbeamctl l1 recover`)
-# to settle the migration. 0 if the witness ended and removed the journal.
-killed_at() {
-	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json >/dev/null &
-	local mig=$!
+# Starts migrate-all from L1 $2 to L1 $3 in the background, its JSON report
+# into file $4, and returns once it has stopped itself after step $1
+# (--stop-at); its pid is in $mig.
+stopped_at() {
+	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json >"$4" &
+	mig=$!
 	for _ in $(seq 300); do
 		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
 		sleep 0.1
 	done
+}
+
+# migrate-all from L1 $2 to L1 $3, SIGKILLed after step $1 (stopped there
+# first); then waits up to 60 s for its witness (`vmbeamctl l1 recover`)
+# to settle the migration. 0 if the witness ended and removed the journal.
+killed_at() {
+	stopped_at "$1" "$2" "$3" /dev/null
 	kill -9 $mig
 	wait $mig 2>/dev/null
 	for _ in $(seq 120); do
@@ -167,12 +174,7 @@ if [ "$l2s" -gt 1 ]; then
 
 	# The clean L1 dies after the transfer: the pages come back (vmbeamctl
 	# holds the clean windows' regions), the L2s resume on the aged L1.
-	"$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --stop-at transfer --json >"$dir/killed.json" &
-	mig=$!
-	for _ in $(seq 200); do
-		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
-		sleep 0.1
-	done
+	stopped_at transfer aged clean "$dir/killed.json"
 	pkill -9 -f "unix:$dir/clean.qmp"
 	sleep 1
 	kill -CONT $mig
@@ -291,12 +293,7 @@ if [ "$l2s" = 1 ] && [ "${VMBEAM_NESTED_KILL_AGED:-0}" = 1 ]; then
 	# every L2 start or restore under TCG risks an L1 reset (README, Known
 	# flakiness), and make test's case already has three.
 	p0=$(pass_of aged vm0)
-	"$ctl" migrate-all --from "$dir/aged.qmp" --to "$dir/clean.qmp" --stop-at pause --json >"$dir/aged-killed.json" &
-	mig=$!
-	for _ in $(seq 300); do
-		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
-		sleep 0.1
-	done
+	stopped_at pause aged clean "$dir/aged-killed.json"
 	pkill -9 -f "unix:$dir/aged.qmp"
 	sleep 1
 	kill -CONT $mig

@@ -23,7 +23,10 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use vmbeam::{
-    control::{agent::AGENT_SERVICE, Client},
+    control::{
+        agent::{AgentL2, Named, AGENT_SERVICE},
+        Client,
+    },
     procfs,
     qmp::Qmp,
     Device, Region,
@@ -92,6 +95,18 @@ impl QemuL1 {
         let windows = windows(&mut qmp, pid)?;
         let ram = RamRegion::find(&mut qmp, pid)?;
         Ok(Self { name, pid, qmp_path: qmp_path.to_path_buf(), qmp, agent, windows, ram })
+    }
+
+    /// Ends L2 `name`'s QEMU in this L1 (its agent's `kill-l2`).
+    pub fn kill_l2(&mut self, name: &str) -> Result<()> {
+        self.agent.call::<Value>("kill-l2", Named { name: name.into() })?;
+        Ok(())
+    }
+
+    /// Runs a stopped L2 on again where it is (its agent's `resume-l2`).
+    pub fn resume_l2(&mut self, name: &str) -> Result<()> {
+        self.agent.call::<AgentL2>("resume-l2", Named { name: name.into() })?;
+        Ok(())
     }
 
     pub fn window(&self, index: u32) -> Option<&Window> {

@@ -425,7 +425,7 @@ impl Pair for QemuPair {
                     continue;
                 }
             }
-            if let Err(e) = self.aged.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() }) {
+            if let Err(e) = self.aged.kill_l2(&m.name) {
                 report.warnings.push(format!("{}: its stopped QEMU on {} was not killed: {e}", m.name, self.aged.name));
             }
         }
@@ -437,7 +437,7 @@ impl Pair for QemuPair {
                 continue;
             }
             // The clean L2 first: it must not run on pages that leave.
-            let _ = self.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: self.moves[i].name.clone() });
+            let _ = self.clean.kill_l2(&self.moves[i].name);
             match self.gather(&self.moves[i], true) {
                 Ok(()) => self.moves[i].gathered = false,
                 Err(e) => report.warnings.push(format!("{}: pages not moved back: {e:#}", self.moves[i].name)),
@@ -449,7 +449,7 @@ impl Pair for QemuPair {
         for m in &self.moves {
             // Its receiving QEMU (prepare), or what a restore that failed
             // half-way left there (plan made sure the name is ours).
-            let _ = self.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() });
+            let _ = self.clean.kill_l2(&m.name);
         }
         // Every L2 the aged agent holds stopped, whether or not its save's
         // reply reached us (a timeout, a reply too long).
@@ -462,7 +462,7 @@ impl Pair for QemuPair {
                 trouble.push(format!("{}: its pages are on {}", m.name, self.clean.name));
                 continue;
             }
-            match self.aged.agent.call::<AgentL2>("resume-l2", Named { name: m.name.clone() }) {
+            match self.aged.resume_l2(&m.name) {
                 Ok(_) => resumed += 1,
                 Err(e) => trouble.push(format!("{}: not resumed: {e}", m.name)),
             }

@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{bail, Result};
-use vmbeam::control::agent::{AgentL2, AgentL2State, Named, RestoreL2, Restored, Saved};
+use vmbeam::control::agent::{AgentL2, AgentL2State, RestoreL2, Restored, Saved};
 
 use super::{window, Move, QemuPair, Source};
 use crate::{
@@ -104,9 +104,9 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
         m.gathered = arrived == m.pages;
         if !m.gathered {
             // Not moved: the receiving QEMU goes, the L2 runs where it was.
-            let _ = pair.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() });
+            let _ = pair.clean.kill_l2(&m.name);
             if state_of(&aged_vms, &m.name) == Some(AgentL2State::Saved) {
-                match pair.aged.agent.call::<AgentL2>("resume-l2", Named { name: m.name.clone() }) {
+                match pair.aged.resume_l2(&m.name) {
                     Ok(_) => done.push(format!("{}: its pages never left {aged}: resumed there", m.name)),
                     Err(e) => trouble.push(format!("{}: not resumed on {aged}: {e}", m.name)),
                 }
@@ -118,11 +118,8 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
         // Moved: it runs on the clean L1, restored there if need be.
         if state_of(&clean_vms, &m.name) != Some(AgentL2State::Running) {
             if let Err(e) = restore(&mut pair, &m) {
-                let _ = pair.clean.agent.call::<serde_json::Value>("kill-l2", Named { name: m.name.clone() });
-                let back = pair.gather(&m, true).and_then(|()| {
-                    pair.aged.agent.call::<AgentL2>("resume-l2", Named { name: m.name.clone() })?;
-                    anyhow::Ok(())
-                });
+                let _ = pair.clean.kill_l2(&m.name);
+                let back = pair.gather(&m, true).and_then(|()| pair.aged.resume_l2(&m.name));
                 match back {
                     Ok(()) => done.push(format!("{}: not restored on {clean} ({e:#}): moved back, resumed on {aged}", m.name)),
                     Err(b) => trouble.push(format!("{}: not restored on {clean} ({e:#}), nor back on {aged} ({b:#}); its pages are in {clean}'s window {}", m.name, m.to)),
