@@ -15,6 +15,8 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# The agent marks each L2's downtime with the L1 kernel's kvm events.
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up 2>/dev/null
 
 mkdir -p /dev/virtio-ports

@@ -234,6 +234,19 @@ else
 	not_ok "migrate_all_moves_every_l2_same_frames_zero_copied" "rc $rc" "$out"
 fi
 
+# Each L2's downtime as the L1 kernels saw it (the agents' marks: its
+# vCPUs' last kvm_exit/kvm_userspace_exit in one L1, first kvm_entry in the
+# other, placed on L0's clock): present for every L2, and around
+# vmbeamctl's own stamps (the stop and cont replies, which the kernel's
+# moments bracket), give or take the clocks' placement; the gap is QEMU's
+# stop and cont and the messages' trips, under a second.
+echo "$out" | json "'\n'.join('# %s: downtime %.0f ms by the L1 kernels (± %.1f), %.0f ms by vmbeamctl' % (l['name'], l['guest_marks']['downtime_ms'] or -1, l['guest_marks']['clock_error_ms'], l['downtime_ms']) for l in d['l2'])" 2>/dev/null
+if echo "$out" | json "all((l.get('guest_marks') or {}).get('downtime_ms') and l['downtime_ms'] - l['guest_marks']['clock_error_ms'] - 50 <= l['guest_marks']['downtime_ms'] <= l['downtime_ms'] + 1000 for l in d['l2'])" | grep -q True; then
+	ok "the_l1_kernels_mark_each_l2s_downtime_around_vmbeamctls"
+else
+	not_ok "the_l1_kernels_mark_each_l2s_downtime_around_vmbeamctls" "kernel marks vs vmbeamctl's stamps" "$out"
+fi
+
 if [ "$gather" -gt 0 ]; then
 	# The gathered L2s: their pages left the aged L1's RAM (its QEMU maps
 	# none of them), the THP-backed one too; the fresh zeroed pages filled

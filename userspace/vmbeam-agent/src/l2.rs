@@ -17,14 +17,17 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vmbeam::{
-    control::agent::{AgentL2, AgentL2State, L2Frames, Saved, Workload},
+    control::agent::{AgentL2, AgentL2State, L2Frames, L2Marks, Saved, Workload, MAX_FRAMES_PER_REPLY},
     qmp::Qmp,
 };
 
 use crate::{
+    marks::{GuestMarks, Mark},
     ram, stream,
     window::{self, Window},
 };
+
+const PAGE: u64 = 4096;
 
 /// Where an L2's RAM is.
 #[derive(Debug, Clone)]
@@ -84,6 +87,18 @@ pub struct L2 {
     saved_workload: Option<Workload>,
     /// A save or a load QEMU is doing in the background.
     pending: Option<Pending>,
+    /// Its downtime as this L1's kernel saw it (`query-l2-marks`).
+    marks: Marks,
+}
+
+/// The kernel-event marks of one L2 ([`crate::marks`]): what is being
+/// traced, and what was read.
+#[derive(Default)]
+struct Marks {
+    tracing: Option<GuestMarks>,
+    last_guest_exit_ns: Option<u64>,
+    first_guest_entry_ns: Option<u64>,
+    error: Option<String>,
 }
 
 /// What an L2's QEMU is doing in the background, begun by `save-l2s` or
@@ -160,9 +175,13 @@ impl L2 {
             detail: None,
             saved_workload: None,
             pending: None,
+            marks: Marks::default(),
         };
         if incoming {
             l2.state = AgentL2State::Incoming;
+            // Its vCPU threads exist and wait for `cont`: tracing their
+            // first entry now keeps the set-up out of the downtime.
+            l2.trace_marks(Mark::FirstEntry);
         }
         // Both sides of a move skip the shared RAM.
         l2.qmp.execute(
@@ -239,6 +258,11 @@ impl L2 {
             bail!("L2 {} is {:?}, not running", self.name, self.state);
         }
         let out = stream::Outgoing::listen(cfg.run_dir.join(format!("{}.out.sock", self.name)))?;
+        // Begun by `mark-l2s` before the pause, where a migration asks: a
+        // trace instance costs its ring buffers, not to be paid stopped.
+        if !self.is_marking(Mark::LastExit) {
+            self.trace_marks(Mark::LastExit);
+        }
         self.qmp.execute("stop", json!({}))?;
         let stopped = Instant::now();
         self.state = AgentL2State::Saved;
@@ -283,7 +307,8 @@ impl L2 {
     /// Which L1 frames hold the RAM of this stopped L2 on ordinary memory,
     /// in its guest-physical order. Read only while it is stopped: then
     /// nothing in it changes its memory, and its QEMU keeps it locked.
-    pub fn frames(&mut self) -> Result<L2Frames> {
+    /// `count` pages from page `first` (at most [`MAX_FRAMES_PER_REPLY`]).
+    pub fn frames(&mut self, first: u64, count: Option<u64>) -> Result<L2Frames> {
         self.poll();
         let (Ram::Ordinary { size, .. }, Some(hva)) = (&self.ram, self.hva) else {
             bail!("L2 {}'s RAM is a window, not ordinary memory: L0 knows its frames", self.name);
@@ -291,10 +316,16 @@ impl L2 {
         if self.state != AgentL2State::Saved {
             bail!("L2 {} is {:?}: its frames are read only while it is stopped (save-l2)", self.name, self.state);
         }
+        let pages = size / PAGE;
+        if first >= pages {
+            bail!("L2 {} has {pages} pages: no page {first}", self.name);
+        }
+        let count = count.unwrap_or(MAX_FRAMES_PER_REPLY).min(MAX_FRAMES_PER_REPLY).min(pages - first);
         Ok(L2Frames {
             name: self.name.clone(),
             size: *size,
-            frames: ram::frames(self.pid(), hva, *size)?,
+            first,
+            frames: ram::frames(self.pid(), hva + first * PAGE, count * PAGE)?,
             thp_bytes: ram::thp_bytes(self.pid(), hva)?,
         })
     }
@@ -312,6 +343,8 @@ impl L2 {
         }
         self.qmp.execute("cont", json!({}))?;
         self.state = AgentL2State::Running;
+        // It runs on here: a last exit traced for a move means nothing now.
+        self.marks = Marks::default();
         Ok(())
     }
 
@@ -328,6 +361,9 @@ impl L2 {
             .with_context(|| format!("restoring L2 {}", self.name))?;
         let into = stream::Incoming::send(path, bytes);
         self.pending = Some(Pending::Load { start_us, into });
+        if !self.is_marking(Mark::FirstEntry) {
+            self.trace_marks(Mark::FirstEntry);
+        }
         Ok(())
     }
 
@@ -352,6 +388,77 @@ impl L2 {
         loaded.with_context(|| format!("restoring L2 {}", self.name))?;
         self.state = AgentL2State::Running;
         Ok(start_us)
+    }
+
+    /// Starts tracing its last guest exit ahead of a save (`mark-l2s`).
+    pub fn mark_before_save(&mut self) -> Result<()> {
+        if self.state != AgentL2State::Running {
+            bail!("L2 {} is {:?}, not running", self.name, self.state);
+        }
+        self.trace_marks(Mark::LastExit);
+        Ok(())
+    }
+
+    fn is_marking(&self, mark: Mark) -> bool {
+        self.marks.tracing.as_ref().is_some_and(|t| t.mark() == mark)
+    }
+
+    /// Starts tracing `mark` of this L2's vCPU threads (forgetting earlier
+    /// marks); a failure is kept for `query-l2-marks` to report, never
+    /// fails the move. The trace is read by [`Self::marks`], after the
+    /// downtime: a stopped vCPU makes no new exit, and a first entry is
+    /// never overwritten.
+    fn trace_marks(&mut self, mark: Mark) {
+        self.marks = Marks::default();
+        let started = self.vcpu_threads().and_then(|tids| GuestMarks::start(&self.name, mark, &tids));
+        match started {
+            Ok(t) => self.marks.tracing = Some(t),
+            Err(e) => self.marks.error = Some(format!("{e:#}")),
+        }
+    }
+
+    /// Reads the mark being traced (waiting up to `wait` for a first
+    /// entry) and stops tracing it.
+    fn read_marks(&mut self, wait: Duration) {
+        let Some(tracing) = self.marks.tracing.take() else { return };
+        let mark = tracing.mark();
+        match tracing.read(wait) {
+            Ok(Some(ns)) if mark == Mark::LastExit => self.marks.last_guest_exit_ns = Some(ns),
+            Ok(Some(ns)) => self.marks.first_guest_entry_ns = Some(ns),
+            Ok(None) => {
+                let events = match mark {
+                    Mark::LastExit => "kvm_exit or kvm_userspace_exit",
+                    Mark::FirstEntry => "kvm_entry",
+                };
+                self.marks.error = Some(format!("no {events} of L2 {}'s vCPU threads traced", self.name));
+            }
+            Err(e) => self.marks.error = Some(format!("{e:#}")),
+        }
+    }
+
+    /// The downtime marks (`query-l2-marks`): waits up to `wait` for a
+    /// first guest entry still being traced.
+    pub fn marks(&mut self, wait: Duration) -> L2Marks {
+        self.read_marks(wait);
+        L2Marks {
+            name: self.name.clone(),
+            last_guest_exit_ns: self.marks.last_guest_exit_ns,
+            first_guest_entry_ns: self.marks.first_guest_entry_ns,
+            error: self.marks.error.clone(),
+        }
+    }
+
+    /// The threads of its QEMU that run its vCPUs.
+    fn vcpu_threads(&mut self) -> Result<Vec<u32>> {
+        let cpus = self.qmp.execute("query-cpus-fast", json!({}))?;
+        let tids: Vec<u32> = cpus
+            .as_array()
+            .map(|a| a.iter().filter_map(|c| c["thread-id"].as_u64()).map(|t| t as u32).collect())
+            .unwrap_or_default();
+        if tids.is_empty() {
+            bail!("L2 {}: query-cpus-fast named no vCPU thread", self.name);
+        }
+        Ok(tids)
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).

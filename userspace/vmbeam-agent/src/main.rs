@@ -21,14 +21,15 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, AgentWindow, Named, Names, PrepareL2, RestoreL2, Restored, StartL2,
-        AGENT_COMMANDS, AGENT_SERVICE,
+        AgentClock, AgentL2, AgentL2State, AgentStatus, AgentWindow, FramesQuery, L2Marks, Named, Names, PrepareL2,
+        RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
     },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
 
 mod header;
 mod l2;
+mod marks;
 mod port;
 mod ram;
 mod state;
@@ -187,8 +188,8 @@ impl Agent {
                 self.resume_loaded(&a.names).map(|r| json!(r)).map_err(generic)
             }
             "query-l2-frames" => {
-                let a: Named = args(req)?;
-                self.l2(&a.name)?.frames().map(|f| json!(f)).map_err(generic)
+                let a: FramesQuery = args(req)?;
+                self.l2(&a.name)?.frames(a.first, a.count).map(|f| json!(f)).map_err(generic)
             }
             "resume-l2" => {
                 let a: Named = args(req)?;
@@ -208,6 +209,22 @@ impl Agent {
                 let a: Named = args(req)?;
                 self.l2(&a.name)?.kill();
                 Ok(json!({}))
+            }
+            "mark-l2s" => {
+                let a: Names = args(req)?;
+                for name in &a.names {
+                    self.l2(name)?.mark_before_save().map_err(generic)?;
+                }
+                Ok(json!({}))
+            }
+            "query-clock" => Ok(json!(AgentClock { monotonic_ns: vmbeam::clock::monotonic_ns() })),
+            "query-l2-marks" => {
+                let a: Names = args(req)?;
+                // A resumed vCPU enters its guest within a moment; a
+                // missing entry after a second is reported as missing.
+                let marks: Result<Vec<L2Marks>, ErrorBody> =
+                    a.names.iter().map(|n| Ok(self.l2(n)?.marks(Duration::from_secs(1)))).collect();
+                marks.map(|m| json!(m))
             }
             "poweroff" => {
                 for l2 in self.l2s.values_mut() {

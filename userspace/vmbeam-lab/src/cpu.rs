@@ -37,8 +37,4 @@ pub fn to_kvm(r: &Regs) -> kvm_regs {
 
 /// CLOCK_MONOTONIC in ns: comparable between the processes of one kernel,
 /// which is what downtime across two L1s needs.
-pub fn monotonic_ns() -> u64 {
-    // CLOCK_MONOTONIC cannot fail on Linux.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-}
+pub use vmbeam::clock::monotonic_ns;

@@ -11,6 +11,7 @@
 //! # Ok::<(), vmbeam::Error>(())
 //! ```
 
+pub mod clock;
 pub mod control;
 mod device;
 mod error;

@@ -97,6 +97,25 @@ pub struct L2Report {
     /// What the eBPF probes saw of it (`--trace`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<crate::trace::L2Trace>,
+    /// Real L1s: its downtime from the L1 kernels' kvm events (the agents'
+    /// marks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_marks: Option<GuestMarks>,
+}
+
+/// An L2's downtime as its L1s' kernels saw it: the last `kvm_exit` of its
+/// vCPU threads in the aged L1 to their first `kvm_entry` in the clean L1,
+/// both placed on L0's CLOCK_MONOTONIC (the clock of `paused_at_ns`).
+#[derive(Debug, Default, Serialize)]
+pub struct GuestMarks {
+    pub downtime_ms: Option<f64>,
+    pub last_guest_exit_ns: Option<u64>,
+    pub first_guest_entry_ns: Option<u64>,
+    /// How far off the two L1 clocks may be placed, together (half the
+    /// shortest `query-clock` round trip to each agent, summed).
+    pub clock_error_ms: f64,
+    /// Why a mark is missing.
+    pub error: Option<String>,
 }
 
 impl L2Report {
@@ -261,6 +280,19 @@ fn print_text(r: &Report) {
             .collect();
     if !split.is_empty() {
         println!("  downtime (ms, the agents' clocks): {}", split.join("; "));
+    }
+    let marked: Vec<String> =
+        r.l2.iter()
+            .filter_map(|l| {
+                let m = l.guest_marks.as_ref()?;
+                Some(match (m.downtime_ms, &m.error) {
+                    (Some(d), _) => format!("{} {d:.0} ± {:.1}", l.name, m.clock_error_ms),
+                    (None, e) => format!("{} – ({})", l.name, e.as_deref().unwrap_or("no mark")),
+                })
+            })
+            .collect();
+    if !marked.is_empty() {
+        println!("  downtime (ms, the L1 kernels' kvm_exit → kvm_entry of its vCPUs): {}", marked.join("; "));
     }
     let probed: Vec<&Probe> = r.l2.iter().filter_map(|l| l.old_owner.as_ref()).collect();
     if !probed.is_empty() {

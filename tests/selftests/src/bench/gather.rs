@@ -12,7 +12,10 @@ use std::{num::NonZeroUsize, os::fd::AsFd};
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
-use crate::bench::{timed, Sample};
+use crate::bench::{
+    memwatch::{peak, MemWatch},
+    timed, Sample,
+};
 
 const PAGE: u64 = 4096;
 
@@ -61,12 +64,18 @@ pub fn gather(dev: &vmbeam::Device, size: u64) -> Result<GatherRun, String> {
     }
     let dst = dev.create_empty_region(size).map_err(e("destination"))?;
     let copied0 = dev.stats().map_err(e("stats"))?.bytes_copied;
-    let (moved, gather) = timed(|| dev.gather_into(ram.as_fd(), &offsets, dst.as_fd(), 0));
+    let watch = MemWatch::start();
+    let (moved, mut gather) = timed(|| dev.gather_into(ram.as_fd(), &offsets, dst.as_fd(), 0));
     moved.map_err(e("gather"))?;
+    gather.peak_extra_mib = peak(&watch);
     let (fresh, create) = timed(|| dev.create_region(size));
     let fresh = fresh.map_err(e("fresh region"))?;
-    let (filled, scatter) = timed(|| dev.scatter_into(fresh.as_fd(), ram.as_fd(), &offsets));
+    let scatter_watch = MemWatch::start();
+    let (filled, mut scatter) = timed(|| dev.scatter_into(fresh.as_fd(), ram.as_fd(), &offsets));
     filled.map_err(e("fill"))?;
+    scatter.peak_extra_mib = peak(&scatter_watch);
+    // The fill's fresh region is its extra memory: the watch since the gather.
+    let fill_peak = peak(&watch);
     // The filled holes read zeros, the rest of the RAM what was written.
     let (hole, kept) = (offsets[0], offsets[0] - PAGE);
     // SAFETY: both inside the mapping; the hole now maps a fresh page.
@@ -82,6 +91,7 @@ pub fn gather(dev: &vmbeam::Device, size: u64) -> Result<GatherRun, String> {
     let filled = Sample {
         wall_ms: gather.wall_ms + create.wall_ms + scatter.wall_ms,
         cpu_s: gather.cpu_s + create.cpu_s + scatter.cpu_s,
+        peak_extra_mib: fill_peak,
         ..gather
     };
     Ok(GatherRun { gather: with_copied(gather), scatter: with_copied(scatter), filled: with_copied(filled) })

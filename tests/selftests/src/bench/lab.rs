@@ -11,7 +11,10 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    bench::{timed, Sample},
+    bench::{
+        memwatch::{peak, MemWatch},
+        timed, Sample,
+    },
     exe,
 };
 
@@ -60,6 +63,7 @@ pub fn migrate_all(l2: usize, size: u64, huge: bool) -> Result<Sample, String> {
     let clean = Lab::start("clean", 0, 0, false)?;
     // Let every L2 complete a verified pass first: a running workload.
     std::thread::sleep(Duration::from_millis(500));
+    let watch = MemWatch::start();
     let (out, mut sample) = timed(|| {
         Command::new(exe("vmbeamctl"))
             .arg("migrate-all")
@@ -75,5 +79,6 @@ pub fn migrate_all(l2: usize, size: u64, huge: bool) -> Result<Sample, String> {
     // Downtime needs the resume stamp, which --no-verify still waits for.
     sample.downtime_ms = r["totals"]["downtime_ms_mean"].as_f64();
     sample.bytes_copied = r["module"]["bytes_copied"].as_u64().unwrap_or(0);
+    sample.peak_extra_mib = peak(&watch);
     Ok(sample)
 }

@@ -6,9 +6,11 @@
 
 pub mod gather;
 pub mod lab;
+pub mod memwatch;
 pub mod methods;
 pub mod output;
 pub mod qemu;
+pub mod real;
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,9 @@ pub struct Sample {
     pub bytes_copied: u64,
     /// Downtime, where the method has one (migrations).
     pub downtime_ms: Option<f64>,
+    /// The machine's memory in use beyond what it held when the method
+    /// began, at its peak ([`memwatch::MemWatch`]).
+    pub peak_extra_mib: Option<f64>,
 }
 
 /// The median of several runs of one method at one size.
@@ -36,6 +41,8 @@ pub struct Row {
     pub cpu_s: f64,
     pub bytes_copied: u64,
     pub downtime_ms: Option<f64>,
+    #[serde(default)]
+    pub peak_extra_mib: Option<f64>,
     /// wall_ms / memcpy's wall_ms at the same size, in this run.
     pub ratio_to_memcpy: Option<f64>,
 }
@@ -46,6 +53,7 @@ impl Row {
             return None;
         }
         let downs: Vec<f64> = samples.iter().filter_map(|s| s.downtime_ms).collect();
+        let peaks: Vec<f64> = samples.iter().filter_map(|s| s.peak_extra_mib).collect();
         Some(Self {
             method: method.to_string(),
             size,
@@ -54,6 +62,7 @@ impl Row {
             cpu_s: median(samples.iter().map(|s| s.cpu_s).collect()),
             bytes_copied: samples.iter().map(|s| s.bytes_copied).max().unwrap_or(0),
             downtime_ms: (!downs.is_empty()).then(|| median(downs)),
+            peak_extra_mib: (!peaks.is_empty()).then(|| median(peaks)),
             ratio_to_memcpy: None,
         })
     }
@@ -72,9 +81,13 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn machine_cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().next() else { return 0.0 };
-    // cpu user nice system idle iowait irq softirq steal ...
+    // cpu user nice system idle iowait irq softirq steal guest guest_nice:
+    // busy is user + nice + system + irq + softirq. Not steal (time this
+    // machine's host took), not guest and guest_nice (KVM guests' time,
+    // already inside user and nice: counting them again inflated every row
+    // with a running guest).
     let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let busy: u64 = f.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     busy as f64 / hz

@@ -18,14 +18,17 @@ pub fn add_ratios(rows: &mut [Row]) {
 
 pub fn markdown(rows: &[Row], header: &str) -> String {
     let mut out = format!("{header}\n\n");
-    out.push_str("| method | size | wall ms | × memcpy | CPU s | bytes copied | downtime ms | runs |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str(
+        "| method | size | wall ms | × memcpy | CPU s | bytes copied | peak extra MiB | downtime ms | runs |\n",
+    );
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let ratio = r.ratio_to_memcpy.map_or("–".into(), |x| format!("{x:.3}"));
         let down = r.downtime_ms.map_or("–".into(), |d| format!("{d:.1}"));
+        let peak = r.peak_extra_mib.map_or("–".into(), |m| format!("{m:.1}"));
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {ratio} | {:.2} | {} | {down} | {} |",
+            "| {} | {} | {:.1} | {ratio} | {:.2} | {} | {peak} | {down} | {} |",
             r.method,
             size_name(r.size),
             r.wall_ms,

@@ -14,7 +14,10 @@ use std::{
 use serde_json::{json, Value};
 use vmbeam::qmp::Qmp;
 
-use crate::bench::{timed, Sample};
+use crate::bench::{
+    memwatch::{peak, MemWatch},
+    timed, Sample,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -92,7 +95,16 @@ fn fill_random(path: &Path, size: u64) -> Result<(), String> {
 
 /// One migration from a source to a waiting destination; the sample's
 /// downtime and bytes are QEMU's own (`query-migrate`).
-fn migrate(src: &mut Qemu, dst: &mut Qemu, uri: &str, caps: &[&str]) -> Result<Sample, String> {
+///
+/// `watch` began before the destination started: its RAM is the extra
+/// memory of a copying migration.
+fn migrate(
+    src: &mut Qemu,
+    dst: &mut Qemu,
+    uri: &str,
+    caps: &[&str],
+    watch: &Option<MemWatch>,
+) -> Result<Sample, String> {
     for q in [&mut *src, &mut *dst] {
         let caps: Vec<Value> = caps.iter().map(|c| json!({"capability": c, "state": true})).collect();
         if !caps.is_empty() {
@@ -107,6 +119,7 @@ fn migrate(src: &mut Qemu, dst: &mut Qemu, uri: &str, caps: &[&str]) -> Result<S
     let info = done?;
     sample.downtime_ms = info["downtime"].as_f64();
     sample.bytes_copied = info["ram"]["transferred"].as_u64().unwrap_or(0);
+    sample.peak_extra_mib = peak(watch);
     Ok(sample)
 }
 
@@ -123,9 +136,10 @@ pub fn precopy(size: u64) -> Result<Sample, String> {
     let src_backend = format!("memory-backend-file,id=ram0,size={size},mem-path={},share=on", ram.display());
     let result = (|| {
         let mut src = Qemu::start(&dir, "precopy-src", size, &src_backend, false)?;
+        let watch = MemWatch::start();
         let mut dst = Qemu::start(&dir, "precopy-dst", size, &format!("memory-backend-ram,id=ram0,size={size}"), true)?;
         let uri = format!("unix:{}", dir.join(format!("vmbeam-bench-{}.mig", std::process::id())).display());
-        migrate(&mut src, &mut dst, &uri, &[])
+        migrate(&mut src, &mut dst, &uri, &[], &watch)
     })();
     let _ = std::fs::remove_file(&ram);
     result
@@ -139,9 +153,10 @@ pub fn ignore_shared(size: u64) -> Result<Sample, String> {
     let backend = format!("memory-backend-file,id=ram0,size={size},mem-path={},share=on", ram.display());
     let result = (|| {
         let mut src = Qemu::start(&dir, "shared-src", size, &backend, false)?;
+        let watch = MemWatch::start();
         let mut dst = Qemu::start(&dir, "shared-dst", size, &backend, true)?;
         let uri = format!("unix:{}", dir.join(format!("vmbeam-bench-{}-s.mig", std::process::id())).display());
-        migrate(&mut src, &mut dst, &uri, &["x-ignore-shared"])
+        migrate(&mut src, &mut dst, &uri, &["x-ignore-shared"], &watch)
     })();
     let _ = std::fs::remove_file(&ram);
     result

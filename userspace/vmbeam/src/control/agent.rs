@@ -12,13 +12,16 @@
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
 //! | `save-l2s`     | [`Names`]        | `[`[`AgentL2`]`]`  |
-//! | `query-l2-frames` | [`Named`]     | [`L2Frames`]       |
+//! | `query-l2-frames` | [`FramesQuery`] | [`L2Frames`]     |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
 //! | `load-l2`      | [`RestoreL2`]    | [`AgentL2`]        |
 //! | `restore-l2s`  | [`Names`]        | `[`[`Restored`]`]` |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
+//! | `mark-l2s`     | [`Names`]        | `{}`               |
+//! | `query-clock`  | –                | [`AgentClock`]     |
+//! | `query-l2-marks` | [`Names`]      | `[`[`L2Marks`]`]`  |
 //! | `poweroff`     | –                | `{}` (then the L1 powers off) |
 //!
 //! Several L2s move side by side, so that one's downtime does not hold
@@ -38,6 +41,14 @@
 //! loads the state into that QEMU (or starts one, if none was prepared)
 //! and resumes it. It runs once the window's pages have arrived: loading a
 //! state writes guest RAM (kvmvapic patches its ROM copy at 0xc0000).
+//!
+//! The agent marks each L2's downtime with kernel events of its L1 (a
+//! tracefs instance per L2, filtered on its vCPU threads): `mark-l2s`,
+//! before the pause, starts tracing their last guest exit (`save-l2s`
+//! does, if nothing asked before); `prepare-l2` (or `load-l2`) their
+//! first guest entry. `query-l2-marks` returns both on the L1's
+//! CLOCK_MONOTONIC, and `query-clock` lets L0 relate that clock to its own
+//! (the round trip bounds the error).
 //!
 //! An L2 started without a window runs on *ordinary* memory of the L1
 //! (`memory-backend-ram,share=on`, locked with `-overcommit mem-lock=on`):
@@ -64,6 +75,9 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "load-l2",
     "restore-l2s",
     "kill-l2",
+    "mark-l2s",
+    "query-clock",
+    "query-l2-marks",
     "poweroff",
 ];
 
@@ -145,14 +159,36 @@ pub struct StartL2 {
     pub thp: bool,
 }
 
+/// The most frames one `query-l2-frames` reply carries: 65,536 frame
+/// numbers of up to 10 digits fit a message (`MAX_LINE`, 1 MiB) with room
+/// to spare, and an L2 of any size is read in pages of this many.
+pub const MAX_FRAMES_PER_REPLY: u64 = 1 << 16;
+
+/// Which pages of an L2's RAM `query-l2-frames` reports: `count` pages
+/// from page `first` (default: from 0, as many as one reply carries).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FramesQuery {
+    pub name: String,
+    #[serde(default)]
+    pub first: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
 /// Where an L2's RAM lives in the L1, for `query-l2-frames`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct L2Frames {
     pub name: String,
+    /// The whole RAM's size (`frames` may be a part of it).
     pub size: u64,
+    /// The page of the RAM that `frames[0]` is (0 for a reply that starts
+    /// at the beginning).
+    #[serde(default)]
+    pub first: u64,
     /// The L1 guest-physical frame (page number) holding each 4 KiB page
-    /// of the L2's RAM, in the order of the L2's guest-physical addresses
-    /// (its QEMU's `/proc/PID/pagemap`); 0: not present.
+    /// of the L2's RAM from page `first` on, in the order of the L2's
+    /// guest-physical addresses (its QEMU's `/proc/PID/pagemap`); 0: not
+    /// present. At most [`MAX_FRAMES_PER_REPLY`].
     pub frames: Vec<u64>,
     /// Bytes of it in transparent huge pages (`ShmemPmdMapped` in smaps).
     pub thp_bytes: u64,
@@ -208,4 +244,22 @@ pub struct Restored {
     /// Of those, the QEMU start (before the state is loaded): 0 when
     /// `prepare-l2` started it ahead.
     pub start_us: u64,
+}
+
+/// The L1's CLOCK_MONOTONIC when the agent answered.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentClock {
+    pub monotonic_ns: u64,
+}
+
+/// An L2's downtime as its L1's kernel saw it (the L1's CLOCK_MONOTONIC):
+/// the last guest exit of its vCPU threads before its save (on the aged
+/// L1), the first guest entry after its resume (on the clean L1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct L2Marks {
+    pub name: String,
+    pub last_guest_exit_ns: Option<u64>,
+    pub first_guest_entry_ns: Option<u64>,
+    /// Why a mark is missing (no tracefs in this L1, no event yet).
+    pub error: Option<String>,
 }

@@ -56,7 +56,4 @@ pub fn is_qmp(path: &Path) -> bool {
 }
 
 /// CLOCK_MONOTONIC in ns: every L0-side stamp of a migration.
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-}
+pub use vmbeam::clock::monotonic_ns;

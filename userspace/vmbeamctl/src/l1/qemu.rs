@@ -34,6 +34,7 @@ use vmbeam::{
 
 pub mod gather;
 pub mod journal;
+mod marks;
 mod pair;
 pub mod ram;
 pub use pair::{recover, QemuPair};

@@ -30,7 +30,8 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, L2Frames, Named, Names, PrepareL2, RestoreL2, Restored, Saved, Workload,
+        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Named, Names, PrepareL2, RestoreL2, Restored, Saved,
+        Workload, MAX_FRAMES_PER_REPLY,
     },
     Probe,
 };
@@ -136,9 +137,25 @@ impl QemuPair {
     /// For an L2 on ordinary memory, just paused: its frames from the aged
     /// agent, checked, as offsets in the aged RAM region, and the L0 frames
     /// behind them. Nothing has moved if this fails.
+    /// Each L2's downtime from the L1 kernels' events (the agents' marks);
+    /// a mark that cannot be had is a warning, never a failed move.
+    fn mark_downtime(&mut self, report: &mut Report) {
+        let names: Vec<String> = self.moves.iter().map(|m| m.name.clone()).collect();
+        match super::marks::guest_downtime(&mut self.aged.agent, &mut self.clean.agent, &names) {
+            Ok(marks) => {
+                for (name, m) in names.iter().zip(marks) {
+                    if let Some(l) = report.l2.iter_mut().find(|l| &l.name == name) {
+                        l.guest_marks = Some(m);
+                    }
+                }
+            }
+            Err(e) => report.warnings.push(format!("the L1 kernels' downtime marks: {e:#}")),
+        }
+    }
+
     fn locate(&mut self, i: usize, report: &mut Report) -> Result<()> {
         let name = self.moves[i].name.clone();
-        let mut f: L2Frames = self.aged.agent.call("query-l2-frames", Named { name: name.clone() })?;
+        let mut f = l2_frames(&mut self.aged.agent, &name)?;
         let ram = self.aged_ram()?;
         if let Some(c) = self.options.corrupt {
             c.apply(&mut f.frames, ram.size);
@@ -163,6 +180,28 @@ impl QemuPair {
         m.source = Source::Ordinary { offsets };
         Ok(())
     }
+}
+
+/// All the frames of an L2 on ordinary memory, a reply's worth at a time
+/// (an L2 of 1 GiB is 262,144 frames: four replies).
+fn l2_frames(agent: &mut vmbeam::control::Client, name: &str) -> Result<L2Frames> {
+    let mut ask = |first: u64| -> Result<L2Frames> {
+        let part: L2Frames = agent
+            .call("query-l2-frames", FramesQuery { name: name.into(), first, count: Some(MAX_FRAMES_PER_REPLY) })?;
+        ensure!(
+            part.first == first && !part.frames.is_empty(),
+            "{name}: asked for frames from page {first}, got {} from page {}",
+            part.frames.len(),
+            part.first
+        );
+        Ok(part)
+    };
+    let mut all = ask(0)?;
+    while (all.frames.len() as u64) * 4096 < all.size {
+        let part = ask(all.frames.len() as u64)?;
+        all.frames.extend(part.frames);
+    }
+    Ok(all)
 }
 
 fn window(l1: &QemuL1, index: u32) -> Result<&Window> {
@@ -280,6 +319,9 @@ impl Pair for QemuPair {
             let args = PrepareL2 { name: m.name.clone(), window: m.to };
             self.clean.agent.call::<AgentL2>("prepare-l2", args)?;
         }
+        // The aged agent sets up its downtime marks now, not in the pause.
+        let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
+        self.aged.agent.call::<serde_json::Value>("mark-l2s", names)?;
         Ok(())
     }
 
@@ -344,6 +386,7 @@ impl Pair for QemuPair {
     }
 
     fn verify(&mut self, report: &mut Report, full: bool, deadline: std::time::Instant) -> Result<()> {
+        self.mark_downtime(report);
         let mut bad = Vec::new();
         for m in &self.moves {
             let at_pause = m.saved.as_ref().and_then(|s| s.workload).unwrap_or_default();

@@ -1,0 +1,117 @@
+//! `vmbeamctl migrate-all` between two real L1s (QEMU + KVM at L0, the test
+//! kernel with QEMU and vmbeam-agent inside, as `make demo` boots them):
+//! per-L2 downtime against the L2's size. Two L2s of that size move at
+//! once, as in the demo: one on a window (its pages move whole) and one on
+//! ordinary L1 memory (its pages are gathered out of the aged L1's RAM).
+//!
+//! Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+use crate::{
+    bench::{
+        memwatch::{peak, MemWatch},
+        size_name, timed, Sample,
+    },
+    exe,
+};
+
+/// One migration's two L2s: the window one and the gathered one.
+pub struct RealRun {
+    pub window: Sample,
+    pub gathered: Sample,
+}
+
+/// A directory of L1s (QMP sockets, consoles, logs) whose QEMUs are killed
+/// when it is dropped, whatever state the run left them in.
+struct L1Dir(PathBuf);
+
+impl Drop for L1Dir {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-9", "-f"]).arg(&self.0).status();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vmbeamctl(args: &[&str]) -> Result<Output, String> {
+    let out = Command::new(exe("vmbeamctl")).args(args).output().map_err(|e| format!("vmbeamctl: {e}"))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!("vmbeamctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Boots an aged L1 with one L2 of `size` on a window and one on its own
+/// memory, a clean L1 with an empty window, and moves both L2s.
+pub fn migrate_all(size: u64) -> Result<RealRun, String> {
+    let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
+    let d = path(&dir.0);
+    let mib = format!("{}M", size >> 20);
+    // The L1's own 384 MiB (kernel, initramfs with QEMU) + the gathered L2.
+    let l1_ram = format!("{}M", 384 + (size >> 20));
+    let (aged_qmp, clean_qmp) = (dir.0.join("aged.qmp"), dir.0.join("clean.qmp"));
+    // The clean L1 has a window for each L2 (the gathered one lands in one).
+    let two_windows = format!("{mib},{mib}");
+    let start = |name: &str, empty: bool| {
+        let windows = if empty { &two_windows } else { &mib };
+        let mut args = vec!["l1", "start", "--name", name, "--dir", d, "--windows", windows, "--memory", &l1_ram];
+        if empty {
+            args.push("--empty");
+        }
+        vmbeamctl(&args).map(drop)
+    };
+    start("aged", false)?;
+    let aged = path(&aged_qmp);
+    vmbeamctl(&["l1", "start-l2", "--qmp", aged, "--name", "vm0", "--window", "0"])?;
+    vmbeamctl(&["l1", "start-l2", "--qmp", aged, "--name", "vm1", "--memory", &mib, "--thp"])?;
+    start("clean", true)?;
+    let watch = MemWatch::start();
+    let (out, sample) = timed(|| {
+        Command::new(exe("vmbeamctl"))
+            .args(["migrate-all", "--from", aged, "--to", path(&clean_qmp), "--json", "--no-verify"])
+            .args(["--timeout-s", "600"])
+            .output()
+    });
+    let out = out.map_err(|e| format!("vmbeamctl: {e}"))?;
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("report: {e}: {}", String::from_utf8_lossy(&out.stderr).trim()))?;
+    if r["ok"] != true {
+        return Err(format!("migrate-all of 2 L2s of {} failed: {}", size_name(size), r["error"]));
+    }
+    // Where the time went, for the note beside the table.
+    let l2s: Vec<String> = r["l2"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            format!(
+                "{} save {} restore {} kernel-marked {}",
+                l["name"], l["save_ms"], l["restore_ms"], l["guest_marks"]["downtime_ms"]
+            )
+        })
+        .collect();
+    eprintln!("bench: real L1s {}: steps (ms) {}; {}", size_name(size), r["phases_ms"], l2s.join("; "));
+    let sample = Sample {
+        bytes_copied: r["module"]["bytes_copied"].as_u64().unwrap_or(0),
+        peak_extra_mib: peak(&watch),
+        ..sample
+    };
+    let of = |name: &str| -> Result<Sample, String> {
+        let l2 = r["l2"].as_array().and_then(|l| l.iter().find(|l| l["name"] == name)).ok_or(format!("no {name}"))?;
+        let downtime = l2["downtime_ms"].as_f64().ok_or(format!("{name}: no downtime"))?;
+        Ok(Sample { downtime_ms: Some(downtime), ..sample })
+    };
+    Ok(RealRun { window: of("vm0")?, gathered: of("vm1")? })
+}
