@@ -19,6 +19,7 @@ pub mod pagemap;
 pub mod procfs;
 pub mod qmp;
 mod region;
+pub mod runs;
 pub mod uapi;
 
 pub use device::{Device, DEVICE_PATH};

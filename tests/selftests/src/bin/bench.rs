@@ -3,7 +3,7 @@
 //! writes bench.md, bench.json and bench.png to the directory given (or
 //! prints the table only).
 //!
-//! VMBEAM_BENCH_SIZES (default "64M 256M 1G") and VMBEAM_BENCH_LAB_L2S
+//! VMBEAM_BENCH_SIZES (default "64M 256M 1G 2G") and VMBEAM_BENCH_LAB_L2S
 //! (default "1 4": L2s moved at once by the lab migrate-all rows) choose
 //! the points. The files are rewritten after every size, so a boot that
 //! TCG stops half-way still leaves the sizes it finished.
@@ -75,7 +75,7 @@ fn main() {
     let dev = require::vmbeam_and_kvm();
     let out_dir = std::env::args().nth(1).map(PathBuf::from);
     let runs: usize = std::env::var("VMBEAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
-    let sizes: Vec<u64> = env_list("VMBEAM_BENCH_SIZES", "64M 256M 1G")
+    let sizes: Vec<u64> = env_list("VMBEAM_BENCH_SIZES", "64M 256M 1G 2G")
         .iter()
         .map(|s| bench::parse_size(s).unwrap_or_else(|| panic!("VMBEAM_BENCH_SIZES: bad size {s}")))
         .collect();

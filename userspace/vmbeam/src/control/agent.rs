@@ -188,7 +188,10 @@ pub struct L2Frames {
     /// The L1 guest-physical frame (page number) holding each 4 KiB page
     /// of the L2's RAM from page `first` on, in the order of the L2's
     /// guest-physical addresses (its QEMU's `/proc/PID/pagemap`); 0: not
-    /// present. At most [`MAX_FRAMES_PER_REPLY`].
+    /// present. At most [`MAX_FRAMES_PER_REPLY`]. On the wire, as runs of
+    /// consecutive frames (`frame_runs`, [`crate::runs::frames`]): an L2 on
+    /// huge pages is one run per 2 MiB.
+    #[serde(rename = "frame_runs", with = "crate::runs::frames")]
     pub frames: Vec<u64>,
     /// Bytes of it in transparent huge pages (`ShmemPmdMapped` in smaps).
     pub thp_bytes: u64,

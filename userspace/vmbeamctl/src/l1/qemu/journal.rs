@@ -51,7 +51,8 @@ pub struct Entry {
     /// The aged window that is its RAM; `None`: ordinary memory of the aged
     /// L1, at `offsets` of its RAM region (known once it is paused).
     pub from_window: Option<u32>,
-    #[serde(default)]
+    /// (As runs in the file: [`vmbeam::runs::offsets`].)
+    #[serde(default, with = "vmbeam::runs::offsets")]
     pub offsets: Vec<u64>,
     /// Its window on the clean L1.
     pub to: u32,
