@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vmbeam::{
-    control::agent::{AgentL2, AgentL2State, L2Frames, L2Marks, Saved, Workload, MAX_FRAMES_PER_REPLY},
+    control::agent::{start_timeout, AgentL2, AgentL2State, L2Frames, L2Marks, Saved, Workload, MAX_FRAMES_PER_REPLY},
     qmp::Qmp,
 };
 
@@ -144,7 +144,8 @@ impl L2 {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", cfg.qemu.display()))?;
-        let qmp = match connect_when_ready(&qmp_path, &mut child, cfg.timeout) {
+        let ordinary = if let Ram::Ordinary { size, .. } = ram { *size } else { 0 };
+        let qmp = match connect_when_ready(&qmp_path, &mut child, start_timeout(cfg.timeout, ordinary)) {
             Ok(q) => q,
             Err(e) => {
                 let _ = child.kill();
@@ -410,7 +411,8 @@ impl L2 {
     /// never overwritten.
     fn trace_marks(&mut self, mark: Mark) {
         self.marks = Marks::default();
-        let started = self.vcpu_threads().and_then(|tids| GuestMarks::start(&self.name, mark, &tids));
+        let pid = self.pid();
+        let started = self.vcpu_threads().and_then(|tids| GuestMarks::start(&self.name, pid, mark, &tids));
         match started {
             Ok(t) => self.marks.tracing = Some(t),
             Err(e) => self.marks.error = Some(format!("{e:#}")),
@@ -467,6 +469,9 @@ impl L2 {
         let _ = self.child.wait();
         self.state = AgentL2State::Exited;
         self.detail = Some("moved away; QEMU killed".into());
+        // Its trace instance goes with it (a migration reads its marks
+        // before it retires the aged copy).
+        self.marks = Marks::default();
     }
 }
 

@@ -3,7 +3,7 @@
 //! kernel events rather than from what QEMU's `stop` and `cont` replies
 //! say. L0's eBPF probes cannot see them (at L0, an L2's vCPU is just
 //! the L1's vCPU thread), so the L1's own tracefs does it: one trace
-//! instance per L2 (`instances/vmbeam-NAME`) with KVM's events filtered
+//! instance per L2 (`instances/vmbeam-NAME-QEMUPID`) with KVM's events filtered
 //! on the L2 QEMU's vCPU threads, on the `mono` clock (CLOCK_MONOTONIC,
 //! which L0 relates to its own with `query-clock`).
 //!
@@ -55,9 +55,11 @@ pub struct GuestMarks {
 }
 
 impl GuestMarks {
-    /// Starts recording `mark` for the threads `tids` (the L2 QEMU's vCPU
-    /// threads, from `query-cpus-fast`).
-    pub fn start(l2: &str, mark: Mark, tids: &[u32]) -> Result<Self> {
+    /// Starts recording `mark` for the threads `tids` (the vCPU threads of
+    /// L2 `l2`'s QEMU `qemu_pid`, from `query-cpus-fast`). The instance is
+    /// named after both: a new QEMU of the same name (an L2 that comes back
+    /// after a move) never shares it with one still held by its old one.
+    pub fn start(l2: &str, qemu_pid: u32, mark: Mark, tids: &[u32]) -> Result<Self> {
         if tids.is_empty() {
             bail!("L2 {l2}: no vCPU threads to trace");
         }
@@ -65,9 +67,7 @@ impl GuestMarks {
         if !root.join("instances").is_dir() {
             bail!("{TRACEFS} is not mounted (tracefs), or this kernel has no tracing");
         }
-        let dir = root.join("instances").join(format!("vmbeam-{l2}"));
-        // A stale instance of an earlier agent for this name: ours now.
-        let _ = std::fs::remove_dir(&dir);
+        let dir = root.join("instances").join(format!("vmbeam-{l2}-{qemu_pid}"));
         std::fs::create_dir(&dir).with_context(|| format!("making trace instance {}", dir.display()))?;
         let marks = Self { dir, mark };
         let filter = tids.iter().map(|t| format!("common_pid == {t}")).collect::<Vec<_>>().join(" || ");

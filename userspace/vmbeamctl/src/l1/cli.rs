@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use serde_json::json;
-use vmbeam::control::agent::{AgentL2, AgentStatus, StartL2};
+use vmbeam::control::agent::{start_timeout, AgentL2, AgentStatus, StartL2};
 
 use super::qemu::{self, LaunchArgs, QemuL1};
 
@@ -77,6 +77,8 @@ pub fn run(cmd: &Command) -> Result<()> {
             );
         }
         Command::StartL2 { qmp, name, window, memory, thp } => {
+            // The agent's own bound on the start, and the reply's trip.
+            let timeout = start_timeout(timeout, memory.unwrap_or(0)) + Duration::from_secs(10);
             let mut l1 = QemuL1::connect(qmp, timeout)?;
             let args = StartL2 { name: name.clone(), window: *window, size: *memory, thp: *thp };
             let vm: AgentL2 = l1.agent.call("start-l2", args)?;
