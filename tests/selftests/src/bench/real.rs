@@ -53,9 +53,22 @@ fn path(p: &Path) -> &str {
 }
 
 /// Boots an aged L1 with one L2 of `size` on a window and one on its own
-/// memory, a clean L1 with an empty window, and moves both L2s.
+/// memory, a clean L1 with an empty window, and moves both L2s. A failed
+/// run's error ends with the last lines of both L1s' consoles (the agents
+/// log every request there).
 pub fn migrate_all(size: u64) -> Result<RealRun, String> {
     let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
+    one_run(&dir, size).map_err(|e| {
+        let tail = |name: &str| {
+            let console = std::fs::read_to_string(dir.0.join(format!("{name}.console"))).unwrap_or_default();
+            let lines: Vec<&str> = console.lines().collect();
+            lines[lines.len().saturating_sub(8)..].join(" | ")
+        };
+        format!("{e}\n  aged console: {}\n  clean console: {}", tail("aged"), tail("clean"))
+    })
+}
+
+fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
