@@ -49,8 +49,10 @@ sleep 2
 # VMBEAM_DEMO_HOLES=1: the gathered frames stay empty in the aged L1
 # (no memory added at L0), which is then destroyed instead of shut down.
 holes=; [ "${VMBEAM_DEMO_HOLES:-0}" = 1 ] && holes=--gather-holes
-step "vmbeamctl rejuvenate --aged $dir/aged.qmp $holes"
-"$ctl" rejuvenate --aged "$dir/aged.qmp" --dir "$dir" $holes || fail "rejuvenate failed"
+# VMBEAM_DEMO_TRACE=1: with the eBPF probes on both L1 QEMUs at L0.
+trace=; [ "${VMBEAM_DEMO_TRACE:-0}" = 1 ] && trace=--trace
+step "vmbeamctl rejuvenate --aged $dir/aged.qmp $holes $trace"
+"$ctl" rejuvenate --aged "$dir/aged.qmp" --dir "$dir" $holes $trace || fail "rejuvenate failed"
 
 step "the L2s run on in the clean L1"
 "$ctl" l1 status --qmp "$dir/aged-clean.qmp" || fail "the clean L1 does not answer"

@@ -333,9 +333,19 @@ fn print_text(r: &Report) {
 /// then each L1 process's histograms.
 fn print_trace(r: &Report, summary: &vmbeam_probes::Summary) {
     use vmbeam_probes::{Kind, Phase};
-    println!("  eBPF probes (--trace): downtime = last guest exit on the aged L1 -> first guest entry on the clean L1");
-    println!("  {:<14} {:>10}   faults of its vCPU threads before / during / after", "L2", "downtime");
-    for l in &r.l2 {
+    // Real L1s: at L0 an L2's vCPU is one of its L1's vCPU threads, so
+    // the probes have no thread of its own to follow.
+    if r.l2.iter().all(|l| l.from_vcpu_tid.is_none() && l.to_vcpu_tid.is_none()) {
+        println!(
+            "  eBPF probes (--trace) at L0, per L1 QEMU: an L2's vCPU runs inside its L1's vCPU threads, so its downtime is the L1 kernels' line above"
+        );
+    } else {
+        println!(
+            "  eBPF probes (--trace): downtime = last guest exit on the aged L1 -> first guest entry on the clean L1"
+        );
+        println!("  {:<14} {:>10}   faults of its vCPU threads before / during / after", "L2", "downtime");
+    }
+    for l in r.l2.iter().filter(|l| l.from_vcpu_tid.is_some() || l.to_vcpu_tid.is_some()) {
         let Some(t) = &l.trace else { continue };
         let down = t.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms"));
         let counts: Vec<String> = Kind::ALL
