@@ -301,6 +301,17 @@ fn main() {
             let (code, r, _) = migrate(from, to, &[])?;
             check(code == Some(0) && r["totals"]["bytes_copied"] == 0, || format!("{code:?} {r}"))?;
         }
+        // An L2 that failed on either side is named with its detail first:
+        // a wild exit under TCG carries WILD_RIP, and the test runs once
+        // more (CI at 5c6d459 counted only "1 L2s, expected 2" and failed).
+        let failed: Vec<String> = a
+            .vms()?
+            .iter()
+            .chain(&b.vms()?)
+            .filter(|v| v.state == L2State::Failed)
+            .map(|v| format!("{}: {:?}", v.name, v.detail))
+            .collect();
+        check(failed.is_empty(), || format!("failed L2s: {}", failed.join("; ")))?;
         // Back home: the entries it left behind were replaced, not doubled.
         all_home(&a, 2)?;
         let there = b.vms()?;
