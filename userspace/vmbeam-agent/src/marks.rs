@@ -29,7 +29,8 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// Which moment of the vCPUs an instance records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mark {
-    /// The last `kvm_exit`: when the L2 stopped running (before a save).
+    /// The last `kvm_exit` or `kvm_userspace_exit`: when the L2 last left
+    /// `KVM_RUN` (before a save).
     LastExit,
     /// The first `kvm_entry`: when the L2 ran again (after a resume).
     FirstEntry,

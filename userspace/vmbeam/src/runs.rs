@@ -2,10 +2,9 @@
 //! L2 of 1 GiB is 262,144 frames, but its memory comes in long stretches
 //! (2 MiB huge pages, or what the allocator handed out in a row), so a run
 //! `[first, count]` of values that each go up by `step` says the same in a
-//! few hundred numbers. Serde's `with` attribute uses [`frames`] (page
-//! frames, 0 = not present) and [`offsets`] (byte offsets of pages).
-
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+//! few hundred numbers. The agent protocol's frame lists
+//! (`control::agent::L2Frames`) and vmbeamctl's migration journal use it,
+//! each through a serde adapter beside its own struct.
 
 /// `values` as runs of values that each go up by `step` (with
 /// `zeros_repeat`, a run from 0 is a run of zeros: absent frames).
@@ -47,46 +46,6 @@ pub fn decode(runs: &[[u64; 2]], step: u64, zeros_repeat: bool, limit: u64) -> R
     Ok(values)
 }
 
-/// Page frames (0: not present), up to [`crate::control::agent::MAX_FRAMES_PER_REPLY`].
-pub mod frames {
-    use super::*;
-    use crate::control::agent::MAX_FRAMES_PER_REPLY;
-
-    pub fn serialize<S: Serializer>(frames: &[u64], s: S) -> Result<S::Ok, S::Error> {
-        encode(frames, 1, true).serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-        let runs: Vec<[u64; 2]> = Vec::deserialize(d)?;
-        decode(&runs, 1, true, MAX_FRAMES_PER_REPLY).map_err(serde::de::Error::custom)
-    }
-}
-
-/// Byte offsets of 4 KiB pages in a region (a plain list is read too).
-pub mod offsets {
-    use super::*;
-
-    /// The most pages a list may name: a region of 64 TiB.
-    const LIMIT: u64 = 1 << 34;
-
-    pub fn serialize<S: Serializer>(offsets: &[u64], s: S) -> Result<S::Ok, S::Error> {
-        encode(offsets, 4096, false).serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Runs(Vec<[u64; 2]>),
-            Plain(Vec<u64>),
-        }
-        match Form::deserialize(d)? {
-            Form::Runs(runs) => decode(&runs, 4096, false, LIMIT).map_err(serde::de::Error::custom),
-            Form::Plain(offsets) => Ok(offsets),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,15 +81,5 @@ mod tests {
         assert!(decode(&[[1, u64::MAX]], 1, true, 1 << 16).unwrap_err().contains("more than"));
         assert!(decode(&[[1, 1 << 40], [1, u64::MAX]], 1, true, u64::MAX).unwrap_err().contains("overflow"));
         assert!(decode(&[[u64::MAX, 2]], 1, false, 10).unwrap_err().contains("past 2^64"));
-        let frames: Result<Vec<u64>, _> =
-            frames::deserialize(&mut serde_json::Deserializer::from_str("[[5, 4294967296]]"));
-        assert!(frames.is_err());
-    }
-
-    #[test]
-    fn journal_offsets_read_both_forms() {
-        let plain: Vec<u64> = offsets::deserialize(&mut serde_json::Deserializer::from_str("[0, 8192]")).unwrap();
-        let runs: Vec<u64> = offsets::deserialize(&mut serde_json::Deserializer::from_str("[[0, 2]]")).unwrap();
-        assert_eq!((plain, runs), (vec![0, 8192], vec![0, 4096]));
     }
 }

@@ -103,8 +103,10 @@ pub struct L2Report {
     pub guest_marks: Option<GuestMarks>,
 }
 
-/// An L2's downtime as its L1s' kernels saw it: the last `kvm_exit` of its
-/// vCPU threads in the aged L1 to their first `kvm_entry` in the clean L1,
+/// An L2's downtime as its L1s' kernels saw it: the last `kvm_exit` or
+/// `kvm_userspace_exit` of its vCPU threads in the aged L1 (a halted vCPU
+/// leaves `KVM_RUN` at the stop without a guest exit) to their first
+/// `kvm_entry` in the clean L1,
 /// both placed on L0's CLOCK_MONOTONIC (the clock of `paused_at_ns`).
 #[derive(Debug, Default, Serialize)]
 pub struct GuestMarks {
@@ -292,7 +294,7 @@ fn print_text(r: &Report) {
             })
             .collect();
     if !marked.is_empty() {
-        println!("  downtime (ms, the L1 kernels' kvm_exit → kvm_entry of its vCPUs): {}", marked.join("; "));
+        println!("  downtime (ms, the L1 kernels' last exit → first kvm_entry of its vCPUs): {}", marked.join("; "));
     }
     let probed: Vec<&Probe> = r.l2.iter().filter_map(|l| l.old_owner.as_ref()).collect();
     if !probed.is_empty() {

@@ -167,9 +167,11 @@ pub struct StartL2 {
     pub thp: bool,
 }
 
-/// The most frames one `query-l2-frames` reply carries: 65,536 frame
-/// numbers of up to 10 digits fit a message (`MAX_LINE`, 1 MiB) with room
-/// to spare, and an L2 of any size is read in pages of this many.
+/// The most frames one `query-l2-frames` reply carries; an L2 of any size
+/// is read in pages of this many. They travel as runs of consecutive
+/// frames, at worst one run per frame: `[NNNNNNNNNN,1],` is 15 bytes for a
+/// frame below 2^32 (an L1 of up to 16 TiB), 983,040 bytes for 65,536,
+/// inside a message (`MAX_LINE`, 1 MiB).
 pub const MAX_FRAMES_PER_REPLY: u64 = 1 << 16;
 
 /// Which pages of an L2's RAM `query-l2-frames` reports: `count` pages
@@ -197,12 +199,31 @@ pub struct L2Frames {
     /// of the L2's RAM from page `first` on, in the order of the L2's
     /// guest-physical addresses (its QEMU's `/proc/PID/pagemap`); 0: not
     /// present. At most [`MAX_FRAMES_PER_REPLY`]. On the wire, as runs of
-    /// consecutive frames (`frame_runs`, [`crate::runs::frames`]): an L2 on
-    /// huge pages is one run per 2 MiB.
-    #[serde(rename = "frame_runs", with = "crate::runs::frames")]
+    /// consecutive frames (`frame_runs`, [`crate::runs`]): an L2 on huge
+    /// pages is one run per 2 MiB.
+    #[serde(rename = "frame_runs", with = "frame_runs")]
     pub frames: Vec<u64>,
     /// Bytes of it in transparent huge pages (`ShmemPmdMapped` in smaps).
     pub thp_bytes: u64,
+}
+
+/// [`L2Frames::frames`] on the wire: runs of frames that go up by one, a
+/// run from 0 being absent pages; more than [`MAX_FRAMES_PER_REPLY`] is
+/// refused before anything is allocated.
+mod frame_runs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::MAX_FRAMES_PER_REPLY;
+    use crate::runs;
+
+    pub fn serialize<S: Serializer>(frames: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        runs::encode(frames, 1, true).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        let runs: Vec<[u64; 2]> = Vec::deserialize(d)?;
+        runs::decode(&runs, 1, true, MAX_FRAMES_PER_REPLY).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -273,4 +294,26 @@ pub struct L2Marks {
     pub first_guest_entry_ns: Option<u64>,
     /// Why a mark is missing (no tracefs in this L1, no event yet).
     pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_travel_as_runs_and_too_many_are_refused() {
+        let f = L2Frames {
+            name: "g0".into(),
+            size: 8 << 12,
+            first: 0,
+            frames: vec![9, 10, 11, 0, 0, 40, 41, 42],
+            thp_bytes: 0,
+        };
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json["frame_runs"], serde_json::json!([[9, 3], [0, 2], [40, 3]]));
+        assert_eq!(serde_json::from_value::<L2Frames>(json).unwrap(), f);
+        let bomb = serde_json::json!({"name": "g0", "size": 0, "frame_runs": [[5, 1u64 << 32]], "thp_bytes": 0});
+        let refused = serde_json::from_value::<L2Frames>(bomb).unwrap_err().to_string();
+        assert!(refused.contains("more than the 65536 allowed"), "{refused}");
+    }
 }

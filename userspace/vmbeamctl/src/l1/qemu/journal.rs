@@ -51,14 +51,42 @@ pub struct Entry {
     /// The aged window that is its RAM; `None`: ordinary memory of the aged
     /// L1, at `offsets` of its RAM region (known once it is paused).
     pub from_window: Option<u32>,
-    /// (As runs in the file: [`vmbeam::runs::offsets`].)
-    #[serde(default, with = "vmbeam::runs::offsets")]
+    /// (As runs in the file: [`offset_runs`].)
+    #[serde(default, with = "offset_runs")]
     pub offsets: Vec<u64>,
     /// Its window on the clean L1.
     pub to: u32,
     pub pages: u64,
     /// Its saved CPU and device state (base64), once it is paused.
     pub state: Option<String>,
+}
+
+/// [`Entry::offsets`] in the file: runs of offsets a page apart
+/// ([`vmbeam::runs`]); a plain list (an older journal) is read too.
+mod offset_runs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use vmbeam::runs;
+
+    /// The most pages a journal entry may name: an L2 of 256 GiB (a
+    /// damaged file must not make the witness allocate without bound).
+    const LIMIT: u64 = 1 << 26;
+
+    pub fn serialize<S: Serializer>(offsets: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        runs::encode(offsets, 4096, false).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Runs(Vec<[u64; 2]>),
+            Plain(Vec<u64>),
+        }
+        match Form::deserialize(d)? {
+            Form::Runs(r) => runs::decode(&r, 4096, false, LIMIT).map_err(serde::de::Error::custom),
+            Form::Plain(offsets) => Ok(offsets),
+        }
+    }
 }
 
 /// The journal file of a migration into the L1 whose QMP socket is `qmp`.
@@ -150,5 +178,16 @@ mod tests {
         drop(file);
         assert!(!dir.join("clean.migration.json").exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn offsets_are_runs_in_the_file_and_an_older_plain_list_still_reads() {
+        let e = |offsets: serde_json::Value| serde_json::json!({"name": "g0", "from_window": null, "offsets": offsets, "to": 1, "pages": 2, "state": null});
+        let plain: Entry = serde_json::from_value(e(serde_json::json!([0, 8192]))).unwrap();
+        let runs: Entry = serde_json::from_value(e(serde_json::json!([[0, 2]]))).unwrap();
+        assert_eq!((plain.offsets, runs.offsets.clone()), (vec![0, 8192], vec![0, 4096]));
+        assert_eq!(serde_json::to_value(&runs).unwrap()["offsets"], serde_json::json!([[0, 2]]));
+        let damaged = serde_json::from_value::<Entry>(e(serde_json::json!([[0, 1u64 << 40]])));
+        assert!(damaged.is_err());
     }
 }

@@ -137,22 +137,6 @@ impl QemuPair {
     /// For an L2 on ordinary memory, just paused: its frames from the aged
     /// agent, checked, as offsets in the aged RAM region, and the L0 frames
     /// behind them. Nothing has moved if this fails.
-    /// Each L2's downtime from the L1 kernels' events (the agents' marks);
-    /// a mark that cannot be had is a warning, never a failed move.
-    fn mark_downtime(&mut self, report: &mut Report) {
-        let names: Vec<String> = self.moves.iter().map(|m| m.name.clone()).collect();
-        match super::marks::guest_downtime(&mut self.aged.agent, &mut self.clean.agent, &names) {
-            Ok(marks) => {
-                for (name, m) in names.iter().zip(marks) {
-                    if let Some(l) = report.l2.iter_mut().find(|l| &l.name == name) {
-                        l.guest_marks = Some(m);
-                    }
-                }
-            }
-            Err(e) => report.warnings.push(format!("the L1 kernels' downtime marks: {e:#}")),
-        }
-    }
-
     fn locate(&mut self, i: usize, report: &mut Report) -> Result<()> {
         let name = self.moves[i].name.clone();
         let mut f = l2_frames(&mut self.aged.agent, &name)?;
@@ -179,6 +163,22 @@ impl QemuPair {
         m.frames = frames;
         m.source = Source::Ordinary { offsets };
         Ok(())
+    }
+
+    /// Each L2's downtime from the L1 kernels' events (the agents' marks);
+    /// a mark that cannot be had is a warning, never a failed move.
+    fn mark_downtime(&mut self, report: &mut Report) {
+        let names: Vec<String> = self.moves.iter().map(|m| m.name.clone()).collect();
+        match super::marks::guest_downtime(&mut self.aged.agent, &mut self.clean.agent, &names) {
+            Ok(marks) => {
+                for (name, m) in names.iter().zip(marks) {
+                    if let Some(l) = report.l2.iter_mut().find(|l| &l.name == name) {
+                        l.guest_marks = Some(m);
+                    }
+                }
+            }
+            Err(e) => report.warnings.push(format!("the L1 kernels' downtime marks: {e:#}")),
+        }
     }
 }
 
