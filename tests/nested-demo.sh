@@ -28,6 +28,7 @@ cleanup() {
 trap cleanup EXIT
 fail() {
 	echo "demo: $*"
+	python3 "$(dirname "$0")/nested/l1-cpus.py" $(ls "$dir"/*.qmp 2>/dev/null)
 	for f in "$dir"/*.console "$dir"/*.log; do
 		[ -s "$f" ] && { echo "--- $f"; tail -n 20 "$f"; }
 	done

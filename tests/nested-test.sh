@@ -16,7 +16,13 @@ cleanup() { pkill -9 -f "$dir/" 2>/dev/null; sleep 0.5; }
 trap cleanup EXIT
 
 ok() { n=$((n + 1)); echo "ok $n $1"; }
-not_ok() { n=$((n + 1)); failed=1; echo "not ok $n $1"; shift; printf '# %s\n' "$@"; }
+# At the first failure, where each live L1's vCPUs are (an agent that went
+# silent: is its L1 hung, or running an L2 it never takes back?).
+not_ok() {
+	n=$((n + 1)); echo "not ok $n $1"; shift; printf '# %s\n' "$@"
+	[ "$failed" = 1 ] || python3 "$(dirname "$0")/nested/l1-cpus.py" $(ls "$dir"/*.qmp 2>/dev/null)
+	failed=1
+}
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 status_json() { "$ctl" l1 status --qmp "$dir/$1.qmp" --json; }
 # pass of L2 $2 on L1 $1, or -1

@@ -283,6 +283,7 @@ impl L2 {
             bail!("L2 {} has no save under way", self.name);
         };
         let migrated = self.qmp.wait_migration(cfg.timeout);
+        let qemu_save_ms = migrated.as_ref().ok().and_then(|info| info["total-time"].as_u64());
         let saved = out.collect(migrated.is_ok()).and_then(|bytes| {
             migrated?;
             anyhow::Ok(bytes)
@@ -295,13 +296,15 @@ impl L2 {
             }
         };
         self.saved_workload = self.read_header().ok();
+        let state = crate::state::encode(&bytes)?;
         Ok(Saved {
             name: self.name.clone(),
             window: self.ram.window_index(),
-            state: crate::state::encode(&bytes)?,
+            state,
             state_bytes: bytes.len() as u64,
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
+            qemu_save_ms,
         })
     }
 

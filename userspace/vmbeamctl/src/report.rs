@@ -78,6 +78,12 @@ pub struct L2Report {
     /// side by side)...
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_ms: Option<f64>,
+    /// Of the save, QEMU's own migration of the L2's CPU and devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_save_ms: Option<u64>,
+    /// The size of that state (QEMU's stream; its RAM stays in place).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_bytes: Option<u64>,
     /// ... and the clean agent's restore (from its `restore-l2s` request
     /// to this L2's `cont`; the states were sent before, with `load-l2`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -278,7 +284,13 @@ fn print_text(r: &Report) {
     // Real L1s: where each L2's downtime went, as its agents timed it.
     let split: Vec<String> =
         r.l2.iter()
-            .filter_map(|l| Some(format!("{} save {:.0} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?)))
+            .filter_map(|l| {
+                let qemu = match (l.qemu_save_ms, l.state_bytes) {
+                    (Some(ms), Some(b)) => format!(" (QEMU's {ms}, {} KiB state)", b.div_ceil(1024)),
+                    _ => String::new(),
+                };
+                Some(format!("{} save {:.0}{qemu} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?))
+            })
             .collect();
     if !split.is_empty() {
         println!("  downtime (ms, the agents' clocks): {}", split.join("; "));

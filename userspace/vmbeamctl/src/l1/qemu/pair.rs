@@ -335,6 +335,8 @@ impl Pair for QemuPair {
             let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
             l.paused_at_ns = monotonic_ns().saturating_sub(s.stopped_us_ago * 1000);
             l.save_ms = Some(s.stopped_us_ago as f64 / 1e3);
+            l.qemu_save_ms = s.qemu_save_ms;
+            l.state_bytes = Some(s.state_bytes);
             l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
             self.moves[i].saved = Some(s);
         }

@@ -71,6 +71,7 @@ impl Move {
             state_bytes: state.len() as u64,
             state,
             stopped_us_ago: 0,
+            qemu_save_ms: None,
             workload: None,
         });
         Self { name: e.name, source, to: e.to, pages: e.pages, frames: Vec::new(), saved, gathered: false }
