@@ -89,6 +89,9 @@ pub struct L2 {
     pending: Option<Pending>,
     /// Its downtime as this L1's kernel saw it (`query-l2-marks`).
     marks: Marks,
+    /// A state sent ahead (`stage-l2`) for an incoming L2, decoded, until
+    /// `load-l2` loads it.
+    staged: Option<Vec<u8>>,
 }
 
 /// The kernel-event marks of one L2 ([`crate::marks`]): what is being
@@ -177,6 +180,7 @@ impl L2 {
             saved_workload: None,
             pending: None,
             marks: Marks::default(),
+            staged: None,
         };
         if incoming {
             l2.state = AgentL2State::Incoming;
@@ -200,6 +204,12 @@ impl L2 {
     /// waiting for its state.
     pub fn is_waiting_on(&mut self, index: u32) -> bool {
         self.poll();
+        self.is_prepared_on(index)
+    }
+
+    /// [`Self::is_waiting_on`], for an L2 the caller only looks at (its
+    /// exit, if any, is noticed at the next request).
+    pub fn is_prepared_on(&self, index: u32) -> bool {
         self.state == AgentL2State::Incoming && self.ram.window_index() == Some(index)
     }
 
@@ -356,7 +366,11 @@ impl L2 {
     /// (QEMU loads it in the background; its QEMU took `start_us` to
     /// start); [`Self::finish_restore`] runs it.
     pub fn begin_restore(&mut self, cfg: &Config, state: &str, start_us: u64) -> Result<()> {
-        let bytes = crate::state::decode(state)?;
+        let bytes = match (state.is_empty(), self.staged.take()) {
+            (false, _) => crate::state::decode(state)?,
+            (true, Some(staged)) => staged,
+            (true, None) => bail!("L2 {}: no state given and none staged (stage-l2)", self.name),
+        };
         let path = cfg.run_dir.join(format!("{}.in.sock", self.name));
         let _ = std::fs::remove_file(&path);
         // QEMU listens once the command returns.
@@ -368,6 +382,16 @@ impl L2 {
         if !self.is_marking(Mark::FirstEntry) {
             self.trace_marks(Mark::FirstEntry);
         }
+        Ok(())
+    }
+
+    /// Keeps `state` for the load to come: it arrived ahead, while the
+    /// pages it needs were still on their way.
+    pub fn stage(&mut self, state: &str) -> Result<()> {
+        if self.state != AgentL2State::Incoming || self.is_loading() {
+            bail!("L2 {} is {:?}: only a prepared L2 (prepare-l2) takes a state ahead", self.name, self.state);
+        }
+        self.staged = Some(crate::state::decode(state)?);
         Ok(())
     }
 

@@ -179,6 +179,10 @@ impl Agent {
                 let a: Names = args(req)?;
                 self.begin_saves(&a.names).map(|s| json!(s)).map_err(generic)
             }
+            "stage-l2" => {
+                let a: RestoreL2 = args(req)?;
+                self.stage(&a).map(|()| json!({})).map_err(generic)
+            }
             "load-l2" => {
                 let a: RestoreL2 = args(req)?;
                 self.load(&a).map(|i| json!(i)).map_err(generic)
@@ -373,6 +377,16 @@ impl Agent {
             }
         }
         Ok(names.iter().filter_map(|n| self.l2s.get_mut(n).map(L2::info)).collect())
+    }
+
+    /// Keeps a state for the L2 `prepare-l2` started on its window, so
+    /// that `load-l2` need not carry it: L0 sends it while the aged L1 is
+    /// still saving the next L2.
+    fn stage(&mut self, a: &RestoreL2) -> Result<()> {
+        let Some(l2) = self.l2s.get_mut(&a.name).filter(|l| l.is_prepared_on(a.window)) else {
+            bail!("no L2 {} prepared on window {} (prepare-l2)", a.name, a.window);
+        };
+        l2.stage(&a.state)
     }
 
     /// Starts loading a state into its L2's receiving QEMU (the one

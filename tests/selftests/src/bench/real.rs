@@ -72,8 +72,10 @@ fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
-    // The L1's own 384 MiB (kernel, initramfs with QEMU) + the gathered L2.
-    let l1_ram = format!("{}M", 384 + (size >> 20));
+    // The L1's own 640 MiB (kernel, initramfs with QEMU, the L2 QEMUs) +
+    // the gathered L2. With 384 MiB, a 1 GiB L2 locked in the L1's memory
+    // left it reclaiming for minutes (its agent silent, its QEMU alive).
+    let l1_ram = format!("{}M", 640 + (size >> 20));
     let (aged_qmp, clean_qmp) = (dir.0.join("aged.qmp"), dir.0.join("clean.qmp"));
     // The clean L1 has a window for each L2 (the gathered one lands in one).
     let two_windows = format!("{mib},{mib}");

@@ -16,6 +16,7 @@
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
+//! | `stage-l2`     | [`RestoreL2`]    | `{}`               |
 //! | `load-l2`      | [`RestoreL2`]    | [`AgentL2`]        |
 //! | `restore-l2s`  | [`Names`]        | `[`[`Restored`]`]` |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
@@ -31,6 +32,9 @@
 //! again); `load-l2` starts loading one state and returns, and
 //! `restore-l2s` resumes each as soon as its own has loaded. Every message
 //! carries at most one state (a line is at most `MAX_LINE` bytes).
+//! `stage-l2` sends a state ahead to its prepared QEMU, so that L0 passes
+//! each state on while the aged L1 still saves the next, and the
+//! `load-l2` that follows carries none (an empty `state`).
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -72,6 +76,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "resume-l2",
     "prepare-l2",
     "restore-l2",
+    "stage-l2",
     "load-l2",
     "restore-l2s",
     "kill-l2",
@@ -269,6 +274,7 @@ pub struct PrepareL2 {
 pub struct RestoreL2 {
     pub name: String,
     pub window: u32,
+    /// The [`Saved`] state; empty in a `load-l2` after `stage-l2`.
     pub state: String,
 }
 

@@ -74,7 +74,16 @@ impl Move {
             qemu_save_ms: None,
             workload: None,
         });
-        Self { name: e.name, source, to: e.to, pages: e.pages, frames: Vec::new(), saved, gathered: false }
+        Self {
+            name: e.name,
+            source,
+            to: e.to,
+            pages: e.pages,
+            frames: Vec::new(),
+            saved,
+            staged: false,
+            gathered: false,
+        }
     }
 }
 
