@@ -230,6 +230,7 @@ fi
 
 before=$(pass_of $src vm0)
 owned0=$(stat pages_owned)
+staged0=$(grep -c "vmbeam-agent: stage-l2" "$dir/$dst.console")
 out=$("$ctl" migrate-all --from "$dir/$src.qmp" --to "$dir/$dst.qmp" --json)
 rc=$?
 owned1=$(stat pages_owned)
@@ -251,6 +252,17 @@ if echo "$out" | json "all((l.get('guest_marks') or {}).get('downtime_ms') and l
 	ok "the_l1_kernels_mark_each_l2s_downtime_around_vmbeamctls"
 else
 	not_ok "the_l1_kernels_mark_each_l2s_downtime_around_vmbeamctls" "kernel marks vs vmbeamctl's stamps" "$out"
+fi
+
+# Each state went on to the clean agent while the pause still ran
+# (`stage-l2`, one per L2, none refused), and the report splits each save
+# into QEMU's own migration and the state's size.
+staged=$(( $(grep -c "vmbeam-agent: stage-l2" "$dir/$dst.console") - staged0 ))
+echo "$out" | json "'\n'.join('# %s: save %.0f ms, QEMU\'s %s ms, state %s bytes' % (l['name'], l.get('save_ms') or -1, l.get('qemu_save_ms'), l.get('state_bytes')) for l in d['l2'])" 2>/dev/null
+if [ "$staged" = $((l2s + gather)) ] && echo "$out" | json "all(l.get('state_bytes', 0) > 0 and 0 < l['qemu_save_ms'] <= l['save_ms'] for l in d['l2']) and not any('goes with the load' in w for w in d['warnings'])" | grep -q True; then
+	ok "each_state_goes_ahead_to_the_clean_agent_during_the_pause"
+else
+	not_ok "each_state_goes_ahead_to_the_clean_agent_during_the_pause" "stage-l2 requests: $staged" "$out"
 fi
 
 if [ "$gather" -gt 0 ]; then
@@ -294,11 +306,12 @@ reply=$(python3 - "$dir/$dst.agent" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1]); f = s.makefile("rwb")
 f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()
-for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"execute": "save-l2", "arguments": {"nam": 1}}\n', b'{"execute": "query-commands"}\n'):
+for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"execute": "save-l2", "arguments": {"nam": 1}}\n',
+             b'{"execute": "stage-l2", "arguments": {"name": "nobody", "window": 0, "state": ""}}\n', b'{"execute": "query-commands"}\n'):
     f.write(line); f.flush(); print(json.loads(f.readline()))
 EOF
 )
-if [ "$(grep -c "'error'" <<<"$reply")" = 3 ] && grep -q "'return'" <<<"$reply"; then
+if [ "$(grep -c "'error'" <<<"$reply")" = 4 ] && grep -q "'return'" <<<"$reply"; then
 	ok "malformed_agent_messages_get_error_objects"
 else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"

@@ -64,7 +64,15 @@ pub fn migrate_all(size: u64) -> Result<RealRun, String> {
             let lines: Vec<&str> = console.lines().collect();
             lines[lines.len().saturating_sub(8)..].join(" | ")
         };
-        format!("{e}\n  aged console: {}\n  clean console: {}", tail("aged"), tail("clean"))
+        // Where the L1s' vCPUs are (tests/nested/l1-cpus.py; the bench
+        // runs from the project root): is a silent L1 hung or busy?
+        let cpus = std::process::Command::new("python3")
+            .arg("tests/nested/l1-cpus.py")
+            .args(["aged", "clean"].map(|n| dir.0.join(format!("{n}.qmp"))).iter().filter(|p| p.exists()))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!("{e}\n  aged console: {}\n  clean console: {}\n{}", tail("aged"), tail("clean"), cpus.trim_end())
     })
 }
 
