@@ -79,6 +79,11 @@ pub struct QemuPair {
     options: gather::Options,
     /// The aged RAM region's pages before the move (the gather path).
     ram_present_before: Option<u64>,
+    /// The L0 frames behind the aged QEMU's mapping of its RAM region, per
+    /// page, read before the pause (the gather path; for the report's
+    /// frame comparison): region pages stay where they are, and reading
+    /// the whole region's pagemap is work per page of the L1.
+    aged_ram_frames: Vec<u64>,
     /// The journal on disk from `prepare` on (its witness settles the
     /// migration if this process dies; [`recover`]).
     journal: Option<journal::JournalFile>,
@@ -96,7 +101,16 @@ impl QemuPair {
     }
 
     pub fn new(dev: vmbeam::Device, aged: QemuL1, clean: QemuL1, options: gather::Options) -> Self {
-        Self { dev, aged, clean, moves: Vec::new(), options, ram_present_before: None, journal: None }
+        Self {
+            dev,
+            aged,
+            clean,
+            moves: Vec::new(),
+            options,
+            ram_present_before: None,
+            aged_ram_frames: Vec::new(),
+            journal: None,
+        }
     }
 
     /// The aged L1, to shut down once its L2s left.
@@ -153,7 +167,8 @@ impl QemuPair {
             self.moves[i].pages
         );
         let offsets = gather::offsets(&name, &f.frames, ram.size)?;
-        let frames = ram.frames_at(self.aged.pid, &offsets).unwrap_or_default();
+        let frames =
+            offsets.iter().map(|&o| self.aged_ram_frames.get((o / 4096) as usize).copied().unwrap_or(0)).collect();
         if let Some(l) = report.l2.iter_mut().find(|l| l.name == name) {
             l.thp_bytes = Some(f.thp_bytes);
             let pages = f.frames.len();
@@ -325,6 +340,10 @@ impl Pair for QemuPair {
         // The aged agent sets up its downtime marks now, not in the pause.
         let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
         self.aged.agent.call::<serde_json::Value>("mark-l2s", names)?;
+        if self.moves.iter().any(Move::is_ordinary) {
+            let ram = self.aged_ram()?;
+            self.aged_ram_frames = ram.frames(self.aged.pid).unwrap_or_default();
+        }
         Ok(())
     }
 

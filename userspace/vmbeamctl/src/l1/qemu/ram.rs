@@ -47,12 +47,17 @@ impl RamRegion {
         Ok(Some(Self { region, size, ino }))
     }
 
-    /// The L0 page frames behind QEMU `qemu_pid`'s mapping of the RAM at
-    /// byte `offsets` (0: not present).
-    pub fn frames_at(&self, qemu_pid: u32, offsets: &[u64]) -> Result<Vec<u64>> {
+    /// The L0 page frames behind QEMU `qemu_pid`'s mapping of the RAM, page
+    /// by page (0: not present).
+    pub fn frames(&self, qemu_pid: u32) -> Result<Vec<u64>> {
         let hva = procfs::mapping_of_inode(qemu_pid, self.ino)?
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map its RAM region"))?;
-        let all = vmbeam::pagemap::frames(qemu_pid, hva, self.size)?;
+        Ok(vmbeam::pagemap::frames(qemu_pid, hva, self.size)?)
+    }
+
+    /// [`Self::frames`] at byte `offsets` of the RAM.
+    pub fn frames_at(&self, qemu_pid: u32, offsets: &[u64]) -> Result<Vec<u64>> {
+        let all = self.frames(qemu_pid)?;
         Ok(offsets.iter().map(|&o| all.get((o / 4096) as usize).copied().unwrap_or(0)).collect())
     }
 }
