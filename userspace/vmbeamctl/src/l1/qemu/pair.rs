@@ -30,10 +30,10 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Named, Names, PrepareL2, RestoreL2, Restored, Saved,
+        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Names, PrepareL2, RestoreL2, Restored, Saved,
         Workload, MAX_FRAMES_PER_REPLY,
     },
-    ControlError, Probe,
+    Probe,
 };
 
 use super::{gather, journal, QemuL1, RamRegion, Window};
@@ -90,6 +90,7 @@ pub struct QemuPair {
 }
 
 mod recover;
+mod save;
 pub use recover::recover;
 
 impl QemuPair {
@@ -352,46 +353,7 @@ impl Pair for QemuPair {
         // lengthen another's downtime.
         let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
         self.aged.agent.call::<Vec<AgentL2>>("save-l2s", names)?;
-        // Each state goes on to the clean agent as soon as it arrives, while
-        // the aged L1 still saves the next L2: the clean agent keeps it for
-        // the load, which waits for the pages (`stage-l2`).
-        let (aged, clean, moves) = (&mut self.aged.agent, &mut self.clean.agent, &mut self.moves);
-        let staged = std::thread::scope(|scope| -> Result<Vec<(String, Option<String>)>> {
-            let (states, to_stage) = std::sync::mpsc::channel::<RestoreL2>();
-            let stager = scope.spawn(move || -> Result<Vec<(String, Option<String>)>> {
-                let mut staged = Vec::new();
-                for state in to_stage {
-                    match clean.call::<serde_json::Value>("stage-l2", &state) {
-                        Ok(_) => staged.push((state.name, None)),
-                        // Refused: the state goes with its `load-l2`.
-                        Err(e @ ControlError::Remote { .. }) => staged.push((state.name, Some(e.to_string()))),
-                        // A reply that may still come would answer the
-                        // next request: this connection is not to be used.
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(staged)
-            });
-            for m in moves.iter_mut() {
-                let s: Saved = aged.call("save-l2", Named { name: m.name.clone() })?;
-                let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
-                l.paused_at_ns = monotonic_ns().saturating_sub(s.stopped_us_ago * 1000);
-                l.save_ms = Some(s.stopped_us_ago as f64 / 1e3);
-                l.qemu_save_ms = s.qemu_save_ms;
-                l.state_bytes = Some(s.state_bytes);
-                l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
-                let _ = states.send(RestoreL2 { name: m.name.clone(), window: m.to, state: s.state.clone() });
-                m.saved = Some(s);
-            }
-            drop(states);
-            stager.join().map_err(|_| anyhow!("the thread staging states panicked"))?
-        })?;
-        for (name, refused) in staged {
-            match refused {
-                None => self.moves.iter_mut().filter(|m| m.name == name).for_each(|m| m.staged = true),
-                Some(e) => report.warnings.push(format!("{name}: its state goes with the load: {e}")),
-            }
-        }
+        save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
         for i in 0..self.moves.len() {
             if self.moves[i].is_ordinary() {
                 self.locate(i, report)?;
