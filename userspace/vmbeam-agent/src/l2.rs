@@ -503,8 +503,15 @@ impl L2 {
 }
 
 fn connect_when_ready(path: &Path, child: &mut Child, timeout: Duration) -> Result<Qmp> {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut next_word = start + Duration::from_secs(10);
     loop {
+        // A start that takes long says, on the console, where QEMU is.
+        if Instant::now() > next_word {
+            next_word += Duration::from_secs(10);
+            eprintln!("vmbeam-agent: QEMU {} not up after {:?}: {}", child.id(), start.elapsed(), where_is(child.id()));
+        }
         if let Some(status) = child.try_wait()? {
             bail!("QEMU exited at start: {status}");
         }
@@ -518,4 +525,22 @@ fn connect_when_ready(path: &Path, child: &mut Child, timeout: Duration) -> Resu
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A process's state and the kernel function it waits in (`wchan`).
+fn where_is(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command's closing parenthesis.
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string();
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            let w = std::fs::read_to_string(t.path().join("wchan")).ok()?;
+            (!w.is_empty() && w != "0").then(|| format!("{}:{w}", t.file_name().to_string_lossy()))
+        })
+        .collect();
+    format!("state {state}, wchan {}, threads {}", if wchan.is_empty() { "-" } else { &wchan }, threads.join(" "))
 }

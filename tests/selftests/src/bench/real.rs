@@ -81,9 +81,9 @@ fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
     // The L1's own 640 MiB (kernel, initramfs with QEMU, the L2 QEMUs) +
-    // the gathered L2, which its QEMU locks: with 384 MiB left beside a
-    // locked 1 GiB L2, its start timed out 4 times in 5 (so it did once
-    // more with 640 MiB; the start now also waits 3 min per GiB).
+    // the gathered L2, which its QEMU locks (with 384 MiB beside a locked
+    // 1 GiB L2 its start timed out 4 times in 5; with 640 MiB it still
+    // does now and then, as a 64 MiB one did: not a matter of memory).
     let l1_ram = format!("{}M", 640 + (size >> 20));
     let (aged_qmp, clean_qmp) = (dir.0.join("aged.qmp"), dir.0.join("clean.qmp"));
     // The clean L1 has a window for each L2 (the gathered one lands in one).

@@ -150,11 +150,13 @@ pub struct AgentL2 {
 }
 
 /// How long starting an L2 may take, on both ends of `start-l2`: `base`,
-/// plus three minutes per GiB of ordinary memory, which its QEMU locks, so
-/// the L1 faults in and zeroes every page of it before QEMU answers (an L2
-/// of 1 GiB took over a minute under TCG, and once more than two).
+/// plus a minute per GiB of ordinary memory, which its QEMU locks, so the
+/// L1 faults in and zeroes every page of it before QEMU answers (an L2 of
+/// 1 GiB took over a minute under TCG). A start that fails by timing out
+/// is rather one that never ends: a 64 MiB L2 did too, its L1 alive (the
+/// agent's console says where that QEMU waits, every 10 s).
 pub fn start_timeout(base: std::time::Duration, ordinary_bytes: u64) -> std::time::Duration {
-    base + std::time::Duration::from_secs(180 * ordinary_bytes.div_ceil(1 << 30))
+    base + std::time::Duration::from_secs(60 * ordinary_bytes.div_ceil(1 << 30))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
