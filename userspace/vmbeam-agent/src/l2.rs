@@ -391,6 +391,11 @@ impl L2 {
         if self.state != AgentL2State::Incoming || self.is_loading() {
             bail!("L2 {} is {:?}: only a prepared L2 (prepare-l2) takes a state ahead", self.name, self.state);
         }
+        // Empty means "the staged one" to `load-l2`: staging it would load
+        // an empty stream.
+        if state.is_empty() {
+            bail!("L2 {}: stage-l2 needs a state (the `state` of save-l2)", self.name);
+        }
         self.staged = Some(crate::state::decode(state)?);
         Ok(())
     }
