@@ -105,7 +105,9 @@ fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
     let (out, sample) = timed(|| {
         Command::new(exe("vmbeamctl"))
             .args(["migrate-all", "--from", aged, "--to", path(&clean_qmp), "--json", "--no-verify"])
-            .args(["--timeout-s", "600"])
+            // Bounds every agent reply too: an L1 that TCG left silent
+            // costs this run 3 minutes, not 10 (a whole 1 GiB move took 13 s).
+            .args(["--timeout-s", "180"])
             .output()
     });
     let out = out.map_err(|e| format!("vmbeamctl: {e}"))?;
