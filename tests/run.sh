@@ -36,14 +36,27 @@ trap 'rm -f "$out"' EXIT
 
 # vng writes stdout and stderr through two truncating opens of one file:
 # pipe through cat, never redirect both to a file.
-set +e
 # A bound on the whole boot: TCG can stall a CPU of the test kernel for
 # good (nested SVM); CI must fail then, not hang.
-timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
+boot() {
+	timeout "${VMBEAM_RUN_TIMEOUT:-1500}" vng ${VMBEAM_VNG_VERBOSE:+--verbose} --run "$kdir/arch/x86/boot/bzImage" --disable-kvm --force-9p \
 	--cpus 2 --memory "${VMBEAM_VNG_MEMORY:-$memory}" --qemu-opts="-cpu max" ${extra[@]+"${extra[@]}"} \
 	--append "PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_NESTED_L2S=${VMBEAM_NESTED_L2S:-2} VMBEAM_NESTED_GATHER=${VMBEAM_NESTED_GATHER:-1} VMBEAM_NESTED_THP=${VMBEAM_NESTED_THP:-1} VMBEAM_NESTED_ANON_RAM=${VMBEAM_NESTED_ANON_RAM:-0} VMBEAM_NESTED_KILL_AGED=${VMBEAM_NESTED_KILL_AGED:-0} VMBEAM_DEMO_HOLES=${VMBEAM_DEMO_HOLES:-0} VMBEAM_DEMO_TRACE=${VMBEAM_DEMO_TRACE:-0} VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G 2G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4}' VMBEAM_BENCH_ONLY='${VMBEAM_BENCH_ONLY:-}' VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_NESTED_L2S=${VMBEAM_NESTED_L2S:-2} VMBEAM_NESTED_GATHER=${VMBEAM_NESTED_GATHER:-1} VMBEAM_NESTED_THP=${VMBEAM_NESTED_THP:-1} VMBEAM_NESTED_ANON_RAM=${VMBEAM_NESTED_ANON_RAM:-0} VMBEAM_NESTED_KILL_AGED=${VMBEAM_NESTED_KILL_AGED:-0} VMBEAM_DEMO_HOLES=${VMBEAM_DEMO_HOLES:-0} VMBEAM_DEMO_TRACE=${VMBEAM_DEMO_TRACE:-0} VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G 2G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4}' VMBEAM_BENCH_ONLY='${VMBEAM_BENCH_ONLY:-}' VMBEAM_BENCH_RESUME=${VMBEAM_BENCH_RESUME:-0} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+}
+set +e
+boot
+if [ "$mode" = --bench ]; then
+	# TCG resets or stalls the test kernel now and then during real-L1 runs
+	# (README, Known flakiness); the bench writes its results after every
+	# method, so the next boot resumes from them (up to VMBEAM_BENCH_BOOTS).
+	for again in $(seq 2 "${VMBEAM_BENCH_BOOTS:-4}"); do
+		grep -q '^VMBEAM_GUEST_EXIT=' "$out" && break
+		echo "# the test kernel ended without a result in boot $((again - 1)): boot $again resumes from results/bench.json"
+		VMBEAM_BENCH_RESUME=1 boot
+	done
+fi
 set -e
 
 rc=$(sed -n 's/^VMBEAM_GUEST_EXIT=\([0-9]*\).*/\1/p' "$out" | tail -n1)

@@ -5,8 +5,10 @@
 //!
 //! VMBEAM_BENCH_SIZES (default "64M 256M 1G 2G") and VMBEAM_BENCH_LAB_L2S
 //! (default "1 4": L2s moved at once by the lab migrate-all rows) choose
-//! the points. The files are rewritten after every size, so a boot that
-//! TCG stops half-way still leaves the sizes it finished.
+//! the points. The files are rewritten after every method, so a boot that
+//! TCG stops half-way still leaves the points it finished, and with
+//! VMBEAM_BENCH_RESUME=1 (tests/run.sh sets it on the boot after one that
+//! never reported) the bench reads them back and runs only the others.
 
 use std::path::PathBuf;
 
@@ -41,6 +43,8 @@ fn plots(rows: &[Row], dir: &std::path::Path) -> Result<(), String> {
 /// bench.md, bench.json and the plots of the rows so far, into `dir`.
 fn write(rows: &[Row], runs: usize, sizes: &[u64], dir: &std::path::Path) -> Result<String, String> {
     let mut rows = rows.to_vec();
+    // Points a resumed boot added go with their size (a stable sort).
+    rows.sort_by_key(|r| r.size);
     output::add_ratios(&mut rows);
     let header = format!(
         "vmbeam bench: median of {runs} runs per point, in the test kernel (QEMU TCG, 2 vCPUs); \
@@ -57,15 +61,17 @@ fn write(rows: &[Row], runs: usize, sizes: &[u64], dir: &std::path::Path) -> Res
     Ok(table)
 }
 
+/// The rows of DIR/bench.json, if it holds any.
+fn read_rows(dir: &std::path::Path) -> Option<Vec<Row>> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("bench.json")).ok()?).ok()?;
+    serde_json::from_value(json["rows"].clone()).ok()
+}
+
 fn main() {
     // `bench --replot DIR`: redraw the plots from DIR/bench.json (no KVM).
     if std::env::args().nth(1).as_deref() == Some("--replot") {
         let dir = PathBuf::from(std::env::args().nth(2).unwrap_or_else(|| "results".into()));
-        let json: serde_json::Value = std::fs::read(dir.join("bench.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_else(|| panic!("{}: no bench.json", dir.display()));
-        let rows: Vec<Row> = serde_json::from_value(json["rows"].clone()).expect("bench.json rows");
+        let rows = read_rows(&dir).unwrap_or_else(|| panic!("{}: no bench.json", dir.display()));
         if let Err(e) = plots(&rows, &dir) {
             eprintln!("bench: plot: {e}");
             std::process::exit(1);
@@ -85,7 +91,16 @@ fn main() {
     // one of these words (memcpy, the yardstick, always runs).
     let only = env_list("VMBEAM_BENCH_ONLY", "");
     let want = |method: &str| only.is_empty() || only.iter().any(|w| method.contains(w.as_str()));
-    let mut rows: Vec<Row> = Vec::new();
+    let resumed = std::env::var("VMBEAM_BENCH_RESUME").is_ok_and(|v| v == "1");
+    let mut rows: Vec<Row> = match (&out_dir, resumed) {
+        (Some(dir), true) => read_rows(dir).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if resumed {
+        eprintln!("bench: resuming: {} points from the boot before are kept", rows.len());
+    }
+    // A point a boot before this one finished (only when resuming).
+    let done = |rows: &[Row], method: &str, size| rows.iter().any(|r| r.method == method && r.size == size);
     let push = |rows: &mut Vec<Row>, method: &str, size, samples: &[Sample]| {
         if let Some(row) = Row::of(method, size, samples) {
             eprintln!(
@@ -95,12 +110,23 @@ fn main() {
                 samples.len()
             );
             rows.push(row);
+            if let Some(dir) = &out_dir {
+                if let Err(e) = write(rows, runs, &sizes, dir) {
+                    eprintln!("bench: {e}");
+                }
+            }
         }
     };
     for &size in &sizes {
         let name = bench::size_name(size);
-        push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
-        for (huge, pages) in [(false, "4K"), (true, "2M")].into_iter().filter(|_| want("transfer")) {
+        if !done(&rows, "memcpy", size) {
+            push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
+        }
+        let to_run = |rows: &[Row], method: &str| want(method) && !done(rows, method, size);
+        for (huge, pages) in [(false, "4K"), (true, "2M")] {
+            if !to_run(&rows, &format!("vmbeam {pages}: transfer")) {
+                continue;
+            }
             let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
                 .filter_map(|_| {
                     methods::vmbeam(&dev, size, huge).map_err(|e| eprintln!("bench: vmbeam {pages} {name}: {e}")).ok()
@@ -118,7 +144,7 @@ fn main() {
             push(&mut rows, &label("transfer + map + guest reads all"), size, &touched);
         }
         let gathers: Vec<bench::gather::GatherRun> = (0..runs)
-            .filter(|_| want("gather"))
+            .filter(|_| to_run(&rows, "vmbeam gather: scattered 4K pages out of a RAM region"))
             .filter_map(|_| bench::gather::gather(&dev, size).map_err(|e| eprintln!("bench: gather {name}: {e}")).ok())
             .collect();
         let gathered: Vec<Sample> = gathers.iter().map(|g| g.gather).collect();
@@ -128,13 +154,15 @@ fn main() {
         let filled: Vec<Sample> = gathers.iter().map(|g| g.filled).collect();
         push(&mut rows, "vmbeam gather + fill the holes (new region + one scatter)", size, &filled);
         let memfd: Vec<(Sample, Sample)> = (0..runs)
-            .filter(|_| want("memfd"))
+            .filter(|_| to_run(&rows, "memfd handover + map (populate)"))
             .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
             .collect();
         push(&mut rows, "memfd handover + map (populate)", size, &memfd.iter().map(|r| r.0).collect::<Vec<_>>());
         push(&mut rows, "memfd handover + map + guest reads all", size, &memfd.iter().map(|r| r.1).collect::<Vec<_>>());
-        if want("QEMU") {
+        if to_run(&rows, "QEMU pre-copy migration") {
             push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
+        }
+        if to_run(&rows, "QEMU x-ignore-shared migration") {
             push(
                 &mut rows,
                 "QEMU x-ignore-shared migration",
@@ -142,34 +170,31 @@ fn main() {
                 &sample("QEMU x-ignore-shared", runs, || qemu::ignore_shared(size)),
             );
         }
-        for &n in lab_counts.iter().filter(|_| want("lab")) {
+        for &n in &lab_counts {
             // Lab L2s share the test kernel's memory with everything else.
             if n as u64 * size > 2 << 30 {
                 continue;
             }
             for (huge, pages) in [(false, "4K"), (true, "2M")] {
                 let method = format!("lab migrate-all, {n} L2 of this size, {pages} windows");
-                push(&mut rows, &method, size, &sample(&method, runs, || lab::migrate_all(n, size, huge)));
+                if to_run(&rows, &method) {
+                    push(&mut rows, &method, size, &sample(&method, runs, || lab::migrate_all(n, size, huge)));
+                }
             }
         }
         // Real L1s hold the L2 twice at L0 (window, then the gathered one
         // in the L1's RAM): 1 GiB is as far as the bench kernel goes.
-        if want("real") && size <= 1 << 30 {
+        let both = "real-L1 migrate-all, 2 L2s of this size at once";
+        if to_run(&rows, &format!("{both}: the one on a window")) && size <= 1 << 30 {
             let real: Vec<real::RealRun> = (0..runs)
                 .filter_map(|i| {
                     real::migrate_all(size).map_err(|e| eprintln!("bench: real L1s {name}, run {i}: {e}")).ok()
                 })
                 .collect();
-            let both = "real-L1 migrate-all, 2 L2s of this size at once";
             let window: Vec<Sample> = real.iter().map(|r| r.window).collect();
             push(&mut rows, &format!("{both}: the one on a window"), size, &window);
             let gathered: Vec<Sample> = real.iter().map(|r| r.gathered).collect();
             push(&mut rows, &format!("{both}: the one gathered from L1 RAM"), size, &gathered);
-        }
-        if let Some(dir) = &out_dir {
-            if let Err(e) = write(&rows, runs, &sizes, dir) {
-                eprintln!("bench: {e}");
-            }
         }
     }
     let Some(dir) = out_dir else {
