@@ -59,12 +59,12 @@ pub struct Reached {
 }
 
 impl Reached {
-    /// `(name, count)` of every kind.
     /// Whether every path has succeeded at least once.
     pub fn every_path(&self) -> bool {
         self.all().iter().all(|(_, n)| *n > 0)
     }
 
+    /// `(name, count)` of every kind.
     pub fn all(&self) -> [(&'static str, u64); 11] {
         [
             ("regions created", self.regions.load(Relaxed)),
