@@ -16,10 +16,12 @@
 #include <linux/mutex.h>
 #include <linux/pfn_t.h>
 #include <linux/pid.h>
+#include <linux/sched/mm.h>
 #include <linux/sched/task.h>
 #include <linux/sched/signal.h>
 
 #include "glue.h"
+#include "uapi/vmbeam.h"
 
 #define CREATE_TRACE_POINTS
 #include "vmbeam_trace.h"
@@ -410,6 +412,98 @@ int vmbeam_pid_mm_is(struct pid *pid, struct mm_struct *mm)
 int vmbeam_pid_is_current(struct pid *pid)
 {
 	return task_tgid(current) == pid;
+}
+
+/* ---- the owner's page tables (VMBEAM_REGION_FRAMES) ---- */
+
+int vmbeam_capable_sys_admin(void)
+{
+	return capable(CAP_SYS_ADMIN);
+}
+
+/* The address space of the process that created @kvm, with a user
+ * reference (its page tables stay), or NULL once that process has exited. */
+struct mm_struct *vmbeam_kvm_mmget(struct kvm *kvm)
+{
+	return mmget_not_zero(kvm->mm) ? kvm->mm : NULL;
+}
+
+/* The address space of @pid's process, with a user reference, or NULL:
+ * the first thread that still has one, as in vmbeam_pid_mm_matches(). */
+struct mm_struct *vmbeam_pid_mmget(struct pid *pid)
+{
+	struct task_struct *leader, *t;
+	struct mm_struct *mm = NULL;
+
+	rcu_read_lock();
+	leader = pid_task(pid, PIDTYPE_TGID);
+	if (leader) {
+		for_each_thread(leader, t) {
+			mm = get_task_mm(t);
+			if (mm)
+				break;
+		}
+	}
+	rcu_read_unlock();
+	return mm;
+}
+
+void vmbeam_mmput(struct mm_struct *mm)
+{
+	mmput(mm);
+}
+
+/*
+ * The frames @mm maps for pages [@first, @first + @count) of @region, read
+ * from its page tables into @pfns (left 0 where nothing is mapped; the
+ * lowest mapping of a page counts; VMBEAM_FRAME_HUGE where a PMD maps it). Only PFNMAP mappings (huge regions),
+ * which follow_pfnmap_start() walks under the mmap lock; a PMD leaf gives
+ * the rest of its 2 MiB in one step. Copying out is the caller's, after
+ * the lock is dropped: @mm may be the caller's own.
+ */
+int vmbeam_mapped_pfns(struct mm_struct *mm, const void *region, unsigned long first,
+		       unsigned long count, u64 *pfns)
+{
+	unsigned long end = first + count;
+	struct vm_area_struct *vma;
+	VMA_ITERATOR(vmi, mm, 0);
+	int ret = mmap_read_lock_killable(mm);
+
+	if (ret)
+		return ret;
+	for_each_vma(vmi, vma) {
+		unsigned long pgoff, last;
+
+		if (!vma->vm_file || vma->vm_file->f_op != &vmbeam_region_fops ||
+		    vma->vm_file->private_data != region || !(vma->vm_flags & VM_PFNMAP))
+			continue;
+		pgoff = max(first, vma->vm_pgoff);
+		last = min(end, vma->vm_pgoff + vma_pages(vma));
+		while (pgoff < last) {
+			struct follow_pfnmap_args args = {
+				.vma = vma,
+				.address = vma->vm_start + ((pgoff - vma->vm_pgoff) << PAGE_SHIFT),
+			};
+			unsigned long i, n = 1;
+			u64 huge = 0;
+
+			if (!follow_pfnmap_start(&args)) {
+				if (!args.ptep) { /* a PMD (or PUD) leaf */
+					huge = VMBEAM_FRAME_HUGE;
+					n = min(last - pgoff,
+						(PMD_SIZE - (args.address & ~PMD_MASK)) >> PAGE_SHIFT);
+				}
+				for (i = 0; i < n; i++)
+					if (!pfns[pgoff - first + i])
+						pfns[pgoff - first + i] = (args.pfn + i) | huge;
+				follow_pfnmap_end(&args);
+			}
+			pgoff += n;
+			cond_resched();
+		}
+	}
+	mmap_read_unlock(mm);
+	return 0;
 }
 
 /* ---- pages ---- */

@@ -43,6 +43,14 @@ int vmbeam_pid_alive(struct pid *pid);
 int vmbeam_pid_mm_is(struct pid *pid, struct mm_struct *mm);
 int vmbeam_pid_is_current(struct pid *pid);
 
+/* The owner's page tables (VMBEAM_REGION_FRAMES). */
+int vmbeam_capable_sys_admin(void);
+struct mm_struct *vmbeam_kvm_mmget(struct kvm *kvm);
+struct mm_struct *vmbeam_pid_mmget(struct pid *pid);
+void vmbeam_mmput(struct mm_struct *mm);
+int vmbeam_mapped_pfns(struct mm_struct *mm, const void *region, unsigned long first,
+		       unsigned long count, u64 *pfns);
+
 /* Tracepoints (vmbeam:revoke and vmbeam:fault fire inside glue.c). */
 void vmbeam_trace_transfer_start(unsigned int regions);
 void vmbeam_trace_transfer_done(unsigned int regions, unsigned long pages, int ret);

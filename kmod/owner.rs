@@ -43,6 +43,41 @@ extern "C" {
     fn vmbeam_pid_alive(pid: *mut Pid) -> c_int;
     fn vmbeam_pid_mm_is(pid: *mut Pid, mm: *mut Mm) -> c_int;
     fn vmbeam_pid_is_current(pid: *mut Pid) -> c_int;
+    fn vmbeam_kvm_mmget(kvm: *mut Kvm) -> *mut Mm;
+    fn vmbeam_pid_mmget(pid: *mut Pid) -> *mut Mm;
+    fn vmbeam_mmput(mm: *mut Mm);
+}
+
+/// An address space held with a user reference: its page tables stay
+/// while this lives.
+///
+/// # Invariants
+///
+/// `mm` holds one `mm_users` reference, dropped only in `Drop`.
+pub(crate) struct MmUser {
+    mm: NonNull<Mm>,
+}
+
+impl MmUser {
+    /// # Safety
+    ///
+    /// `mm` is null or holds a user reference that the result takes over.
+    unsafe fn from_raw(mm: *mut Mm) -> Option<Self> {
+        // INVARIANT: the caller's guarantee.
+        NonNull::new(mm).map(|mm| Self { mm })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut Mm {
+        self.mm.as_ptr()
+    }
+}
+
+impl Drop for MmUser {
+    fn drop(&mut self) {
+        // SAFETY: the reference held by the type invariant, dropped once;
+        // process context (mmput may sleep).
+        unsafe { vmbeam_mmput(self.mm.as_ptr()) };
+    }
 }
 
 /// A counted reference to a KVM VM.
@@ -92,6 +127,14 @@ impl Vm {
         // SAFETY: the VM (and its mm_struct, which it holds with mmgrab) is
         // alive by the type invariant.
         unsafe { vmbeam_kvm_creator_alive(self.kvm.as_ptr()) != 0 }
+    }
+
+    /// The creator's address space, unless the creator has exited.
+    fn address_space(&self) -> Option<MmUser> {
+        // SAFETY: the VM (and its mm_struct) is alive by the type
+        // invariant; the C helper returns null or a user reference, which
+        // `MmUser` takes over.
+        unsafe { MmUser::from_raw(vmbeam_kvm_mmget(self.kvm.as_ptr())) }
     }
 
     /// Whether both name the same VM.
@@ -146,6 +189,13 @@ impl Process {
         unsafe { vmbeam_pid_mm_is(self.pid.as_ptr(), mm) != 0 }
     }
 
+    /// The process's address space, unless it has exited.
+    fn address_space(&self) -> Option<MmUser> {
+        // SAFETY: the pid is alive by the type invariant; the C helper
+        // returns null or a user reference, which `MmUser` takes over.
+        unsafe { MmUser::from_raw(vmbeam_pid_mmget(self.pid.as_ptr())) }
+    }
+
     /// Whether the caller is a task of this process.
     fn is_current(&self) -> bool {
         // SAFETY: the pid is alive by the type invariant.
@@ -182,6 +232,15 @@ impl Owner {
         match self {
             Owner::Vm(vm) => vm.mm() == mm,
             Owner::Process(p) => p.mm_is(mm),
+        }
+    }
+
+    /// The address space whose mappings of the region count (see
+    /// [`Owner::may_map`]), held; `None` once the owner has exited.
+    pub(crate) fn address_space(&self) -> Option<MmUser> {
+        match self {
+            Owner::Vm(vm) => vm.address_space(),
+            Owner::Process(p) => p.address_space(),
         }
     }
 

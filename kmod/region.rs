@@ -29,6 +29,7 @@ use kernel::{
 
 use crate::{
     device::{check_unused, read_arg, with_arg, Commands},
+    frames,
     owner::{region_bind, Mm, Owner},
     pages::{Page, Pages, BLOCK_PAGES, PAGE_SIZE},
     stats::STATS,
@@ -171,6 +172,11 @@ impl Region {
 
     pub(crate) fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether its mappings are PFNMAP, by PMD where a block allows.
+    pub(crate) fn is_huge(&self) -> bool {
+        self.huge
     }
 
     pub(crate) fn npages(&self) -> u64 {
@@ -478,6 +484,7 @@ extern "C" fn vmbeam_rs_region_release(region: *mut c_void) {
 const REGION_COMMANDS: Commands = &[
     uapi::VMBEAM_IOCTL_REGION_BIND,
     uapi::VMBEAM_IOCTL_REGION_INFO,
+    uapi::VMBEAM_IOCTL_REGION_FRAMES,
 ];
 
 /// `unlocked_ioctl` of a region file.
@@ -488,6 +495,7 @@ extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) 
     let ret = match cmd {
         uapi::VMBEAM_IOCTL_REGION_BIND => read_arg(arg).and_then(|a| region_bind(region, &a)),
         uapi::VMBEAM_IOCTL_REGION_INFO => with_arg(arg, |a| info(region, a)),
+        uapi::VMBEAM_IOCTL_REGION_FRAMES => read_arg(arg).and_then(|a| frames::region_frames(region, &a)),
         _ => Err(crate::device::unknown_command(REGION_COMMANDS, cmd)),
     };
     ret.unwrap_or_else(|err| err.to_errno() as c_long)
@@ -499,6 +507,9 @@ fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {
     let mut flags = state.owner.as_ref().map_or(0, Owner::state_flags);
     if state.moving {
         flags |= uapi::VMBEAM_REGION_MOVING;
+    }
+    if region.huge {
+        flags |= uapi::VMBEAM_REGION_HUGE;
     }
     arg.state = flags;
     arg.size = region.size();

@@ -39,3 +39,5 @@ unsafe impl FromBytes for vmbeam_transfer {}
 unsafe impl FromBytes for vmbeam_transfer_batch {}
 // SAFETY: as above.
 unsafe impl FromBytes for vmbeam_gather {}
+// SAFETY: as above.
+unsafe impl FromBytes for vmbeam_region_frames {}

@@ -5,11 +5,13 @@
 //! The crate root only wires the modules together; `/dev/vmbeam` and its
 //! ioctls live in [`device`], regions in [`region`] (their pages in
 //! [`pages`]), their owners in [`owner`], transfer in [`transfer`], gather
-//! in [`gather`], the uAPI mirror in [`uapi`], counters in [`stats`].
+//! in [`gather`], the frames an owner maps in [`frames`], the uAPI mirror
+//! in [`uapi`], counters in [`stats`].
 
 use kernel::prelude::*;
 
 mod device;
+mod frames;
 mod gather;
 mod owner;
 mod pages;

@@ -111,6 +111,9 @@ case $mode in
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" "${VMBEAM_NESTED_L2S:-2}" "${VMBEAM_NESTED_GATHER:-1}"
 	;;
 --nested-smoke) # the smallest real nested case: one L2 between two real L1s
+	# The aged L1's window in 2 MiB blocks, the clean one's in 4 KiB pages:
+	# both kinds, and a move across them, in the one case make test runs.
+	export VMBEAM_NESTED_HUGE=${VMBEAM_NESTED_HUGE:-1}
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
 --demo)

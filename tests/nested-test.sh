@@ -171,7 +171,14 @@ ram=; [ "${VMBEAM_NESTED_ANON_RAM:-0}" = 1 ] && ram=--anonymous-ram
 if [ -n "$ram" ] && [ "$gather" -gt 0 ]; then
 	echo "1..0 # SKIP L2s on ordinary memory need L1s whose RAM is a region"; exit 4
 fi
-if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" $ram >/dev/null &&
+# VMBEAM_NESTED_HUGE=1: the aged L1's windows are 2 MiB blocks
+# (--huge-windows), the clean L1's 4 KiB pages, so each move crosses
+# kinds: the frames of one side are read from the QEMU's page tables by
+# the module (VMBEAM_REGION_FRAMES), of the other from pagemap.
+huge=; [ "${VMBEAM_NESTED_HUGE:-0}" = 1 ] && huge=--huge-windows
+# Pages of window $2 of L1 $1 that its QEMU maps with a 2 MiB entry at L0.
+pages_by_pmd() { status_json "$1" | json "next(w['pages_by_pmd'] for w in d['l0_windows'] if w['index']==$2)"; }
+if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" $ram $huge >/dev/null &&
 	"$ctl" l1 start --name clean --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null; then
 	ok "two_real_l1s_boot_with_vmbeam_windows"
 else
@@ -186,6 +193,15 @@ done
 p0=$(first_pass aged vm0)
 if [ "$started" = 1 ] && [ "$p0" -ge 1 ]; then ok "l2_qemus_run_the_workload_on_windows"
 else not_ok "l2_qemus_run_the_workload_on_windows" "vm0 pass $p0"; fi
+
+# A huge window is mapped at L0 by PMD: the L1's QEMU maps each 2 MiB with
+# one entry (so L0's KVM can map the L1's view of it with one), read from
+# the QEMU's page tables. The workload's first pass touched every page.
+if [ -n "$huge" ]; then
+	by_pmd=$(pages_by_pmd aged 0)
+	if [ "$by_pmd" = 4096 ]; then ok "a_huge_window_is_mapped_by_pmd_at_l0"
+	else not_ok "a_huge_window_is_mapped_by_pmd_at_l0" "pages mapped by PMD: $by_pmd of 4096" "$("$ctl" l1 status --qmp "$dir/aged.qmp")"; fi
+fi
 
 # L2s on ordinary L1 memory: started as any QEMU would (RAM shared and
 # locked), the first backed by transparent huge pages in the aged L1.
@@ -362,6 +378,16 @@ if [ "$after" -gt "$before" ] && [ "$aged0" = 0 ] && [ "$(pass_of $src vm0)" = -
 	ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing"
 else
 	not_ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing" "pass $before -> $after; window 0 of $src has $aged0 pages" "$dst console: $(tail -5 "$dir/$dst.console" 2>/dev/null)"
+fi
+
+# The L2 that came back into the aged L1's huge window (smoke: the verified
+# move goes clean -> aged) has its 2 MiB blocks whole again: pages that
+# went out in order through a 4 KiB window come back in order, and the
+# aged QEMU maps each block with one PMD again.
+if [ -n "$huge" ] && [ "$dst" = aged ]; then
+	by_pmd=$(pages_by_pmd aged 0)
+	if [ "$by_pmd" = 4096 ]; then ok "the_l2_back_in_a_huge_window_is_mapped_by_pmd_again"
+	else not_ok "the_l2_back_in_a_huge_window_is_mapped_by_pmd_again" "pages mapped by PMD: $by_pmd of 4096" "$("$ctl" l1 status --qmp "$dir/aged.qmp")"; fi
 fi
 
 # A malformed message to an agent gets an error object; the agent goes on.

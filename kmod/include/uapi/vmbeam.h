@@ -28,8 +28,9 @@
  * 4: VMBEAM_CREATE_HUGE. 5: VMBEAM_BIND_PROCESS (a region owned by a
  * process), VMBEAM_GATHER_REPLACE. 6: VMBEAM_GATHER_SCATTER; a gather may
  * zap the source's mappings of pages that stay (see struct vmbeam_gather).
+ * 7: VMBEAM_REGION_HUGE in VMBEAM_REGION_INFO, VMBEAM_REGION_FRAMES.
  */
-#define VMBEAM_API_VERSION 6
+#define VMBEAM_API_VERSION 7
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -185,6 +186,7 @@ struct vmbeam_bind {
 #define VMBEAM_REGION_OWNED	(1U << 0) /* bound to a VM whose process runs, or to a running process */
 #define VMBEAM_REGION_MOVING	(1U << 1) /* a transfer is between its phases */
 #define VMBEAM_REGION_MINE	(1U << 2) /* owned by a VM of the calling process, or by it */
+#define VMBEAM_REGION_HUGE	(1U << 3) /* made with VMBEAM_CREATE_HUGE: PFNMAP mappings (since 7) */
 
 /**
  * struct vmbeam_region_info - VMBEAM_REGION_INFO (on a region fd).
@@ -345,6 +347,53 @@ struct vmbeam_gather {
 	__u64 dst_offset;
 };
 
+/* Most pages in one VMBEAM_REGION_FRAMES. */
+#define VMBEAM_FRAMES_MAX (1U << 20)
+/* A VMBEAM_REGION_FRAMES entry: the frame number, and whether a huge (PMD)
+ * entry maps it rather than a 4 KiB PTE. */
+#define VMBEAM_FRAME_PFN_MASK ((1ULL << 52) - 1)
+#define VMBEAM_FRAME_HUGE (1ULL << 63)
+
+/**
+ * struct vmbeam_region_frames - VMBEAM_REGION_FRAMES (on a region fd, since 7).
+ * @offset:   in: byte offset of the first page in the region, page aligned.
+ * @count:    in: pages, 1 .. VMBEAM_FRAMES_MAX, all inside the region.
+ * @frames:   in: user pointer to @count __u64; out: for each page, the
+ *            page frame number that the owner's address space maps there
+ *            (VMBEAM_FRAME_PFN_MASK), with VMBEAM_FRAME_HUGE set where a
+ *            2 MiB (PMD) entry maps it; 0 where nothing is mapped.
+ * @flags:    in: must be 0.
+ * @pad:      in: must be 0.
+ * @reserved: in: must be 0.
+ *
+ * What /proc/PID/pagemap says for ordinary mappings, for the mappings of a
+ * VMBEAM_CREATE_HUGE region, which are PFNMAP and which pagemap does not
+ * walk: the frames are read from the owner's page tables (a PMD maps 512
+ * frames in a row), not from the module's own bookkeeping, so a caller can
+ * check that the new owner of a moved region maps the very frames the old
+ * owner mapped (zero copy), and that the old owner maps none of them any
+ * more. The owner is the region's owner at the time of the call (a VM's
+ * creator process, or the owning process); where it maps the region more
+ * than once, the lowest mapping of a page counts. Pages it has not
+ * faulted in read 0. A snapshot: a fault or revocation may change the
+ * mapping right after.
+ *
+ * -EOPNOTSUPP: not a huge region (its mappings are ordinary pages: read
+ * /proc/PID/pagemap); -EPERM: the caller lacks CAP_SYS_ADMIN (frame
+ * numbers are privileged, as in pagemap); -ESRCH: the region has no live
+ * owner; -EINVAL: bad offset or count, an unknown flag, a nonzero
+ * reserved word; -EFAULT: @frames is not writable; -ENOMEM; -EINTR: a
+ * fatal signal while waiting for the owner's mmap lock.
+ */
+struct vmbeam_region_frames {
+	__u64 offset;
+	__u64 count;
+	__u64 frames;
+	__u32 flags;
+	__u32 pad;
+	__u64 reserved[2];
+};
+
 #define VMBEAM_GET_VERSION     _IOWR(VMBEAM_IOC_MAGIC, 0x00, struct vmbeam_version)
 #define VMBEAM_GET_STATS       _IOWR(VMBEAM_IOC_MAGIC, 0x01, struct vmbeam_stats)
 #define VMBEAM_CREATE_REGION   _IOW(VMBEAM_IOC_MAGIC, 0x02, struct vmbeam_region_create)
@@ -356,5 +405,6 @@ struct vmbeam_gather {
 /* On a region fd. */
 #define VMBEAM_REGION_BIND     _IOW(VMBEAM_IOC_MAGIC, 0x10, struct vmbeam_region_bind)
 #define VMBEAM_REGION_INFO     _IOWR(VMBEAM_IOC_MAGIC, 0x11, struct vmbeam_region_info)
+#define VMBEAM_REGION_FRAMES   _IOW(VMBEAM_IOC_MAGIC, 0x12, struct vmbeam_region_frames)
 
 #endif /* _UAPI_LINUX_VMBEAM_H */

@@ -78,6 +78,14 @@ impl Device {
         self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE)
     }
 
+    /// A new region, empty ([`Device::create_empty_region`]) and/or in 2 MiB
+    /// blocks ([`Device::create_huge_region`]): an empty huge region takes
+    /// in whole blocks a gather moves there in order, and maps them by PMD.
+    pub fn create_region_with(&self, size: u64, empty: bool, huge: bool) -> Result<Region, Error> {
+        let flag = |on, f| if on { f } else { 0 };
+        self.create_region_flags(size, flag(empty, uapi::VMBEAM_CREATE_EMPTY) | flag(huge, uapi::VMBEAM_CREATE_HUGE))
+    }
+
     fn create_region_flags(&self, size: u64, flags: u32) -> Result<Region, Error> {
         let arg = uapi::vmbeam_region_create { size, flags, ..Default::default() };
         // SAFETY: /dev/vmbeam and the struct this command takes.

@@ -15,6 +15,9 @@ pub enum Error {
     /// An ioctl failed.
     #[error("{op}: {errno} ({}): {}", errno.desc(), ioctl_meaning(*errno))]
     Ioctl { op: &'static str, errno: Errno },
+    /// Reading `/proc/PID/pagemap` failed.
+    #[error("/proc/{pid}/pagemap: {source}")]
+    Pagemap { pid: u32, source: std::io::Error },
 }
 
 impl Error {
@@ -23,6 +26,7 @@ impl Error {
         match self {
             Error::NotLoaded { .. } => Some(Errno::ENOENT),
             Error::Open { errno, .. } | Error::Ioctl { errno, .. } => Some(*errno),
+            Error::Pagemap { source, .. } => source.raw_os_error().map(Errno::from_raw),
         }
     }
 }
@@ -42,10 +46,11 @@ fn ioctl_meaning(errno: Errno) -> &'static str {
         Errno::EFAULT => "the argument is not accessible memory",
         Errno::EBUSY => "the region is owned by a live VM or already moving",
         Errno::EBADF => "a file descriptor in the request is not open",
-        Errno::ESRCH => "the KVM VM is being destroyed",
+        Errno::ESRCH => "the KVM VM is being destroyed, or the region's owner has exited",
+        Errno::EOPNOTSUPP => "not for this kind of region (a 4 KiB region's frames are in /proc/PID/pagemap)",
         Errno::EINTR => "interrupted by a fatal signal",
         Errno::ENOMEM => "out of memory",
-        Errno::EPERM => "not permitted: the VM is not the region's owner, or the caller did not create it",
+        Errno::EPERM => "not permitted: the VM is not the region's owner, or the caller did not create it (frame numbers need CAP_SYS_ADMIN)",
         Errno::EACCES => "not permitted for this caller",
         Errno::EEXIST => "a destination page of the gather is present already (only missing pages can be filled)",
         _ => "unexpected error from the module",

@@ -24,5 +24,5 @@ pub mod uapi;
 
 pub use device::{Device, DEVICE_PATH};
 pub use error::Error;
-pub use region::{Region, RegionInfo, Transfer};
+pub use region::{MappedFrame, Region, RegionInfo, Transfer};
 pub use uapi::vmbeam_stats as Stats;

@@ -6,6 +6,7 @@ use crate::{uapi, Error};
 
 nix::ioctl_write_ptr_bad!(ioctl_region_bind, uapi::VMBEAM_IOCTL_REGION_BIND, uapi::vmbeam_region_bind);
 nix::ioctl_readwrite_bad!(ioctl_region_info, uapi::VMBEAM_IOCTL_REGION_INFO, uapi::vmbeam_region_info);
+nix::ioctl_write_ptr_bad!(ioctl_region_frames, uapi::VMBEAM_IOCTL_REGION_FRAMES, uapi::vmbeam_region_frames);
 
 /// A region of guest memory owned by vmbeam.ko (a region fd).
 #[derive(Debug)]
@@ -24,6 +25,19 @@ pub struct RegionInfo {
     pub mine: bool,
     /// Between the revoke and grant phases of a transfer.
     pub moving: bool,
+    /// Made with `VMBEAM_CREATE_HUGE`: mapped by PMD (PFNMAP), so
+    /// `/proc/PID/pagemap` cannot show its frames ([`Region::mapped_frames`]
+    /// can).
+    pub huge: bool,
+}
+
+/// One page of a mapping, from [`Region::mapped_frames`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedFrame {
+    /// The page frame number; 0: nothing mapped.
+    pub pfn: u64,
+    /// Mapped by a 2 MiB (PMD) entry, not a 4 KiB PTE.
+    pub huge: bool,
 }
 
 impl Region {
@@ -73,7 +87,51 @@ impl Region {
             owned: arg.state & uapi::VMBEAM_REGION_OWNED != 0,
             mine: arg.state & uapi::VMBEAM_REGION_MINE != 0,
             moving: arg.state & uapi::VMBEAM_REGION_MOVING != 0,
+            huge: arg.state & uapi::VMBEAM_REGION_HUGE != 0,
         })
+    }
+
+    /// The page frame each of `count` pages from byte `offset` is mapped to
+    /// in the owner's address space, read by the module from the owner's
+    /// page tables (`VMBEAM_REGION_FRAMES`; needs CAP_SYS_ADMIN). Only for
+    /// a huge region: a 4 KiB region's frames are in `/proc/PID/pagemap`
+    /// (`EOPNOTSUPP` here).
+    pub fn mapped_frames(&self, offset: u64, count: u64) -> Result<Vec<MappedFrame>, Error> {
+        let mut frames = vec![0u64; count as usize];
+        let max = u64::from(uapi::VMBEAM_FRAMES_MAX);
+        for (i, chunk) in frames.chunks_mut(max as usize).enumerate() {
+            let arg = uapi::vmbeam_region_frames {
+                offset: offset + i as u64 * max * 4096,
+                count: chunk.len() as u64,
+                frames: chunk.as_mut_ptr() as u64,
+                ..Default::default()
+            };
+            // SAFETY: a region fd and the struct this command takes; the
+            // module writes `arg.count` u64s at `arg.frames`, which `chunk`
+            // has room for.
+            unsafe { ioctl_region_frames(self.fd.as_raw_fd(), &arg) }
+                .map_err(|errno| Error::Ioctl { op: "VMBEAM_REGION_FRAMES", errno })?;
+        }
+        Ok(frames
+            .into_iter()
+            .map(|e| MappedFrame {
+                pfn: e & uapi::VMBEAM_FRAME_PFN_MASK,
+                huge: e & uapi::VMBEAM_FRAME_HUGE as u64 != 0,
+            })
+            .collect())
+    }
+
+    /// The frames behind `len` bytes of this region from byte `offset`, as
+    /// process `pid`, its owner, maps them at `hva` (0: not mapped): from
+    /// `/proc/PID/pagemap` for a 4 KiB region, from the module's walk of
+    /// the owner's page tables for a huge one (pagemap does not walk
+    /// PFNMAP mappings).
+    pub fn owner_frames(&self, pid: u32, hva: u64, offset: u64, len: u64) -> Result<Vec<u64>, Error> {
+        if self.info()?.huge {
+            Ok(self.mapped_frames(offset, len / 4096)?.into_iter().map(|f| f.pfn).collect())
+        } else {
+            crate::pagemap::frames(pid, hva, len).map_err(|e| Error::Pagemap { pid, source: e })
+        }
     }
 
     pub fn into_fd(self) -> OwnedFd {

@@ -86,6 +86,7 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
             dir: a.dir.clone(),
             windows,
             empty: true,
+            huge_windows: aged.windows.iter().any(|w| w.huge),
             memory: a.memory.or(aged.ram.as_ref().map(|r| r.size)).unwrap_or(384 << 20),
             anonymous_ram: aged.ram.is_none(),
             kernel: a.kernel.clone(),

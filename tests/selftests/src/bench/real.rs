@@ -3,6 +3,8 @@
 //! per-L2 downtime against the L2's size. Two L2s of that size move at
 //! once, as in the demo: one on a window (its pages move whole) and one on
 //! ordinary L1 memory (its pages are gathered out of the aged L1's RAM).
+//! With `huge`, every window of both L1s is 2 MiB blocks (`l1 start
+//! --huge-windows`): the gathered L2 lands in one too.
 //!
 //! Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
 
@@ -56,9 +58,9 @@ fn path(p: &Path) -> &str {
 /// memory, a clean L1 with an empty window, and moves both L2s. A failed
 /// run's error ends with the last lines of both L1s' consoles (the agents
 /// log every request there).
-pub fn migrate_all(size: u64) -> Result<RealRun, String> {
+pub fn migrate_all(size: u64, huge: bool) -> Result<RealRun, String> {
     let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
-    one_run(&dir, size).map_err(|e| {
+    one_run(&dir, size, huge).map_err(|e| {
         let tail = |name: &str| {
             let console = std::fs::read_to_string(dir.0.join(format!("{name}.console"))).unwrap_or_default();
             let lines: Vec<&str> = console.lines().collect();
@@ -76,7 +78,7 @@ pub fn migrate_all(size: u64) -> Result<RealRun, String> {
     })
 }
 
-fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
+fn one_run(dir: &L1Dir, size: u64, huge: bool) -> Result<RealRun, String> {
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
@@ -93,6 +95,9 @@ fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
         let mut args = vec!["l1", "start", "--name", name, "--dir", d, "--windows", windows, "--memory", &l1_ram];
         if empty {
             args.push("--empty");
+        }
+        if huge {
+            args.push("--huge-windows");
         }
         vmbeamctl(&args).map(drop)
     };
@@ -128,7 +133,8 @@ fn one_run(dir: &L1Dir, size: u64) -> Result<RealRun, String> {
             )
         })
         .collect();
-    eprintln!("bench: real L1s {}: steps (ms) {}; {}", size_name(size), r["phases_ms"], l2s.join("; "));
+    let windows = if huge { "2M" } else { "4K" };
+    eprintln!("bench: real L1s {} {windows}: steps (ms) {}; {}", size_name(size), r["phases_ms"], l2s.join("; "));
     let sample = Sample {
         bytes_copied: r["module"]["bytes_copied"].as_u64().unwrap_or(0),
         peak_extra_mib: peak(&watch),

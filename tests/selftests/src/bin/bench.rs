@@ -184,11 +184,20 @@ fn main() {
         }
         // Real L1s hold the L2 twice at L0 (window, then the gathered one
         // in the L1's RAM): 1 GiB is as far as the bench kernel goes.
-        let both = "real-L1 migrate-all, 2 L2s of this size at once";
-        if to_run(&rows, &format!("{both}: the one on a window")) && size <= 1 << 30 {
+        for huge in [false, true] {
+            let both = if huge {
+                "real-L1 migrate-all, 2M windows, 2 L2s of this size at once"
+            } else {
+                "real-L1 migrate-all, 2 L2s of this size at once"
+            };
+            if !to_run(&rows, &format!("{both}: the one on a window")) || size > 1 << 30 {
+                continue;
+            }
             let real: Vec<real::RealRun> = (0..runs)
                 .filter_map(|i| {
-                    real::migrate_all(size).map_err(|e| eprintln!("bench: real L1s {name}, run {i}: {e}")).ok()
+                    real::migrate_all(size, huge)
+                        .map_err(|e| eprintln!("bench: real L1s {name} (huge {huge}), run {i}: {e}"))
+                        .ok()
                 })
                 .collect();
             let window: Vec<Sample> = real.iter().map(|r| r.window).collect();

@@ -36,7 +36,7 @@ use vmbeam_selftests::{
 };
 
 /// The module's commands, for the result table.
-const COMMANDS: [(&str, u32); 9] = [
+const COMMANDS: [(&str, u32); 10] = [
     ("GET_VERSION", uapi::VMBEAM_IOCTL_GET_VERSION),
     ("GET_STATS", uapi::VMBEAM_IOCTL_GET_STATS),
     ("CREATE_REGION", uapi::VMBEAM_IOCTL_CREATE_REGION),
@@ -46,6 +46,7 @@ const COMMANDS: [(&str, u32); 9] = [
     ("BIND", uapi::VMBEAM_IOCTL_BIND),
     ("REGION_BIND", uapi::VMBEAM_IOCTL_REGION_BIND),
     ("REGION_INFO", uapi::VMBEAM_IOCTL_REGION_INFO),
+    ("REGION_FRAMES", uapi::VMBEAM_IOCTL_REGION_FRAMES),
 ];
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {

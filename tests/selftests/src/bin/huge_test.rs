@@ -5,8 +5,16 @@
 //! same pages (nothing copied), and the old owner is refused as with 4 KiB.
 //! (Whether a block is one aligned 2 MiB of physical memory shows in the
 //! stage-2 faults: a block that is not falls back to 4 KiB entries.)
+//! `VMBEAM_REGION_FRAMES` reads the frames from the owner's page tables,
+//! which pagemap does not walk for PFNMAP mappings: the new owner maps the
+//! old owner's frames, each block with one PMD.
 
-use std::os::unix::fs::FileExt;
+use std::os::{
+    fd::{AsFd, AsRawFd, OwnedFd},
+    unix::fs::FileExt,
+};
+
+use vmbeam::{uapi, MappedFrame, Region};
 
 use vmbeam_probes::{Kind, Options, Probes, Summary};
 use vmbeam_selftests::{
@@ -22,7 +30,7 @@ const BLOCK: u64 = 2 * MIB;
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(5);
+    let mut tap = Tap::new(8);
     let mut pair = match Pair::with_pages(SIZE, 4096, 0x4a9e_0001, true) {
         Ok(p) => p,
         Err(e) => Tap::skip_all(&format!("set-up: {e}")),
@@ -31,6 +39,14 @@ fn main() {
 
     tap.test("mappings_of_2mib_and_more_are_2mib_aligned", || {
         check(pair.aged_hva % BLOCK == 0, || format!("the aged mapping at {:#x} is not 2 MiB aligned", pair.aged_hva))
+    });
+
+    // A second fd of the region, for its frames (the pair keeps its own).
+    let region = Region::from_fd(pair.region.try_clone().expect("dup the region fd"));
+    let mut aged_frames = Vec::new();
+    tap.test("the_owner_maps_each_2mib_block_with_one_pmd", || {
+        aged_frames = region.mapped_frames(0, SIZE / 4096).map_err(|e| e.to_string())?;
+        whole_blocks(&aged_frames)
     });
 
     let mut clean_hva = 0;
@@ -61,10 +77,16 @@ fn main() {
         })
     });
 
-    tap.test("the_move_copied_nothing_and_moved_every_page", || {
-        // /proc/PID/pagemap does not walk PFNMAP mappings, so the frames
-        // cannot be compared from userspace as for 4 KiB regions; the
-        // module's own counters say what moved.
+    tap.test("the_new_owner_maps_the_old_owners_frames_by_pmd_nothing_copied", || {
+        // The frames from the new owner's page tables, against the old
+        // owner's before the move: the same, page for page.
+        let clean = region.mapped_frames(0, SIZE / 4096).map_err(|e| e.to_string())?;
+        whole_blocks(&clean)?;
+        let same = clean.iter().zip(&aged_frames).filter(|(c, a)| c.pfn == a.pfn).count();
+        println!("# {same} of {} frames the same; first block at pfn {:#x}", clean.len(), clean[0].pfn);
+        check(same == clean.len() && clean.len() == aged_frames.len(), || {
+            format!("{same} of {} frames the same after the move", clean.len())
+        })?;
         let stats = dev.stats().map_err(|e| e.to_string())?;
         let moved = stats.pages_transferred - stats0.pages_transferred;
         check(stats.bytes_copied == stats0.bytes_copied && moved == SIZE / 4096, || {
@@ -83,10 +105,47 @@ fn main() {
         check(read.is_err(), || format!("/proc/PID/mem read a huge region's page: {read:?}"))
     });
 
+    tap.test("region_frames_refuses_bad_requests_with_their_errno", || {
+        let huge = pair.region.as_fd();
+        let mut frames = [0u64; 4];
+        let call = |fd: i32, offset: u64, count: u64, frames: u64, reserved: u64| {
+            let arg =
+                uapi::vmbeam_region_frames { offset, count, frames, reserved: [reserved, 0], ..Default::default() };
+            // SAFETY: the struct this command takes; the module writes at
+            // most `count` u64s at `frames`, and each call below names
+            // `frames` with room for them, or an address it must refuse.
+            let r = unsafe { libc::ioctl(fd, uapi::VMBEAM_IOCTL_REGION_FRAMES as _, &arg) };
+            if r == 0 {
+                0
+            } else {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            }
+        };
+        let buf = frames.as_mut_ptr() as u64;
+        let fd = huge.as_raw_fd();
+        let cases = [
+            ("count 0", call(fd, 0, 0, buf, 0), libc::EINVAL),
+            ("unaligned offset", call(fd, 100, 1, buf, 0), libc::EINVAL),
+            ("past the end", call(fd, SIZE - 4096, 2, buf, 0), libc::EINVAL),
+            ("reserved word", call(fd, 0, 1, buf, 7), libc::EINVAL),
+            ("kernel address", call(fd, 0, 1, 0xffff_8000_0000_0000, 0), libc::EFAULT),
+            ("the last page", call(fd, SIZE - 4096, 1, buf, 0), 0),
+        ];
+        let four_k = dev.create_region(1 << 20).map_err(|e| e.to_string())?;
+        let ownerless = dev.create_huge_region(4 << 20).map_err(|e| e.to_string())?;
+        let more = [
+            ("a 4 KiB region", call(four_k.as_fd().as_raw_fd(), 0, 1, buf, 0), libc::EOPNOTSUPP),
+            ("an ownerless region", call(ownerless.as_fd().as_raw_fd(), 0, 1, buf, 0), libc::ESRCH),
+        ];
+        for (what, got, want) in cases.into_iter().chain(more) {
+            check(got == want, || format!("{what}: errno {got}, expected {want}"))?;
+        }
+        check(frames[0] != 0, || "the last page: no frame".to_string())
+    });
+
     pair.finish();
 
     tap.test("gather_takes_single_pages_out_of_a_block", || {
-        use std::os::fd::AsFd;
         let mut src = Pair::with_pages(4 * MIB, 64, 0x4a9e_0002, true)?;
         // One page from each block, each summed first by the source guest.
         let picks = [5u64, 600];
@@ -107,7 +166,7 @@ fn main() {
                 .ok(&Request::Touch { slot: SLOT, offset: p * 4096 }, &[])
                 .map_err(|e| format!("source page {p}: {e}"))?;
         }
-        let fd: std::os::fd::OwnedFd = gathered.into_fd();
+        let fd: OwnedFd = gathered.into_fd();
         src.clean.ok(&Request::Bind { slot: SLOT, gpa: CLEAN_GPA }, &[fd.as_fd()])?;
         for (i, &want) in sums.iter().enumerate() {
             let got = vmbeam_selftests::pair::run(&mut src.clean, Program::Sum, i as u64 * 4096, 64, 64)?;
@@ -118,4 +177,20 @@ fn main() {
     });
 
     tap.finish();
+}
+
+/// Every page mapped, by a PMD, each 2 MiB block one aligned run of frames.
+fn whole_blocks(frames: &[MappedFrame]) -> Result<(), String> {
+    let pages = (BLOCK / 4096) as usize;
+    for (b, block) in frames.chunks(pages).enumerate() {
+        let base = block[0].pfn;
+        let whole = base != 0 && base % pages as u64 == 0 && block.iter().all(|f| f.huge);
+        let in_a_row = block.iter().enumerate().all(|(i, f)| f.pfn == base + i as u64);
+        check(whole && in_a_row, || {
+            format!("block {b}: first frame {base:#x}, {} of {pages} pages by PMD, in a row: {in_a_row}", {
+                block.iter().filter(|f| f.huge).count()
+            })
+        })?;
+    }
+    Ok(())
 }

@@ -76,6 +76,35 @@ impl Worker {
         let _ = self.ioctl(region, uapi::VMBEAM_IOCTL_REGION_INFO, addr, Self::oracle(kind, &[]));
     }
 
+    /// `VMBEAM_REGION_FRAMES`: the walk of an owner's page tables, with
+    /// counts and offsets mostly in range and an output buffer that is
+    /// mostly the writable argument page (room for 512 frames).
+    pub(super) fn frames(&mut self, dups: &mut Vec<Fd>) {
+        let (region, kind) = self.fd_arg(Kind::Region, dups);
+        let count = match self.rng.gen_range(0..10) {
+            0 => 0,
+            1 => self.rng.gen(),
+            2 => u64::from(uapi::VMBEAM_FRAMES_MAX) + 1,
+            _ => self.rng.gen_range(1..=512),
+        };
+        let offset = match self.rng.gen_range(0..10) {
+            0 => self.rng.gen(),
+            1 => self.rng.gen_range(1..4096),
+            _ => self.rng.gen_range(0..REGION_MAX_PAGES) * 4096,
+        };
+        let frames = self.arg_addr(count.min(512) as usize * 8);
+        let arg = uapi::vmbeam_region_frames {
+            offset,
+            count,
+            frames,
+            flags: self.flags(0),
+            pad: u32::from(self.rng.gen_range(0..30) == 0),
+            reserved: self.reserved(),
+        };
+        let addr = self.place(arg);
+        let _ = self.ioctl(region, uapi::VMBEAM_IOCTL_REGION_FRAMES, addr, Self::oracle(kind, &[]));
+    }
+
     /// One transfer entry; half the time naming a region's real owner (so
     /// that transfers go through), and the (region, new owner) it names.
     pub(super) fn entry(&mut self, dups: &mut Vec<Fd>) -> (uapi::vmbeam_transfer, bool, Option<(Fd, Fd)>) {

@@ -27,6 +27,8 @@ const DOCUMENTED: &[i32] = &[
     libc::EACCES,
     libc::ENXIO,
     libc::EINTR,
+    libc::ESRCH,
+    libc::EOPNOTSUPP,
 ];
 
 /// A mapping of a region this worker made.
@@ -183,7 +185,8 @@ impl Worker {
         match self.rng.gen_range(0..100) {
             0..=9 => self.create_region(),
             10..=17 => self.bind(&mut dups),
-            18..=23 => self.info(&mut dups),
+            18..=20 => self.info(&mut dups),
+            21..=23 => self.frames(&mut dups),
             24..=35 => self.transfer(&mut dups),
             36..=45 => self.batch(&mut dups),
             46..=55 => self.gather(&mut dups),

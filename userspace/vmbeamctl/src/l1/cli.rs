@@ -109,7 +109,21 @@ pub fn run(cmd: &Command) -> Result<()> {
                     .ram
                     .as_ref()
                     .map(|r| json!({"size": r.size, "pages_present": r.region.info().map_or(0, |i| i.pages_present)}));
-                println!("{}", json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram}));
+                // The windows as L0 sees them: the region's pages, and for
+                // a huge window how many the L1's QEMU maps by PMD.
+                let l0_windows: Vec<_> = l1
+                    .windows
+                    .iter()
+                    .map(|w| {
+                        json!({"index": w.index, "size": w.size, "huge": w.huge,
+                               "pages_present": w.region.info().map_or(0, |i| i.pages_present),
+                               "pages_by_pmd": w.pages_by_pmd().ok().flatten()})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram, "l0_windows": l0_windows})
+                );
             } else {
                 println!("{} (QEMU pid {}, kernel {}):", status.name, l1.pid, status.kernel);
                 match &l1.ram {
@@ -121,9 +135,15 @@ pub fn run(cmd: &Command) -> Result<()> {
                     None => println!("  RAM: QEMU's own (anonymous): L2s on ordinary memory cannot be gathered"),
                 }
                 for w in &status.windows {
-                    let pages = l1.window(w.index).and_then(|r| r.region.info().ok()).map_or(0, |i| i.pages_present);
+                    let l0 = l1.window(w.index);
+                    let pages = l0.and_then(|r| r.region.info().ok()).map_or(0, |i| i.pages_present);
+                    let kind = match l0.map(|r| r.pages_by_pmd()) {
+                        Some(Ok(Some(by_pmd))) => format!("2 MiB blocks ({by_pmd} pages mapped by PMD)"),
+                        Some(Err(e)) => format!("2 MiB blocks (mapping unknown: {e:#})"),
+                        _ => "4 KiB pages".into(),
+                    };
                     println!(
-                        "  window {} ({}): {} MiB, {pages} pages at L0, {}",
+                        "  window {} ({}): {} MiB, {pages} pages at L0, {kind}, {}",
                         w.index,
                         w.pci,
                         w.size >> 20,

@@ -101,6 +101,17 @@ impl Pair for LabPair {
             self.aged.call_with_fds("send-regions", Selection::of(&self.names), &[])?;
         ensure!(fds.len() == sent.vms.len() + 1, "send-regions: {} fds for {} L2s", fds.len(), sent.vms.len());
         let (sent, fds) = self.sent.insert((sent, fds));
+        // A huge window's frames are not in pagemap (PFNMAP): read them
+        // from the aged owner's page tables now that vmbeamctl holds the
+        // regions, before the transfer (a walk of its PMDs).
+        for h in &sent.vms {
+            let region = vmbeam::Region::from_fd(fds[h.fd].try_clone()?);
+            if let Some(m) = self.moving.iter_mut().find(|m| m.info.name == h.name) {
+                if region.info().is_ok_and(|i| i.huge) {
+                    m.frames = region.owner_frames(0, m.info.hva, 0, m.info.window.size).ok();
+                }
+            }
+        }
         let handoffs: Vec<Handoff> = sent
             .vms
             .iter()
@@ -154,12 +165,18 @@ impl Pair for LabPair {
         if !full {
             return Ok(());
         }
-        let (sent, _) = self.sent()?;
+        let (sent, fds) = self.sent.as_ref().ok_or_else(|| anyhow!("no region fds from the aged L1"))?;
         let passes_at_pause: BTreeMap<String, u64> = sent.vms.iter().map(|h| (h.name.clone(), h.passes)).collect();
         let after = wait_for(&mut self.clean, &self.names, deadline, |vm| {
             vm.state != L2State::Running || vm.passes >= passes_at_pause[&vm.name] + 2
         })?;
-        verify_clean(report, &after, &self.moving, self.clean.server().pid)?;
+        let clean_pid = self.clean.server().pid;
+        let clean_frames = |vm: &L2Info| {
+            let h = sent.vms.iter().find(|h| h.name == vm.name)?;
+            let region = vmbeam::Region::from_fd(fds.get(h.fd)?.try_clone().ok()?);
+            region.owner_frames(clean_pid, vm.hva, 0, vm.window.size).ok()
+        };
+        verify_clean(report, &after, &self.moving, clean_frames)?;
         match self.aged.call::<Vec<Probe>>("probe", Selection::of(&self.names)) {
             Ok(probes) => verify_denied(report, &probes),
             // Its process exited mid-migration: no old owner is left.
@@ -202,7 +219,14 @@ impl Pair for LabPair {
     }
 }
 
-fn verify_clean(report: &mut Report, vms: &[L2Info], moving: &[Moving], clean_pid: u32) -> Result<()> {
+/// Checks each moved L2 on the clean L1; `clean_frames` reads the frames
+/// behind its window there (the clean L1 is the region's owner now).
+fn verify_clean(
+    report: &mut Report,
+    vms: &[L2Info],
+    moving: &[Moving],
+    clean_frames: impl Fn(&L2Info) -> Option<Vec<u64>>,
+) -> Result<()> {
     let mut bad = Vec::new();
     let mut report_warnings = Vec::new();
     for vm in vms {
@@ -212,15 +236,12 @@ fn verify_clean(report: &mut Report, vms: &[L2Info], moving: &[Moving], clean_pi
         l.checksum = Some(vm.checksum);
         l.checksum_ok = vm.checksum_ok;
         let aged = moving.iter().find(|m| m.info.name == vm.name).and_then(|m| m.frames.as_ref());
-        let clean = vmbeam::pagemap::frames(clean_pid, vm.hva, vm.window.size).ok();
+        let clean = clean_frames(vm);
         if let (Some(a), Some(c)) = (aged, clean) {
             l.compare_frames(a, &c);
         }
         if l.frames_compared == 0 {
-            report_warnings.push(format!(
-                "{}: no page frame to compare (pagemap needs root, and shows none of a VMBEAM_CREATE_HUGE window)",
-                vm.name
-            ));
+            report_warnings.push(format!("{}: no page frame to compare (frame numbers need root)", vm.name));
         }
         if vm.state != L2State::Running || vm.errors != 0 || vm.checksum_ok != Some(true) {
             bad.push(format!(

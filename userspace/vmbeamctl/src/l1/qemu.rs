@@ -54,14 +54,29 @@ pub struct Window {
     pub region: Region,
     /// The region inode: names QEMU's mapping of it in `/proc/PID/maps`.
     pub ino: u64,
+    /// In 2 MiB blocks, mapped by PMD (`l1 start --huge-windows`).
+    pub huge: bool,
 }
 
 impl Window {
-    /// Page frames behind QEMU's mapping of this window (0: not present).
+    /// Page frames behind QEMU's mapping of this window (0: not present);
+    /// `qemu_pid` must be the window's owner (a huge window's frames are
+    /// read from the owner's page tables by the module).
     pub fn frames(&self, qemu_pid: u32) -> Result<Vec<u64>> {
         let hva = procfs::mapping_of_inode(qemu_pid, self.ino)?
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map window {}", self.index))?;
-        Ok(vmbeam::pagemap::frames(qemu_pid, hva, self.size)?)
+        Ok(self.region.owner_frames(qemu_pid, hva, 0, self.size)?)
+    }
+
+    /// Of a huge window, the pages its owner (the L1's QEMU) maps with a
+    /// 2 MiB entry, read from the QEMU's page tables; `None` for a 4 KiB
+    /// window.
+    pub fn pages_by_pmd(&self) -> Result<Option<u64>> {
+        if !self.huge {
+            return Ok(None);
+        }
+        let frames = self.region.mapped_frames(0, self.size / 4096)?;
+        Ok(Some(frames.iter().filter(|f| f.huge).count() as u64))
     }
 }
 
@@ -174,7 +189,8 @@ fn windows(qmp: &mut Qmp, pid: u32) -> Result<Vec<Window>> {
         };
         let (region, size, ino) =
             backend_region(qmp, pid, &format!("win{index}")).with_context(|| format!("window {index}"))?;
-        windows.push(Window { index, size, region, ino });
+        let huge = region.info().with_context(|| format!("window {index}"))?.huge;
+        windows.push(Window { index, size, region, ino, huge });
     }
     windows.sort_by_key(|w| w.index);
     Ok(windows)
@@ -216,6 +232,13 @@ pub struct LaunchArgs {
     /// zeroed ones: how a clean L1 is booted.
     #[arg(long)]
     pub empty: bool,
+    /// Windows of 2 MiB blocks (`VMBEAM_CREATE_HUGE`), mapped at L0 by PMD:
+    /// a migration zaps one entry per 2 MiB and L0's KVM maps the L1's
+    /// view of them with 2 MiB entries. Their frames are read from the
+    /// owner's page tables by the module (pagemap shows none); GUP, and so
+    /// vhost or O_DIRECT at L0, cannot reach them.
+    #[arg(long)]
+    pub huge_windows: bool,
     /// L1 RAM.
     #[arg(long, default_value = "384M", value_parser = parse_bytes)]
     pub memory: u64,
@@ -374,7 +397,7 @@ fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result
     let [vm_fd] = vm_fds[..] else { bail!("QEMU {pid} has {} KVM VM fds, expected 1", vm_fds.len()) };
     let vm: OwnedFd = procfs::take_fd(pid, vm_fd).context("taking QEMU's VM fd (pidfd_getfd)")?;
     for (k, &size) in a.windows.iter().enumerate() {
-        let region = if a.empty { dev.create_empty_region(size)? } else { dev.create_region(size)? };
+        let region = dev.create_region_with(size, a.empty, a.huge_windows)?;
         dev.bind(region.as_fd(), vm.as_fd())?;
         // A named monitor fd (`getfd`) stays open in QEMU for its life (an
         // `add-fd` fdset entry is closed once no monitor is connected), so
@@ -383,11 +406,15 @@ fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result
         qmp.execute_with_fds("getfd", json!({"fdname": format!("win{k}")}), &[region.as_fd()])?;
         let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
         let fd = procfs::fd_of_inode(pid, ino)?.ok_or_else(|| anyhow!("QEMU {pid} did not keep window {k}'s fd"))?;
-        qmp.execute(
-            "object-add",
-            json!({"qom-type": "memory-backend-file", "id": format!("win{k}"),
-                   "mem-path": format!("/proc/self/fd/{fd}"), "share": true, "size": size}),
-        )?;
+        // A huge window's mapping must be 2 MiB-aligned for its PMDs: QEMU
+        // maps a file backend with MAP_FIXED inside a reservation aligned
+        // to `align`, so the region's own aligned mmap address is not used.
+        let mut backend = json!({"qom-type": "memory-backend-file", "id": format!("win{k}"),
+                                 "mem-path": format!("/proc/self/fd/{fd}"), "share": true, "size": size});
+        if a.huge_windows {
+            backend["align"] = json!(2u64 << 20);
+        }
+        qmp.execute("object-add", backend)?;
         qmp.execute(
             "device_add",
             json!({"driver": "ivshmem-plain", "memdev": format!("win{k}"),

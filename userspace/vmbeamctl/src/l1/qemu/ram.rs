@@ -52,7 +52,7 @@ impl RamRegion {
     pub fn frames(&self, qemu_pid: u32) -> Result<Vec<u64>> {
         let hva = procfs::mapping_of_inode(qemu_pid, self.ino)?
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map its RAM region"))?;
-        Ok(vmbeam::pagemap::frames(qemu_pid, hva, self.size)?)
+        Ok(self.region.owner_frames(qemu_pid, hva, 0, self.size)?)
     }
 
     /// [`Self::frames`] at byte `offsets` of the RAM.
