@@ -12,7 +12,10 @@
 //! are zapped under its lock, as in a transfer's revoke phase. With
 //! `VMBEAM_GATHER_REPLACE` fresh zeroed pages, allocated before anything
 //! moves, take the moved pages' slots in the source, so its owner faults
-//! zeros there instead of SIGBUS.
+//! zeros there instead of SIGBUS. The pages are named by offset, or with
+//! `VMBEAM_GATHER_RUNS` by runs of consecutive pages; either way they are
+//! handled as runs, so a window (one run) costs no per-page reading,
+//! sorting or checking, only the moves of its page pointers.
 //!
 //! Gathers are serialised by one module-wide lock. So the two region locks
 //! are taken one after the other, never nested (lockdep would see one lock
@@ -54,14 +57,11 @@ impl Drop for GatherLock {
     }
 }
 
-/// Reads `count` byte offsets from userspace into a region of `size`
-/// bytes: page aligned, in range, distinct (else `EINVAL`). Returns them
-/// as page indexes, in order and sorted.
-fn read_pages(offsets: u64, count: usize, size: u64) -> Result<(KVVec<usize>, KVVec<usize>)> {
+/// Reads `count` u64 words from userspace at `ptr`, handing each to `f`.
+fn read_words(ptr: u64, count: usize, mut f: impl FnMut(u64) -> Result) -> Result {
     const WORD: usize = core::mem::size_of::<u64>();
-    let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-    let mut reader = UserSlice::new(offsets as usize, count * WORD).reader();
-    // 64 offsets per copy, not one: each copy opens and closes a user
+    let mut reader = UserSlice::new(ptr as usize, count.checked_mul(WORD).ok_or(EINVAL)?).reader();
+    // 64 words per copy, not one: each copy opens and closes a user
     // access window, and a gather may name a million pages.
     let mut buf = [0u8; 64 * WORD];
     let mut left = count;
@@ -71,14 +71,28 @@ fn read_pages(offsets: u64, count: usize, size: u64) -> Result<(KVVec<usize>, KV
         for word in bytes.chunks_exact(WORD) {
             let mut raw = [0u8; WORD];
             raw.copy_from_slice(word);
-            let offset = u64::from_ne_bytes(raw);
-            if offset % PAGE_SIZE != 0 || offset >= size {
-                return Err(EINVAL);
-            }
-            indexes.push((offset / PAGE_SIZE) as usize, GFP_KERNEL)?;
+            f(u64::from_ne_bytes(raw))?;
         }
         left -= bytes.len() / WORD;
     }
+    Ok(())
+}
+
+/// The page index of byte `offset` of a region of `size` bytes: page
+/// aligned and in range, else `EINVAL`.
+fn page_of(offset: u64, size: u64) -> Result<usize> {
+    if offset % PAGE_SIZE != 0 || offset >= size {
+        return Err(EINVAL);
+    }
+    usize::try_from(offset / PAGE_SIZE).map_err(|_| EINVAL)
+}
+
+/// Reads `count` byte offsets from userspace into a region of `size`
+/// bytes: page aligned, in range, distinct (else `EINVAL`). Returns them
+/// as page indexes, in order.
+fn read_pages(offsets: u64, count: usize, size: u64) -> Result<KVVec<usize>> {
+    let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
+    read_words(offsets, count, |o| Ok(indexes.push(page_of(o, size)?, GFP_KERNEL)?))?;
     let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
     for &i in indexes.iter() {
         sorted.push(i, GFP_KERNEL)?;
@@ -87,7 +101,55 @@ fn read_pages(offsets: u64, count: usize, size: u64) -> Result<(KVVec<usize>, KV
     if sorted.windows(2).any(|w| w[0] == w[1]) {
         return Err(EINVAL);
     }
-    Ok((indexes, sorted))
+    Ok(indexes)
+}
+
+/// Consecutive source pages `first..first + len`.
+#[derive(Clone, Copy)]
+struct Run {
+    first: usize,
+    len: usize,
+}
+
+impl Run {
+    fn end(&self) -> usize {
+        self.first + self.len
+    }
+}
+
+/// Appends `run` to `runs`, merged into the last one if it goes on from it.
+fn push_run(runs: &mut KVVec<Run>, run: Run) -> Result {
+    match runs.last_mut() {
+        Some(last) if last.end() == run.first => last.len += run.len,
+        _ => runs.push(run, GFP_KERNEL)?,
+    }
+    Ok(())
+}
+
+/// Reads a gather's source pages from userspace, as runs in destination
+/// order: `count` byte offsets, or with `VMBEAM_GATHER_RUNS` `count`
+/// `{offset, pages}` pairs, into a source of `size` bytes. `EINVAL` for an
+/// offset out of range or unaligned, an empty run, a page named twice.
+fn read_runs(ptr: u64, count: usize, size: u64, pairs: bool) -> Result<KVVec<Run>> {
+    let mut runs = KVVec::new();
+    if !pairs {
+        read_words(ptr, count, |o| push_run(&mut runs, Run { first: page_of(o, size)?, len: 1 }))?;
+        return Ok(runs);
+    }
+    let mut first = None;
+    read_words(ptr, count.checked_mul(2).ok_or(EINVAL)?, |w| {
+        let Some(at) = first.take() else {
+            first = Some(page_of(w, size)?);
+            return Ok(());
+        };
+        let len = usize::try_from(w).map_err(|_| EINVAL)?;
+        let end = at.checked_add(len).ok_or(EINVAL)?;
+        if len == 0 || end as u64 > size / PAGE_SIZE {
+            return Err(EINVAL);
+        }
+        push_run(&mut runs, Run { first: at, len })
+    })?;
+    Ok(runs)
 }
 
 /// Most pages that stay in the source between two moved ones whose
@@ -115,16 +177,17 @@ struct Bridges {
 }
 
 impl Bridges {
-    /// The bridges for moving the `sorted` pages (distinct, ascending).
-    fn plan(sorted: &[usize]) -> Result<Self> {
+    /// The bridges for moving the `sorted` runs (disjoint, ascending) of
+    /// `pages` pages in all.
+    fn plan(sorted: &[Run], pages: usize) -> Result<Self> {
         // How many gaps of each length up to BRIDGE_MAX.
         let mut gaps = KVVec::from_elem(0usize, BRIDGE_MAX + 1, GFP_KERNEL)?;
         for w in sorted.windows(2) {
-            if let Some(n) = gaps.get_mut(w[1] - w[0] - 1) {
+            if let Some(n) = gaps.get_mut(w[1].first - w[0].end()) {
                 *n += 1;
             }
         }
-        let mut budget = sorted.len();
+        let mut budget = pages;
         for (len, &n) in gaps.iter().enumerate().skip(1) {
             if n * len > budget {
                 // `len` is at least 1: `checked_div` says so without a
@@ -150,48 +213,65 @@ impl Bridges {
     }
 }
 
-/// The source pages to move, by page index, in destination order; the
-/// same sorted (to check them, and to find what to zap) unless they are
-/// sorted already.
+/// The source pages to move, as runs in destination order; the same
+/// sorted (to check them, and to find what to zap) unless they are sorted
+/// already.
 struct Selection {
-    indexes: KVVec<usize>,
-    sorted: Option<KVVec<usize>>,
+    runs: KVVec<Run>,
+    sorted: Option<KVVec<Run>>,
+    pages: usize,
     bridges: Bridges,
 }
 
 impl Selection {
-    /// The pages at `count` byte offsets read from userspace, checked
-    /// against a source of `src_size` bytes (see [`read_pages`]).
-    fn read(offsets: u64, count: usize, src_size: u64) -> Result<Self> {
-        let (indexes, sorted) = read_pages(offsets, count, src_size)?;
-        let bridges = Bridges::plan(&sorted)?;
+    /// The pages read from userspace (see [`read_runs`]), checked against
+    /// a source of `src_size` bytes: `EINVAL` if one is named twice.
+    fn read(ptr: u64, count: usize, src_size: u64, pairs: bool) -> Result<Self> {
+        let runs = read_runs(ptr, count, src_size, pairs)?;
+        let mut pages = 0usize;
+        let mut sorted = KVVec::with_capacity(runs.len(), GFP_KERNEL)?;
+        for &r in runs.iter() {
+            pages += r.len; // at most 2^20 runs, each inside the source: no overflow
+            sorted.push(r, GFP_KERNEL)?;
+        }
+        sorted.sort_unstable_by_key(|r| r.first);
+        if sorted.windows(2).any(|w| w[0].end() > w[1].first) {
+            return Err(EINVAL);
+        }
+        let bridges = Bridges::plan(&sorted, pages)?;
         Ok(Self {
-            indexes,
+            runs,
             sorted: Some(sorted),
+            pages,
             bridges,
         })
     }
 
     /// The source's first `count` pages, in order (a scatter): one run.
     fn first(count: usize) -> Result<Self> {
-        let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-        for i in 0..count {
-            indexes.push(i, GFP_KERNEL)?;
-        }
+        let mut runs = KVVec::new();
+        runs.push(Run { first: 0, len: count }, GFP_KERNEL)?;
         let bridges = Bridges { below: 1, at: 0 };
         Ok(Self {
-            indexes,
+            runs,
             sorted: None,
+            pages: count,
             bridges,
         })
     }
 
+    /// Pages in all.
     fn len(&self) -> usize {
-        self.indexes.len()
+        self.pages
     }
 
-    fn sorted(&self) -> &[usize] {
-        self.sorted.as_deref().unwrap_or(&self.indexes)
+    fn sorted(&self) -> &[Run] {
+        self.sorted.as_deref().unwrap_or(&self.runs)
+    }
+
+    /// The selected source pages, in destination order.
+    fn pages(&self) -> impl Iterator<Item = usize> + '_ {
+        self.runs.iter().flat_map(|r| r.first..r.end())
     }
 
     /// With `replace`, the fresh pages for the source's emptied slots, one
@@ -212,10 +292,11 @@ impl Selection {
         if state.moving {
             return Err(EBUSY);
         }
-        if self.sorted().iter().any(|&i| state.pages.get(i).is_none()) {
+        let gone = |r: &Run| (r.first..r.end()).any(|i| state.pages.get(i).is_none());
+        if self.sorted().iter().any(gone) {
             return Err(EINVAL);
         }
-        for (to, &from) in self.indexes.iter().enumerate() {
+        for (to, from) in self.pages().enumerate() {
             moved.take_from(to, &mut state.pages, from);
             if let Some(fresh) = fresh.as_mut() {
                 state.pages.take_from(from, fresh, to);
@@ -239,17 +320,17 @@ impl Selection {
     /// and keeps its bytes; only its mapping goes, and the owner's next
     /// fault maps it again (its 2 MiB window, by fault-around).
     fn zap(&self, src: &RegionFile, state: &RegionGuard<'_>) {
-        let Some((&head, rest)) = self.sorted().split_first() else {
+        let Some((head, rest)) = self.sorted().split_first() else {
             return;
         };
         let mut bridges = self.bridges;
-        let (mut first, mut end) = (head, head + 1);
-        for &i in rest {
-            if !bridges.bridge(i - end) {
+        let (mut first, mut end) = (head.first, head.end());
+        for r in rest {
+            if !bridges.bridge(r.first - end) {
                 src.revoke(state, first as u64, (end - first) as u64);
-                first = i;
+                first = r.first;
             }
-            end = i + 1;
+            end = r.end();
         }
         src.revoke(state, first as u64, (end - first) as u64);
     }
@@ -276,8 +357,11 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     let into = g.flags & uapi::VMBEAM_GATHER_INTO != 0;
     let replace = g.flags & uapi::VMBEAM_GATHER_REPLACE != 0;
     let scatter = g.flags & uapi::VMBEAM_GATHER_SCATTER != 0;
-    let known =
-        uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_REPLACE | uapi::VMBEAM_GATHER_SCATTER;
+    let pairs = g.flags & uapi::VMBEAM_GATHER_RUNS != 0;
+    let known = uapi::VMBEAM_GATHER_INTO
+        | uapi::VMBEAM_GATHER_REPLACE
+        | uapi::VMBEAM_GATHER_SCATTER
+        | uapi::VMBEAM_GATHER_RUNS;
     check_unused(g.flags & !known, u64::from(g.pad), &[])?;
     if !into && (g.dst_fd != 0 || g.dst_offset != 0) {
         return Err(EINVAL);
@@ -285,7 +369,7 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     // A scatter moves the source's first pages, into an existing region;
     // its sources (a fresh region, a window given back) are dropped
     // afterwards, so fresh pages left in them would be wasted.
-    if scatter && (!into || replace || g.dst_offset != 0) {
+    if scatter && (!into || replace || pairs || g.dst_offset != 0) {
         return Err(EINVAL);
     }
     let count = usize::try_from(g.count).map_err(|_| EINVAL)?;
@@ -296,7 +380,7 @@ pub(crate) fn gather(g: &uapi::vmbeam_gather) -> Result<c_long> {
     if scatter {
         return scatter_into(&src, g.offsets, count, g.dst_fd);
     }
-    let selection = Selection::read(g.offsets, count, src.region().size())?;
+    let selection = Selection::read(g.offsets, count, src.region().size(), pairs)?;
     if into {
         gather_into(&src, &selection, replace, g.dst_fd, g.dst_offset)
     } else {
@@ -348,7 +432,7 @@ fn scatter_into(src: &RegionFile, offsets: u64, count: usize, dst_fd: i32) -> Re
     if dst.same_region(src) || count as u64 > src.region().npages() {
         return Err(EINVAL);
     }
-    let (slots, _) = read_pages(offsets, count, dst.region().size())?;
+    let slots = read_pages(offsets, count, dst.region().size())?;
     let selection = Selection::first(count)?;
     move_into(src, &selection, None, &dst, &Slots::Listed(slots))
 }

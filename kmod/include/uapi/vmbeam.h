@@ -28,7 +28,8 @@
  * 4: VMBEAM_CREATE_HUGE. 5: VMBEAM_BIND_PROCESS (a region owned by a
  * process), VMBEAM_GATHER_REPLACE. 6: VMBEAM_GATHER_SCATTER; a gather may
  * zap the source's mappings of pages that stay (see struct vmbeam_gather).
- * 7: VMBEAM_REGION_HUGE in VMBEAM_REGION_INFO, VMBEAM_REGION_FRAMES.
+ * 7: VMBEAM_REGION_HUGE in VMBEAM_REGION_INFO, VMBEAM_REGION_FRAMES,
+ * VMBEAM_GATHER_RUNS.
  */
 #define VMBEAM_API_VERSION 7
 
@@ -266,16 +267,19 @@ struct vmbeam_transfer_batch {
 #define VMBEAM_GATHER_INTO (1U << 0) /* into @dst_fd's missing pages */
 #define VMBEAM_GATHER_REPLACE (1U << 1) /* fresh zeroed pages fill the source's holes (since 5) */
 #define VMBEAM_GATHER_SCATTER (1U << 2) /* with _INTO: @offsets name destination slots (since 6) */
+#define VMBEAM_GATHER_RUNS (1U << 3) /* @offsets holds {offset, pages} runs (since 7) */
 
 /**
  * struct vmbeam_gather - VMBEAM_GATHER (on /dev/vmbeam).
  * @offsets:    in: user pointer to @count __u64 byte offsets into the
  *              source (with VMBEAM_GATHER_SCATTER: into the destination),
  *              each page aligned, all distinct.
- * @count:      in: 1 .. VMBEAM_GATHER_MAX.
+ * @count:      in: 1 .. VMBEAM_GATHER_MAX (offsets, or runs with
+ *              VMBEAM_GATHER_RUNS).
  * @src_fd:     in: the source region fd.
- * @flags:      in: 0, or VMBEAM_GATHER_INTO and/or VMBEAM_GATHER_REPLACE,
- *              or VMBEAM_GATHER_INTO | VMBEAM_GATHER_SCATTER.
+ * @flags:      in: 0, or VMBEAM_GATHER_INTO and/or VMBEAM_GATHER_REPLACE
+ *              and/or VMBEAM_GATHER_RUNS, or VMBEAM_GATHER_INTO |
+ *              VMBEAM_GATHER_SCATTER.
  * @dst_fd:     in: with VMBEAM_GATHER_INTO, the destination region fd;
  *              otherwise must be 0.
  * @pad:        in: must be 0.
@@ -319,6 +323,15 @@ struct vmbeam_transfer_batch {
  * window given back, is dropped afterwards: fresh pages there would be
  * wasted): -EINVAL.
  *
+ * VMBEAM_GATHER_RUNS (since version 7; not with VMBEAM_GATHER_SCATTER):
+ * @offsets points to @count pairs of __u64, {byte offset, pages}, each a
+ * run of consecutive source pages (offset page aligned, pages at least 1,
+ * the run inside the source); the pages that move are the runs' pages in
+ * order, exactly as if each page's offset were listed, and every rule
+ * above holds for them (distinct, present, the same zap). A whole window
+ * is one run, an L2 backed by 2 MiB pages about one run per 2 MiB: the
+ * module reads, sorts and checks runs, not pages.
+ *
  * VMBEAM_GATHER_REPLACE (since version 5): each moved page's slot in the
  * source gets a fresh zeroed page instead of a hole, so the source's owner
  * may go on touching those addresses (an L1 whose L2 moved out reuses its
@@ -328,11 +341,12 @@ struct vmbeam_transfer_batch {
  * source: a 2 MiB block with a fresh page in it is then mapped by 4 KiB),
  * charged to the caller's memcg and allocated before any page moves.
  *
- * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone),
+ * -EINVAL: bad offsets (unaligned, out of range, repeated, already gone;
+ * with VMBEAM_GATHER_RUNS also an empty run or one past the end),
  * destination range out of bounds, src == dst, an unknown flag;
  * VMBEAM_GATHER_SCATTER without VMBEAM_GATHER_INTO, with
- * VMBEAM_GATHER_REPLACE or a nonzero @dst_offset, @count more than the
- * source's pages, one of its first @count pages gone already; -EEXIST: a
+ * VMBEAM_GATHER_REPLACE or VMBEAM_GATHER_RUNS or a nonzero @dst_offset,
+ * @count more than the source's pages, one of its first @count pages gone already; -EEXIST: a
  * destination slot holds a page; -EBUSY: a region is moving; -EBADF: a fd
  * is not open; -ENOMEM: out of memory (with VMBEAM_GATHER_REPLACE, for the
  * fresh pages too); -EINTR: a fatal signal while allocating them.

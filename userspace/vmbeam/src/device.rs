@@ -148,6 +148,36 @@ impl Device {
         self.gather_ioctl(src, offsets, flags, dst.as_raw_fd(), dst_offset, "VMBEAM_GATHER_INTO").map(drop)
     }
 
+    /// As [`Device::gather_into`], the pages named as runs of consecutive
+    /// pages, `[byte offset, pages]` each (`VMBEAM_GATHER_RUNS`, uAPI 7;
+    /// [`crate::runs::encode`] with step 4096 makes them from offsets): a
+    /// whole window is one run, so the module reads and checks one entry,
+    /// not one per page.
+    pub fn gather_runs_into(
+        &self,
+        src: BorrowedFd<'_>,
+        runs: &[[u64; 2]],
+        dst: BorrowedFd<'_>,
+        dst_offset: u64,
+    ) -> Result<(), Error> {
+        let flags = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_RUNS;
+        let words = runs.as_flattened();
+        let arg = uapi::vmbeam_gather {
+            offsets: words.as_ptr() as u64,
+            count: runs.len() as u64,
+            src_fd: src.as_raw_fd(),
+            flags,
+            dst_fd: dst.as_raw_fd(),
+            dst_offset,
+            ..Default::default()
+        };
+        // SAFETY: /dev/vmbeam, the struct this command takes, and `runs`
+        // (alive across the call) holds `count` pairs of u64.
+        unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
+            .map(drop)
+            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER_INTO(RUNS)", errno })
+    }
+
     /// As [`Device::gather_into`], with `VMBEAM_GATHER_REPLACE`: `src`
     /// gets fresh zeroed pages in place of the moved ones (an aged L1 may
     /// go on using those guest frames).

@@ -7,7 +7,8 @@
 //! and back, with the source losing every way in; scattered pages gathered
 //! out of a mapped source are all unmapped there while the pages that stay
 //! read right (refaulted if a zap took them along); `VMBEAM_GATHER_SCATTER`
-//! moves a region's first pages to named slots of another (uAPI 6).
+//! moves a region's first pages to named slots of another (uAPI 6);
+//! `VMBEAM_GATHER_RUNS` names the same pages as runs (uAPI 7).
 
 use std::{
     fs::OpenOptions,
@@ -64,14 +65,15 @@ fn vmm_with_vm() -> Result<(Vmm, OwnedFd), String> {
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(10);
+    let mut tap = Tap::new(11);
     tap.test("reopened_region_fd_is_the_same_region", || reopened(&dev));
     tap.test("reopen_outlives_the_first_fd", || reopen_after_close(&dev));
     tap.test("bind_to_a_vm_the_caller_did_not_create", || bind_any(&dev));
     tap.test("bind_refused_without_dev_vmbeam", || bind_unprivileged(&dev));
     tap.test("gather_into_a_window_mapped_ahead", || gather_into(&dev));
     tap.test("gather_into_bad_arguments_move_nothing", || gather_into_errors(&dev));
-    tap.test("scattered_gather_unmaps_every_moved_page_the_rest_reads_right", || scattered_gather(&dev));
+    tap.test("scattered_gather_unmaps_every_moved_page_the_rest_reads_right", || scattered_gather(&dev, false));
+    tap.test("the_same_gather_by_runs_out_of_order", || scattered_gather(&dev, true));
     tap.test("scatter_into_named_slots_same_frames", || scatter(&dev));
     tap.test("scatter_bad_arguments_move_nothing", || scatter_errors(&dev));
     tap.test("counters_return_to_zero", || {
@@ -264,9 +266,11 @@ fn gather_into(dev: &Device) -> TestResult {
     let src = Region::from_fd(w.region.try_clone().map_err(|e| e.to_string())?).info().map_err(|e| e.to_string())?;
     check(src.pages_present == 0, || format!("source after gather: {src:?}"))?;
 
-    // And back (a rollback): the aged guest reads on from the same frames
-    // (but the last page, which the probe replaced in the VMM's view).
-    dev.gather_into(w.window.as_fd(), &offsets, w.region.as_fd(), 0).map_err(|e| e.to_string())?;
+    // And back (a rollback), the window named as one run (as vmbeamctl
+    // moves a window): the aged guest reads on from the same frames (but
+    // the last page, which the probe replaced in the VMM's view).
+    let whole = [[0, size / PAGE]];
+    dev.gather_runs_into(w.window.as_fd(), &whole, w.region.as_fd(), 0).map_err(|e| e.to_string())?;
     let kept = size - PAGE;
     let sum = run(&mut w.aged, SLOT, Program::Sum, kept)?;
     let want = fill_sum(0x5eed, (kept / 4) as u32);
@@ -296,6 +300,14 @@ fn gather_into_errors(dev: &Device) -> TestResult {
     errno_is("past the destination's end", dev.gather_into(r, &all, win, PAGE), Errno::EINVAL)?;
     errno_is("repeated source page", dev.gather_into(r, &[0, 0], win, 0), Errno::EINVAL)?;
     errno_is("source page out of range", dev.gather_into(r, &[size], win, 0), Errno::EINVAL)?;
+    for (what, runs) in [
+        ("an empty run", &[[0, 0]][..]),
+        ("a run past the source's end", &[[PAGE, size / PAGE]]),
+        ("overlapping runs", &[[PAGE, 2], [2 * PAGE, 1]]),
+        ("an unaligned run", &[[100, 1]]),
+    ] {
+        errno_is(what, dev.gather_runs_into(r, runs, win, 0), Errno::EINVAL)?;
+    }
     let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
     errno_is("destination not a region", dev.gather_into(r, &[0], null.as_fd(), 0), Errno::EINVAL)?;
     // A present destination page: move one in, then try that slot again.
@@ -338,7 +350,8 @@ fn pages_sum(seed: u32, from: u64, to: u64) -> u32 {
     fill_sum(seed, dwords(to)).wrapping_sub(fill_sum(seed, dwords(from)))
 }
 
-fn scattered_gather(dev: &Device) -> TestResult {
+/// With `runs`, the same pages named as runs, in reverse order of runs.
+fn scattered_gather(dev: &Device, runs: bool) -> TestResult {
     let (size, seed) = (4 * MIB, 0x5ca7);
     let mut w = Windows::new(dev, size, seed)?;
     // Close pages (every other one), a run, and two far apart: some gaps
@@ -348,7 +361,15 @@ fn scattered_gather(dev: &Device) -> TestResult {
     let offsets: Vec<u64> = moved.iter().rev().map(|p| p * PAGE).collect();
     let before = pfns(w.aged.pid, w.aged_hva, size)?;
     check(before.iter().all(|&f| f != 0), || "the aged mapping is not populated".into())?;
-    dev.gather_into(w.region.as_fd(), &offsets, w.window.as_fd(), 0).map_err(|e| e.to_string())?;
+    if runs {
+        let ascending: Vec<u64> = moved.iter().map(|p| p * PAGE).collect();
+        let mut runs = vmbeam::runs::encode(&ascending, PAGE, false);
+        runs.reverse();
+        dev.gather_runs_into(w.region.as_fd(), &runs, w.window.as_fd(), 0)
+    } else {
+        dev.gather_into(w.region.as_fd(), &offsets, w.window.as_fd(), 0)
+    }
+    .map_err(|e| e.to_string())?;
 
     // Every moved page is unmapped in the aged VMM; of the pages that stay,
     // at most as many as moved lost their mapping (the header's bound).
@@ -481,6 +502,7 @@ fn scatter_errors(dev: &Device) -> TestResult {
     for (what, flags, dst_offset) in [
         ("a nonzero dst_offset", into | scatter, PAGE),
         ("with VMBEAM_GATHER_REPLACE", into | scatter | vmbeam::uapi::VMBEAM_GATHER_REPLACE, 0),
+        ("with VMBEAM_GATHER_RUNS", into | scatter | vmbeam::uapi::VMBEAM_GATHER_RUNS, 0),
     ] {
         let got = raw(flags, dst_offset);
         check(got == Err(Errno::EINVAL), || format!("scatter {what}: {got:?}"))?;

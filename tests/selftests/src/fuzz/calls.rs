@@ -186,12 +186,17 @@ impl Worker {
             (true, false) => uapi::VMBEAM_GATHER_INTO | replace,
             (false, _) => self.flags(replace | uapi::VMBEAM_GATHER_SCATTER),
         };
+        // Pages named as runs ({offset, pages} pairs) a third of the time,
+        // a scatter's slots too (EINVAL).
+        let runs = self.rng.gen_range(0..3) == 0;
+        let flags = if runs { flags | uapi::VMBEAM_GATHER_RUNS } else { flags };
         let (dst_fd, b) = if into { self.fd_arg(Kind::Region, dups) } else { (0, Some(Kind::Closed)) };
         let n = self.rng.gen_range(1..=32);
         let offsets: Vec<u64> = (0..n)
-            .map(|_| match self.rng.gen_range(0..20) {
+            .map(|i| match self.rng.gen_range(0..20) {
                 0 => self.rng.gen(),
                 1 => self.rng.gen_range(0..REGION_MAX_PAGES * 4096),
+                _ if runs && i % 2 == 1 => self.rng.gen_range(0..8), // a run's length
                 _ => self.rng.gen_range(0..64) * 4096,
             })
             .collect();
@@ -199,6 +204,7 @@ impl Worker {
             0 => 0,
             1 => u64::from(uapi::VMBEAM_GATHER_MAX) + 1,
             2 => self.rng.gen(),
+            _ if runs => n / 2, // pairs; 0 when n is 1
             _ => n,
         };
         let arg = uapi::vmbeam_gather {

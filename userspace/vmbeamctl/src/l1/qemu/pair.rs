@@ -57,7 +57,8 @@ struct Move {
     source: Source,
     to: u32,
     pages: u64,
-    /// Page frames at L0 behind the aged QEMU's mapping of the L2's pages.
+    /// Page frames at L0 behind the aged QEMU's mapping of a window's pages
+    /// (an L2 on ordinary memory: [`QemuPair::frames_before`]).
     frames: Vec<u64>,
     saved: Option<Saved>,
     /// Its state reached the clean agent ahead of the load (`stage-l2`).
@@ -133,16 +134,20 @@ impl QemuPair {
     fn gather(&self, m: &Move, back: bool) -> Result<()> {
         let dst = window(&self.clean, m.to)?;
         match (&m.source, back) {
+            // A window moves whole: one run of all its pages.
             (Source::Window(from), false) => {
-                let offsets: Vec<u64> = (0..m.pages).map(|p| p * 4096).collect();
-                self.dev.gather_into(window(&self.aged, *from)?.region.as_fd(), &offsets, dst.region.as_fd(), 0)?;
+                let all = [[0, m.pages]];
+                self.dev.gather_runs_into(window(&self.aged, *from)?.region.as_fd(), &all, dst.region.as_fd(), 0)?;
             }
             (Source::Window(from), true) => {
-                let offsets: Vec<u64> = (0..m.pages).map(|p| p * 4096).collect();
-                self.dev.gather_into(dst.region.as_fd(), &offsets, window(&self.aged, *from)?.region.as_fd(), 0)?;
+                let all = [[0, m.pages]];
+                self.dev.gather_runs_into(dst.region.as_fd(), &all, window(&self.aged, *from)?.region.as_fd(), 0)?;
             }
+            // Scattered pages, in long runs where the L1 backed the L2
+            // with huge pages.
             (Source::Ordinary { offsets }, false) => {
-                self.dev.gather_into(self.aged_ram()?.region.as_fd(), offsets, dst.region.as_fd(), 0)?;
+                let runs = vmbeam::runs::encode(offsets, 4096, false);
+                self.dev.gather_runs_into(self.aged_ram()?.region.as_fd(), &runs, dst.region.as_fd(), 0)?;
             }
             (Source::Ordinary { offsets }, true) => {
                 gather::into_slots(&self.dev, &dst.region, self.aged_ram()?, offsets)?;
@@ -168,8 +173,6 @@ impl QemuPair {
             self.moves[i].pages
         );
         let offsets = gather::offsets(&name, &f.frames, ram.size)?;
-        let frames =
-            offsets.iter().map(|&o| self.aged_ram_frames.get((o / 4096) as usize).copied().unwrap_or(0)).collect();
         if let Some(l) = report.l2.iter_mut().find(|l| l.name == name) {
             l.thp_bytes = Some(f.thp_bytes);
             let pages = f.frames.len();
@@ -177,10 +180,22 @@ impl QemuPair {
                 [0, 512, pages.saturating_sub(1)].iter().filter_map(|&i| f.frames.get(i).map(|f| f * 4096)).collect(),
             );
         }
-        let m = &mut self.moves[i];
-        m.frames = frames;
-        m.source = Source::Ordinary { offsets };
+        // Its L0 frames, for the report, are looked up after the pause
+        // (`frames_before`): per page, so not in the downtime.
+        self.moves[i].source = Source::Ordinary { offsets };
         Ok(())
+    }
+
+    /// The L0 frames the aged QEMU mapped behind `m`'s pages before the
+    /// move: read at the plan for a window; for an L2 on ordinary memory,
+    /// looked up in the RAM region's frames read before the pause.
+    fn frames_before(&self, m: &Move) -> Vec<u64> {
+        match &m.source {
+            Source::Window(_) => m.frames.clone(),
+            Source::Ordinary { offsets } => {
+                offsets.iter().map(|&o| self.aged_ram_frames.get((o / 4096) as usize).copied().unwrap_or(0)).collect()
+            }
+        }
     }
 
     /// Each L2's downtime from the L1 kernels' events (the agents' marks);
@@ -433,7 +448,7 @@ impl Pair for QemuPair {
             l.errors = Some(u64::from(w.errors));
             l.checksum = Some(w.checksum);
             l.checksum_ok = Some(w.checksum == expected_checksum(&w));
-            l.compare_frames(&m.frames, &dst.frames(self.clean.pid).unwrap_or_default());
+            l.compare_frames(&self.frames_before(m), &dst.frames(self.clean.pid).unwrap_or_default());
             // Nothing is left for the aged L1: its QEMU maps none of the
             // L2's pages, and its region holds none of them.
             let (left, mapped) = self.left_on_aged(m)?;
