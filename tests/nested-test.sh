@@ -171,11 +171,12 @@ ram=; [ "${VMBEAM_NESTED_ANON_RAM:-0}" = 1 ] && ram=--anonymous-ram
 if [ -n "$ram" ] && [ "$gather" -gt 0 ]; then
 	echo "1..0 # SKIP L2s on ordinary memory need L1s whose RAM is a region"; exit 4
 fi
-# VMBEAM_NESTED_HUGE=1: the aged L1's windows are 2 MiB blocks
-# (--huge-windows), the clean L1's 4 KiB pages, so each move crosses
-# kinds: the frames of one side are read from the QEMU's page tables by
-# the module (VMBEAM_REGION_FRAMES), of the other from pagemap.
+# VMBEAM_NESTED_HUGE=1: the aged L1's windows and RAM are 2 MiB blocks
+# (--huge-windows --huge-ram), the clean L1's 4 KiB pages, so each move
+# crosses kinds: the frames of one side are read from the QEMU's page
+# tables by the module (VMBEAM_REGION_FRAMES), of the other from pagemap.
 huge=; [ "${VMBEAM_NESTED_HUGE:-0}" = 1 ] && huge=--huge-windows
+[ -n "$huge" ] && [ -z "$ram" ] && huge="$huge --huge-ram"
 # Pages of window $2 of L1 $1 that its QEMU maps with a 2 MiB entry at L0.
 pages_by_pmd() { status_json "$1" | json "next(w['pages_by_pmd'] for w in d['l0_windows'] if w['index']==$2)"; }
 if "$ctl" l1 start --name aged --dir "$dir" --windows "$windows" $ram $huge >/dev/null &&
@@ -201,6 +202,13 @@ if [ -n "$huge" ]; then
 	by_pmd=$(pages_by_pmd aged 0)
 	if [ "$by_pmd" = 4096 ]; then ok "a_huge_window_is_mapped_by_pmd_at_l0"
 	else not_ok "a_huge_window_is_mapped_by_pmd_at_l0" "pages mapped by PMD: $by_pmd of 4096" "$("$ctl" l1 status --qmp "$dir/aged.qmp")"; fi
+fi
+# So is the huge RAM the L1 has touched (how much, the L1 decides).
+if [[ "$huge" == *--huge-ram* ]]; then
+	ram_pmd=$(status_json aged | json "d['ram']['pages_by_pmd']")
+	echo "# the aged L1's RAM: $ram_pmd pages mapped by PMD at L0"
+	if [[ "$ram_pmd" =~ ^[0-9]+$ ]] && [ "$ram_pmd" -ge 512 ]; then ok "a_huge_l1_ram_is_mapped_by_pmd_at_l0"
+	else not_ok "a_huge_l1_ram_is_mapped_by_pmd_at_l0" "pages mapped by PMD: $ram_pmd" "$("$ctl" l1 status --qmp "$dir/aged.qmp")"; fi
 fi
 
 # L2s on ordinary L1 memory: started as any QEMU would (RAM shared and

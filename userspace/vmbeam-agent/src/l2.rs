@@ -340,7 +340,9 @@ impl L2 {
             size: *size,
             first,
             frames: ram::frames(self.pid(), hva + first * PAGE, count * PAGE)?,
-            thp_bytes: ram::thp_bytes(self.pid(), hva)?,
+            // Read once, with the first part: smaps walks every page table
+            // of the QEMU, and this runs inside the L2's downtime.
+            thp_bytes: if first == 0 { ram::thp_bytes(self.pid(), hva)? } else { 0 },
         })
     }
 

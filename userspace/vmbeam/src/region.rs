@@ -121,6 +121,17 @@ impl Region {
             .collect())
     }
 
+    /// Of a huge region, how many pages its owner maps with a 2 MiB entry
+    /// ([`Region::mapped_frames`]); `None` for a 4 KiB region.
+    pub fn pages_by_pmd(&self) -> Result<Option<u64>, Error> {
+        let info = self.info()?;
+        if !info.huge {
+            return Ok(None);
+        }
+        let frames = self.mapped_frames(0, info.size / 4096)?;
+        Ok(Some(frames.iter().filter(|f| f.huge).count() as u64))
+    }
+
     /// The frames behind `len` bytes of this region from byte `offset`, as
     /// process `pid`, its owner, maps them at `hva` (0: not mapped): from
     /// `/proc/PID/pagemap` for a 4 KiB region, from the module's walk of

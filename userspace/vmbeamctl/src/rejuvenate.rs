@@ -89,6 +89,7 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
             huge_windows: aged.windows.iter().any(|w| w.huge),
             memory: a.memory.or(aged.ram.as_ref().map(|r| r.size)).unwrap_or(384 << 20),
             anonymous_ram: aged.ram.is_none(),
+            huge_ram: aged.ram.as_ref().is_some_and(|r| r.region.info().is_ok_and(|i| i.huge)),
             kernel: a.kernel.clone(),
             initrd: a.initrd.clone(),
             qemu: PathBuf::from("qemu-system-x86_64"),

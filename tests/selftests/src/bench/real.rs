@@ -3,8 +3,9 @@
 //! per-L2 downtime against the L2's size. Two L2s of that size move at
 //! once, as in the demo: one on a window (its pages move whole) and one on
 //! ordinary L1 memory (its pages are gathered out of the aged L1's RAM).
-//! With `huge`, every window of both L1s is 2 MiB blocks (`l1 start
-//! --huge-windows`): the gathered L2 lands in one too.
+//! With `huge`, both L1s' windows and RAM are 2 MiB blocks (`l1 start
+//! --huge-windows --huge-ram`): the gathered L2, backed by THP in the aged
+//! L1, comes out of it in whole blocks and lands in a huge window.
 //!
 //! Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
 
@@ -97,7 +98,7 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool) -> Result<RealRun, String> {
             args.push("--empty");
         }
         if huge {
-            args.push("--huge-windows");
+            args.extend(["--huge-windows", "--huge-ram"]);
         }
         vmbeamctl(&args).map(drop)
     };

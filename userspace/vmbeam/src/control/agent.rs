@@ -210,7 +210,8 @@ pub struct L2Frames {
     /// pages is one run per 2 MiB.
     #[serde(rename = "frame_runs", with = "frame_runs")]
     pub frames: Vec<u64>,
-    /// Bytes of it in transparent huge pages (`ShmemPmdMapped` in smaps).
+    /// Bytes of the whole RAM in transparent huge pages (`ShmemPmdMapped`
+    /// in smaps); only in the reply with `first` 0 (0 in the others).
     pub thp_bytes: u64,
 }
 

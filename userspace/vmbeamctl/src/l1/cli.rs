@@ -105,10 +105,10 @@ pub fn run(cmd: &Command) -> Result<()> {
             let status: AgentStatus = l1.agent.call("query-status", ())?;
             let vms: Vec<AgentL2> = l1.agent.call("query-vms", ())?;
             if *json {
-                let ram = l1
-                    .ram
-                    .as_ref()
-                    .map(|r| json!({"size": r.size, "pages_present": r.region.info().map_or(0, |i| i.pages_present)}));
+                let ram = l1.ram.as_ref().map(|r| {
+                    json!({"size": r.size, "pages_present": r.region.info().map_or(0, |i| i.pages_present),
+                                    "pages_by_pmd": r.region.pages_by_pmd().ok().flatten()})
+                });
                 // The windows as L0 sees them: the region's pages, and for
                 // a huge window how many the L1's QEMU maps by PMD.
                 let l0_windows: Vec<_> = l1
@@ -117,7 +117,7 @@ pub fn run(cmd: &Command) -> Result<()> {
                     .map(|w| {
                         json!({"index": w.index, "size": w.size, "huge": w.huge,
                                "pages_present": w.region.info().map_or(0, |i| i.pages_present),
-                               "pages_by_pmd": w.pages_by_pmd().ok().flatten()})
+                               "pages_by_pmd": w.region.pages_by_pmd().ok().flatten()})
                     })
                     .collect();
                 println!(
@@ -128,16 +128,20 @@ pub fn run(cmd: &Command) -> Result<()> {
                 println!("{} (QEMU pid {}, kernel {}):", status.name, l1.pid, status.kernel);
                 match &l1.ram {
                     Some(r) => println!(
-                        "  RAM: {} MiB, a vmbeam region ({} pages at L0)",
+                        "  RAM: {} MiB, a vmbeam region ({} pages at L0{})",
                         r.size >> 20,
-                        r.region.info().map_or(0, |i| i.pages_present)
+                        r.region.info().map_or(0, |i| i.pages_present),
+                        match r.region.pages_by_pmd() {
+                            Ok(Some(n)) => format!(", 2 MiB blocks: {n} pages mapped by PMD"),
+                            _ => String::new(),
+                        }
                     ),
                     None => println!("  RAM: QEMU's own (anonymous): L2s on ordinary memory cannot be gathered"),
                 }
                 for w in &status.windows {
                     let l0 = l1.window(w.index);
                     let pages = l0.and_then(|r| r.region.info().ok()).map_or(0, |i| i.pages_present);
-                    let kind = match l0.map(|r| r.pages_by_pmd()) {
+                    let kind = match l0.map(|r| r.region.pages_by_pmd()) {
                         Some(Ok(Some(by_pmd))) => format!("2 MiB blocks ({by_pmd} pages mapped by PMD)"),
                         Some(Err(e)) => format!("2 MiB blocks (mapping unknown: {e:#})"),
                         _ => "4 KiB pages".into(),

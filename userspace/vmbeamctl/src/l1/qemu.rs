@@ -67,17 +67,6 @@ impl Window {
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map window {}", self.index))?;
         Ok(self.region.owner_frames(qemu_pid, hva, 0, self.size)?)
     }
-
-    /// Of a huge window, the pages its owner (the L1's QEMU) maps with a
-    /// 2 MiB entry, read from the QEMU's page tables; `None` for a 4 KiB
-    /// window.
-    pub fn pages_by_pmd(&self) -> Result<Option<u64>> {
-        if !self.huge {
-            return Ok(None);
-        }
-        let frames = self.region.mapped_frames(0, self.size / 4096)?;
-        Ok(Some(frames.iter().filter(|f| f.huge).count() as u64))
-    }
 }
 
 /// A connected real L1.
@@ -247,6 +236,12 @@ pub struct LaunchArgs {
     /// cannot be gathered out of it (only L2s on windows move).
     #[arg(long)]
     pub anonymous_ram: bool,
+    /// The L1's RAM region in 2 MiB blocks (`VMBEAM_CREATE_HUGE`): L0 maps
+    /// the L1 by PMD, and an L2 the L1 backs with 2 MiB pages is gathered
+    /// in whole blocks (into a huge window it maps by PMD again). GUP, so
+    /// vhost or `O_DIRECT` at L0, cannot reach the L1's RAM then.
+    #[arg(long, conflicts_with = "anonymous_ram")]
+    pub huge_ram: bool,
     /// The L1 kernel (default: $VMBEAM_L1_KERNEL).
     #[arg(long, env = "VMBEAM_L1_KERNEL")]
     pub kernel: PathBuf,
@@ -299,7 +294,7 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
     let ram = if a.anonymous_ram {
         None
     } else {
-        let region = dev.create_region(a.memory).context("the L1's RAM region")?;
+        let region = dev.create_region_with(a.memory, false, a.huge_ram).context("the L1's RAM region")?;
         ram::inheritable(&region)?;
         Some(region)
     };
@@ -314,7 +309,7 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
         cmd.arg(std::env::current_exe().context("finding vmbeamctl itself")?)
             .args(["l1", "exec-owning", "--region-fd", &fd.to_string(), "--"])
             .arg(&a.qemu)
-            .args(ram::qemu_args(fd, a.memory));
+            .args(ram::qemu_args(fd, a.memory, a.huge_ram));
     } else {
         cmd.arg(&a.qemu);
     }

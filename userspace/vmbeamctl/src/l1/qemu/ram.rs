@@ -81,11 +81,13 @@ pub fn offset_of_frame(size: u64, frame: u64) -> Option<u64> {
 }
 
 /// QEMU's arguments for RAM of `size` bytes backed by the region at fd
-/// `fd` (which the process has, without close-on-exec).
-pub fn qemu_args(fd: i32, size: u64) -> Vec<String> {
+/// `fd` (which the process has, without close-on-exec); a `huge` region
+/// is mapped 2 MiB-aligned, so its blocks map by PMD.
+pub fn qemu_args(fd: i32, size: u64, huge: bool) -> Vec<String> {
+    let align = if huge { ",align=2M" } else { "" };
     vec![
         "-object".into(),
-        format!("memory-backend-file,id={RAM_ID},mem-path=/proc/self/fd/{fd},share=on,size={size}"),
+        format!("memory-backend-file,id={RAM_ID},mem-path=/proc/self/fd/{fd},share=on,size={size}{align}"),
         "-machine".into(),
         format!("memory-backend={RAM_ID}"),
     ]
