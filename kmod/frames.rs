@@ -12,7 +12,9 @@
 
 use core::ffi::{c_int, c_long, c_ulong, c_void};
 
-use kernel::{alloc::flags::GFP_KERNEL, alloc::KVVec, error::to_result, prelude::*, uaccess::UserSlice};
+use kernel::{
+    alloc::flags::GFP_KERNEL, alloc::KVVec, error::to_result, prelude::*, uaccess::UserSlice,
+};
 
 use crate::{
     device::check_unused,
@@ -50,7 +52,7 @@ pub(crate) fn region_frames(region: &Region, arg: &uapi::vmbeam_region_frames) -
         return Err(EINVAL);
     }
     let first = arg.offset / PAGE_SIZE;
-    if first.checked_add(arg.count).is_none_or(|end| end > region.npages()) {
+    if first.checked_add(arg.count).ok_or(EINVAL)? > region.npages() {
         return Err(EINVAL);
     }
     // The owner's address space, held; the region lock is not held during
@@ -80,6 +82,8 @@ pub(crate) fn region_frames(region: &Region, arg: &uapi::vmbeam_region_frames) -
     // fault in the caller's address space, which may be the owner's.
     // SAFETY: `pfns` holds `count` initialised u64s, viewed as bytes.
     let bytes = unsafe { core::slice::from_raw_parts(pfns.as_ptr().cast::<u8>(), count * 8) };
-    UserSlice::new(arg.frames as usize, bytes.len()).writer().write_slice(bytes)?;
+    UserSlice::new(arg.frames as usize, bytes.len())
+        .writer()
+        .write_slice(bytes)?;
     Ok(0)
 }

@@ -92,7 +92,9 @@ fn page_of(offset: u64, size: u64) -> Result<usize> {
 /// as page indexes, in order.
 fn read_pages(offsets: u64, count: usize, size: u64) -> Result<KVVec<usize>> {
     let mut indexes = KVVec::with_capacity(count, GFP_KERNEL)?;
-    read_words(offsets, count, |o| Ok(indexes.push(page_of(o, size)?, GFP_KERNEL)?))?;
+    read_words(offsets, count, |o| {
+        Ok(indexes.push(page_of(o, size)?, GFP_KERNEL)?)
+    })?;
     let mut sorted = KVVec::with_capacity(count, GFP_KERNEL)?;
     for &i in indexes.iter() {
         sorted.push(i, GFP_KERNEL)?;
@@ -133,7 +135,15 @@ fn push_run(runs: &mut KVVec<Run>, run: Run) -> Result {
 fn read_runs(ptr: u64, count: usize, size: u64, pairs: bool) -> Result<KVVec<Run>> {
     let mut runs = KVVec::new();
     if !pairs {
-        read_words(ptr, count, |o| push_run(&mut runs, Run { first: page_of(o, size)?, len: 1 }))?;
+        read_words(ptr, count, |o| {
+            push_run(
+                &mut runs,
+                Run {
+                    first: page_of(o, size)?,
+                    len: 1,
+                },
+            )
+        })?;
         return Ok(runs);
     }
     let mut first = None;
@@ -250,7 +260,13 @@ impl Selection {
     /// The source's first `count` pages, in order (a scatter): one run.
     fn first(count: usize) -> Result<Self> {
         let mut runs = KVVec::new();
-        runs.push(Run { first: 0, len: count }, GFP_KERNEL)?;
+        runs.push(
+            Run {
+                first: 0,
+                len: count,
+            },
+            GFP_KERNEL,
+        )?;
         let bridges = Bridges { below: 1, at: 0 };
         Ok(Self {
             runs,

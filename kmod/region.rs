@@ -495,7 +495,9 @@ extern "C" fn vmbeam_rs_region_ioctl(region: *mut c_void, cmd: u32, arg: usize) 
     let ret = match cmd {
         uapi::VMBEAM_IOCTL_REGION_BIND => read_arg(arg).and_then(|a| region_bind(region, &a)),
         uapi::VMBEAM_IOCTL_REGION_INFO => with_arg(arg, |a| info(region, a)),
-        uapi::VMBEAM_IOCTL_REGION_FRAMES => read_arg(arg).and_then(|a| frames::region_frames(region, &a)),
+        uapi::VMBEAM_IOCTL_REGION_FRAMES => {
+            read_arg(arg).and_then(|a| frames::region_frames(region, &a))
+        }
         _ => Err(crate::device::unknown_command(REGION_COMMANDS, cmd)),
     };
     ret.unwrap_or_else(|err| err.to_errno() as c_long)
