@@ -113,6 +113,7 @@ case $mode in
 --nested-smoke) # the smallest real nested case: one L2 between two real L1s
 	# The aged L1's window in 2 MiB blocks, the clean one's in 4 KiB pages:
 	# both kinds, and a move across them, in the one case make test runs.
+	# (Not huge L1 RAM: under TCG such L1s hang in VMRUN too often.)
 	export VMBEAM_NESTED_HUGE=${VMBEAM_NESTED_HUGE:-1}
 	run_selftest_cmd nested_test "$VMBEAM_TESTS/nested-test.sh" "$bin" 1
 	;;
