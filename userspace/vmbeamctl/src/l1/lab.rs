@@ -65,7 +65,7 @@ impl Pair for LabPair {
         let vms: Vec<L2Info> = self.aged.call("query-vms", ())?;
         self.moving = plan(&vms, &clean_status, report)?;
         for m in &mut self.moving {
-            m.frames = vmbeam::pagemap::frames(aged_pid, m.info.hva, m.info.window.size).ok();
+            m.frames = window_frames(aged_pid, m.info.hva, m.info.window.size).ok();
         }
         self.names = self.moving.iter().map(|m| m.info.name.clone()).collect();
         if self.moving.is_empty() {
@@ -101,17 +101,6 @@ impl Pair for LabPair {
             self.aged.call_with_fds("send-regions", Selection::of(&self.names), &[])?;
         ensure!(fds.len() == sent.vms.len() + 1, "send-regions: {} fds for {} L2s", fds.len(), sent.vms.len());
         let (sent, fds) = self.sent.insert((sent, fds));
-        // A huge window's frames are not in pagemap (PFNMAP): read them
-        // from the aged owner's page tables now that vmbeamctl holds the
-        // regions, before the transfer (a walk of its PMDs).
-        for h in &sent.vms {
-            let region = vmbeam::Region::from_fd(fds[h.fd].try_clone()?);
-            if let Some(m) = self.moving.iter_mut().find(|m| m.info.name == h.name) {
-                if region.info().is_ok_and(|i| i.huge) {
-                    m.frames = region.owner_frames(0, m.info.hva, 0, m.info.window.size).ok();
-                }
-            }
-        }
         let handoffs: Vec<Handoff> = sent
             .vms
             .iter()
@@ -217,6 +206,24 @@ impl Pair for LabPair {
         let resumed: Vec<String> = self.aged.call("resume", Selection::of(&self.names))?;
         Ok(resumed.len().max(self.names.len()))
     }
+}
+
+/// The frames behind the aged lab L1's mapping of the window at `hva`,
+/// read before the pause: through the L1's region fd that maps there,
+/// reopened via `/proc/PID/fd` (a huge window's frames come from
+/// `VMBEAM_REGION_FRAMES`: pagemap shows none of a PFNMAP mapping);
+/// pagemap if no region fd maps there.
+fn window_frames(pid: u32, hva: u64, size: u64) -> Result<Vec<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    for fd in vmbeam::procfs::fds_linking_to(pid, "anon_inode:[vmbeam-region]")? {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if vmbeam::procfs::mapping_of_inode(pid, meta.ino())? == Some(hva) {
+            let file = std::fs::File::open(&path)?;
+            return Ok(vmbeam::Region::from_fd(file.into()).owner_frames(pid, hva, 0, size)?);
+        }
+    }
+    Ok(vmbeam::pagemap::frames(pid, hva, size)?)
 }
 
 /// Checks each moved L2 on the clean L1; `clean_frames` reads the frames
