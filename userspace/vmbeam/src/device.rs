@@ -161,21 +161,8 @@ impl Device {
         dst_offset: u64,
     ) -> Result<(), Error> {
         let flags = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_RUNS;
-        let words = runs.as_flattened();
-        let arg = uapi::vmbeam_gather {
-            offsets: words.as_ptr() as u64,
-            count: runs.len() as u64,
-            src_fd: src.as_raw_fd(),
-            flags,
-            dst_fd: dst.as_raw_fd(),
-            dst_offset,
-            ..Default::default()
-        };
-        // SAFETY: /dev/vmbeam, the struct this command takes, and `runs`
-        // (alive across the call) holds `count` pairs of u64.
-        unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }
+        self.gather_ioctl(src, runs.as_flattened(), flags, dst.as_raw_fd(), dst_offset, "VMBEAM_GATHER_INTO(RUNS)")
             .map(drop)
-            .map_err(|errno| Error::Ioctl { op: "VMBEAM_GATHER_INTO(RUNS)", errno })
     }
 
     /// As [`Device::gather_into`], with `VMBEAM_GATHER_REPLACE`: `src`
@@ -205,27 +192,30 @@ impl Device {
     }
 
     /// `VMBEAM_GATHER` with these flags and destination; `op` names it in
-    /// errors. Returns the ioctl's result (a new region fd, or 0).
+    /// errors. `words` are the offsets, or with `VMBEAM_GATHER_RUNS` the
+    /// runs' `{offset, pages}` pairs flattened. Returns the ioctl's result
+    /// (a new region fd, or 0).
     fn gather_ioctl(
         &self,
         src: BorrowedFd<'_>,
-        offsets: &[u64],
+        words: &[u64],
         flags: u32,
         dst_fd: i32,
         dst_offset: u64,
         op: &'static str,
     ) -> Result<i32, Error> {
+        let per_entry = if flags & uapi::VMBEAM_GATHER_RUNS != 0 { 2 } else { 1 };
         let arg = uapi::vmbeam_gather {
-            offsets: offsets.as_ptr() as u64,
-            count: offsets.len() as u64,
+            offsets: words.as_ptr() as u64,
+            count: (words.len() / per_entry) as u64,
             src_fd: src.as_raw_fd(),
             flags,
             dst_fd,
             dst_offset,
             ..Default::default()
         };
-        // SAFETY: /dev/vmbeam, the struct this command takes, and `offsets`
-        // (alive across the call) holds `count` offsets.
+        // SAFETY: /dev/vmbeam, the struct this command takes, and `words`
+        // (alive across the call) holds `count` entries of `per_entry` u64s.
         unsafe { ioctl_gather(self.file.as_raw_fd(), &arg) }.map_err(|errno| Error::Ioctl { op, errno })
     }
 
