@@ -346,15 +346,20 @@ else
 	not_ok "the_l1_kernels_mark_each_l2s_downtime_around_vmbeamctls" "kernel marks vs vmbeamctl's stamps" "$out"
 fi
 
-# Each state went on to the clean agent while the pause still ran
-# (`stage-l2`, one per L2, none refused), and the report splits each save
-# into QEMU's own migration and the state's size.
+# Each state moved with the pages: the aged agent left it in its L1's
+# state window, L0 moved those pages into the clean L1's (no state crossed
+# a virtio-serial link: no stage-l2), and once the L2s ran the clean inbox
+# was emptied again, so both state windows hold just their outbox's pages
+# (ready for the next move either way). The report splits each save into
+# QEMU's own migration and the state's size.
 staged=$(( $(grep -c "vmbeam-agent: stage-l2" "$dir/$dst.console") - staged0 ))
-echo "$out" | json "'\n'.join('# %s: save %.0f ms, QEMU\'s %s ms, state %s bytes' % (l['name'], l.get('save_ms') or -1, l.get('qemu_save_ms'), l.get('state_bytes')) for l in d['l2'])" 2>/dev/null
-if [ "$staged" = $((l2s + gather)) ] && echo "$out" | json "all(l.get('state_bytes', 0) > 0 and 0 < l['qemu_save_ms'] <= l['save_ms'] for l in d['l2']) and not any('goes with the load' in w for w in d['warnings'])" | grep -q True; then
-	ok "each_state_goes_ahead_to_the_clean_agent_during_the_pause"
+echo "$out" | json "'\n'.join('# %s: save %.0f ms, QEMU\'s %s ms, state %s bytes by %s' % (l['name'], l.get('save_ms') or -1, l.get('qemu_save_ms'), l.get('state_bytes'), l.get('state_via')) for l in d['l2'])" 2>/dev/null
+boxes=$(for l1 in $src $dst; do status_json $l1 | json "d['state_window']['pages_present']"; done | tr '\n' ' ')
+echo "# state windows' pages at L0 ($src $dst): $boxes(outbox: 2048)"
+if [ "$staged" = 0 ] && [ "$boxes" = "2048 2048 " ] && echo "$out" | json "all(l.get('state_bytes', 0) > 0 and l.get('state_via') == 'state window' and 0 < l['qemu_save_ms'] <= l['save_ms'] for l in d['l2']) and not any('agents\' links' in w or 'state window' in w for w in d['warnings'])" | grep -q True; then
+	ok "each_state_moves_with_the_pages_through_the_state_windows"
 else
-	not_ok "each_state_goes_ahead_to_the_clean_agent_during_the_pause" "stage-l2 requests: $staged" "$out"
+	not_ok "each_state_moves_with_the_pages_through_the_state_windows" "stage-l2 requests: $staged, state windows' pages: $boxes" "$out"
 fi
 
 if [ "$gather" -gt 0 ]; then
@@ -409,11 +414,13 @@ import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(sys.argv[1]); f = s.makefile("rwb")
 f.write(b'{"execute": "greeting", "id": 7}\n'); f.flush(); f.readline()
 for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"execute": "save-l2", "arguments": {"nam": 1}}\n',
-             b'{"execute": "stage-l2", "arguments": {"name": "nobody", "window": 0, "state": ""}}\n', b'{"execute": "query-commands"}\n'):
+             b'{"execute": "stage-l2", "arguments": {"name": "nobody", "window": 0, "state": ""}}\n',
+             b'{"execute": "load-l2", "arguments": {"name": "nobody", "window": 0, "state": "", "state_at": {"offset": 0, "bytes": 4096}}}\n',
+             b'{"execute": "query-commands"}\n'):
     f.write(line); f.flush(); print(json.loads(f.readline()))
 EOF
 )
-if [ "$(grep -c "'error'" <<<"$reply")" = 4 ] && grep -q "'return'" <<<"$reply"; then
+if [ "$(grep -c "'error'" <<<"$reply")" = 5 ] && grep -q "'return'" <<<"$reply"; then
 	ok "malformed_agent_messages_get_error_objects"
 else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"

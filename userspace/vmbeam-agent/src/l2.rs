@@ -23,7 +23,9 @@ use vmbeam::{
 
 use crate::{
     marks::{GuestMarks, Mark},
-    ram, stream,
+    ram,
+    state_window::StateWindow,
+    stream,
     window::{self, Window},
 };
 
@@ -253,12 +255,14 @@ impl L2 {
     }
 
     /// Stops the L2 and saves its CPU and device state (no RAM); or, after
-    /// [`Self::begin_save`], waits for that save.
-    pub fn save(&mut self, cfg: &Config) -> Result<Saved> {
+    /// [`Self::begin_save`], waits for that save. With `into`, the state
+    /// goes in that state window's outbox if it fits (the reply says
+    /// where), else in the reply.
+    pub fn save(&mut self, cfg: &Config, into: Option<&mut StateWindow>) -> Result<Saved> {
         if !matches!(self.pending, Some(Pending::Save { .. })) {
             self.begin_save(cfg)?;
         }
-        self.finish_save(cfg)
+        self.finish_save(cfg, into)
     }
 
     /// Stops the L2 and starts QEMU's save of its state (QEMU's migration
@@ -288,7 +292,7 @@ impl L2 {
 
     /// Waits for the save [`Self::begin_save`] started; resumes the L2 if
     /// it failed.
-    fn finish_save(&mut self, cfg: &Config) -> Result<Saved> {
+    fn finish_save(&mut self, cfg: &Config, into: Option<&mut StateWindow>) -> Result<Saved> {
         let Some(Pending::Save { stopped, out }) = self.pending.take() else {
             bail!("L2 {} has no save under way", self.name);
         };
@@ -306,11 +310,13 @@ impl L2 {
             }
         };
         self.saved_workload = self.read_header().ok();
-        let state = crate::state::encode(&bytes)?;
+        let state_at = into.and_then(|w| w.put(&bytes));
+        let state = if state_at.is_some() { String::new() } else { crate::state::encode(&bytes)? };
         Ok(Saved {
             name: self.name.clone(),
             window: self.ram.window_index(),
             state,
+            state_at,
             state_bytes: bytes.len() as u64,
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
@@ -364,14 +370,15 @@ impl L2 {
         Ok(())
     }
 
-    /// Starts loading a saved state into an L2 started with `incoming`
-    /// (QEMU loads it in the background; its QEMU took `start_us` to
-    /// start); [`Self::finish_restore`] runs it.
-    pub fn begin_restore(&mut self, cfg: &Config, state: &str, start_us: u64) -> Result<()> {
-        let bytes = match (state.is_empty(), self.staged.take()) {
-            (false, _) => crate::state::decode(state)?,
-            (true, Some(staged)) => staged,
-            (true, None) => bail!("L2 {}: no state given and none staged (stage-l2)", self.name),
+    /// Starts loading a saved state (QEMU's stream: `given`, else the one
+    /// staged) into an L2 started with `incoming` (QEMU loads it in the
+    /// background; its QEMU took `start_us` to start);
+    /// [`Self::finish_restore`] runs it.
+    pub fn begin_restore(&mut self, cfg: &Config, given: Option<Vec<u8>>, start_us: u64) -> Result<()> {
+        let bytes = match (given, self.staged.take()) {
+            (Some(given), _) => given,
+            (None, Some(staged)) => staged,
+            (None, None) => bail!("L2 {}: no state given and none staged (stage-l2)", self.name),
         };
         let path = cfg.run_dir.join(format!("{}.in.sock", self.name));
         let _ = std::fs::remove_file(&path);

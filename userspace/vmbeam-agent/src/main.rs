@@ -9,7 +9,7 @@
 //! ```
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     path::PathBuf,
     time::{Duration, Instant},
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use vmbeam::control::{
     agent::{
         AgentClock, AgentL2, AgentL2State, AgentStatus, AgentWindow, FramesQuery, L2Marks, Named, Names, PrepareL2,
-        RestoreL2, Restored, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
+        RestoreL2, Restored, SaveL2s, Saved, StartL2, AGENT_COMMANDS, AGENT_SERVICE,
     },
     ErrorBody, ErrorClass, Greeting, Reply, Request, ServerInfo, MAX_LINE,
 };
@@ -33,10 +33,12 @@ mod marks;
 mod port;
 mod ram;
 mod state;
+mod state_window;
 mod stream;
 mod window;
 
 use l2::{Config, Ram, L2};
+use state_window::StateWindow;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -74,6 +76,10 @@ struct Agent {
     args: Args,
     cfg: Config,
     l2s: BTreeMap<String, L2>,
+    /// This L1's state window, once found (L0 plugs it before the L1 boots).
+    state_window: Option<StateWindow>,
+    /// The L2s `save-l2s` began saving into the state window.
+    saving_into_window: BTreeSet<String>,
 }
 
 fn main() -> Result<()> {
@@ -89,7 +95,7 @@ fn main() -> Result<()> {
         run_dir: args.run_dir.clone(),
         timeout: Duration::from_secs(args.timeout_s),
     };
-    let mut agent = Agent { args, cfg, l2s: BTreeMap::new() };
+    let mut agent = Agent { args, cfg, l2s: BTreeMap::new(), state_window: None, saving_into_window: BTreeSet::new() };
     let mut link = match &agent.args.listen {
         Some(path) => port::Link::listen(path)?,
         None => port::Link::virtio(&agent.args.port)?,
@@ -172,12 +178,11 @@ impl Agent {
             }
             "save-l2" => {
                 let a: Named = args(req)?;
-                let cfg = self.cfg.clone();
-                self.l2(&a.name)?.save(&cfg).map(|s| json!(s)).map_err(generic)
+                self.save(&a.name)?.map(|s| json!(s)).map_err(generic)
             }
             "save-l2s" => {
-                let a: Names = args(req)?;
-                self.begin_saves(&a.names).map(|s| json!(s)).map_err(generic)
+                let a: SaveL2s = args(req)?;
+                self.begin_saves(&a.names, a.state_window).map(|s| json!(s)).map_err(generic)
             }
             "stage-l2" => {
                 let a: RestoreL2 = args(req)?;
@@ -249,11 +254,28 @@ impl Agent {
     }
 
     fn l2(&mut self, name: &str) -> Result<&mut L2, ErrorBody> {
-        self.l2s.get_mut(name).ok_or_else(|| ErrorBody {
-            class: ErrorClass::DeviceNotFound,
-            desc: format!("no L2 named `{name}` on this L1"),
-            errno: None,
-        })
+        self.l2s.get_mut(name).ok_or_else(|| no_such_l2(name))
+    }
+
+    /// Collects an L2's save (`save-l2`), into the state window if
+    /// `save-l2s` began it so.
+    fn save(&mut self, name: &str) -> Result<Result<Saved>, ErrorBody> {
+        let into_window = self.saving_into_window.remove(name);
+        let cfg = self.cfg.clone();
+        let l2 = self.l2s.get_mut(name).ok_or_else(|| no_such_l2(name))?;
+        let into = if into_window { self.state_window.as_mut() } else { None };
+        Ok(l2.save(&cfg, into))
+    }
+
+    /// The state window, looked for again until found.
+    fn state_window(&mut self) -> Option<&mut StateWindow> {
+        if self.state_window.is_none() {
+            match StateWindow::find(&self.args.sys_pci) {
+                Ok(w) => self.state_window = w,
+                Err(e) => eprintln!("vmbeam-agent: the state window: {e:#}"),
+            }
+        }
+        self.state_window.as_mut()
     }
 
     fn status(&mut self) -> Result<AgentStatus> {
@@ -275,6 +297,7 @@ impl Agent {
                 .into_iter()
                 .map(|w| AgentWindow { index: w.index, pci: w.pci, size: w.size, l2: taken.get(&w.index).cloned() })
                 .collect(),
+            state_window: self.state_window().map(|w| w.size()),
         })
     }
 
@@ -360,10 +383,18 @@ impl Agent {
     }
 
     /// Stops every L2 named, then lets their QEMUs save side by side;
-    /// `save-l2` collects each state. All or nothing: if one cannot begin,
-    /// the others run again.
-    fn begin_saves(&mut self, names: &[String]) -> Result<Vec<AgentL2>> {
+    /// `save-l2` collects each state (`into_window`: into the state
+    /// window's outbox, from its start). All or nothing: if one cannot
+    /// begin, the others run again.
+    fn begin_saves(&mut self, names: &[String], into_window: bool) -> Result<Vec<AgentL2>> {
         self.check_names(names)?;
+        self.saving_into_window.clear();
+        if into_window {
+            if let Some(w) = self.state_window() {
+                w.begin();
+                self.saving_into_window.extend(names.iter().cloned());
+            }
+        }
         let cfg = self.cfg.clone();
         for (i, name) in names.iter().enumerate() {
             let Some(l2) = self.l2s.get_mut(name) else { continue };
@@ -386,6 +417,9 @@ impl Agent {
         let Some(l2) = self.l2s.get_mut(&a.name).filter(|l| l.is_prepared_on(a.window)) else {
             bail!("no L2 {} prepared on window {} (prepare-l2)", a.name, a.window);
         };
+        if a.state_at.is_some() {
+            bail!("stage-l2 carries a state: one in the state window is read by load-l2");
+        }
         l2.stage(&a.state)
     }
 
@@ -394,6 +428,17 @@ impl Agent {
     /// by side, `restore-l2s` resumes them.
     fn load(&mut self, a: &RestoreL2) -> Result<AgentL2> {
         let arrived = Instant::now();
+        // The state: where L0 put it in the state window, or in the
+        // request, or (neither) the one staged.
+        let given = match (a.state_at, a.state.is_empty()) {
+            (Some(at), _) => {
+                let w = self.state_window().context("this L1 has no state window to read a state from")?;
+                w.take(at).map(Some)
+            }
+            (None, false) => state::decode(&a.state).map(Some),
+            (None, true) => Ok(None),
+        }
+        .with_context(|| format!("L2 {}: its state (nothing started or stopped)", a.name))?;
         let prepared = self.l2s.get_mut(&a.name).is_some_and(|l| l.is_waiting_on(a.window) && !l.is_loading());
         let mut l2 = match prepared.then(|| self.l2s.remove(&a.name)).flatten() {
             Some(l2) => l2,
@@ -403,7 +448,7 @@ impl Agent {
             }
         };
         let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
-        let begun = l2.begin_restore(&self.cfg, &a.state, start_us);
+        let begun = l2.begin_restore(&self.cfg, given, start_us);
         if begun.is_err() {
             l2.kill();
         }
@@ -438,6 +483,10 @@ impl Agent {
             None => Ok(done),
         }
     }
+}
+
+fn no_such_l2(name: &str) -> ErrorBody {
+    ErrorBody { class: ErrorClass::DeviceNotFound, desc: format!("no L2 named `{name}` on this L1"), errno: None }
 }
 
 fn args<T: DeserializeOwned>(req: &Request) -> Result<T, ErrorBody> {

@@ -1,5 +1,7 @@
-//! An L2's saved state as it travels through L0: QEMU's migration stream
-//! (CPU and devices; its RAM skipped), gzip-compressed, in base64.
+//! An L2's saved state as it travels over the links through L0: QEMU's
+//! migration stream (CPU and devices; its RAM skipped), gzip-compressed,
+//! in base64. (Between L1s that both have a state window the stream moves
+//! with the pages instead, as it is: `state_window`.)
 //!
 //! The stream is mostly the L2's small ROM and BIOS RAM blocks, which
 //! QEMU 7.2's `x-ignore-shared` still sends; they compress well, and every

@@ -33,6 +33,29 @@ pub struct Window {
 /// Every window of this L1, by index.
 pub fn scan(sys_pci: &Path) -> Result<Vec<Window>> {
     let mut windows = Vec::new();
+    for dev in ivshmem_devices(sys_pci)? {
+        let Some(index) = dev.slot.checked_sub(FIRST_PORT_SLOT) else { continue };
+        windows.push(Window { index, pci: dev.pci, size: dev.size, bar: dev.bar });
+    }
+    windows.sort_by_key(|w| w.index);
+    Ok(windows)
+}
+
+/// An ivshmem device behind a root port of the root bus.
+pub struct Ivshmem {
+    /// The root port's slot on the root bus.
+    pub slot: u32,
+    pub pci: String,
+    pub size: u64,
+    /// `resource2`: its BAR, mappable.
+    pub bar: PathBuf,
+}
+
+/// Every ivshmem device of this L1 behind a root-bus root port: the
+/// windows (slots 0x10 + index) and the state window
+/// ([`vmbeam::control::state_window::SLOT`]).
+pub fn ivshmem_devices(sys_pci: &Path) -> Result<Vec<Ivshmem>> {
+    let mut found = Vec::new();
     let entries = fs::read_dir(sys_pci).with_context(|| format!("reading {}", sys_pci.display()))?;
     for entry in entries.flatten() {
         let dev = entry.path();
@@ -40,21 +63,20 @@ pub fn scan(sys_pci: &Path) -> Result<Vec<Window>> {
         if (id("vendor").as_str(), id("device").as_str()) != IVSHMEM {
             continue;
         }
-        let Some(index) = port_index(&dev) else { continue };
+        let Some(slot) = port_slot(&dev) else { continue };
         let bar = dev.join("resource2");
         let size = fs::metadata(&bar).with_context(|| format!("{}", bar.display()))?.len();
-        windows.push(Window { index, pci: entry.file_name().to_string_lossy().into_owned(), size, bar });
+        found.push(Ivshmem { slot, pci: entry.file_name().to_string_lossy().into_owned(), size, bar });
     }
-    windows.sort_by_key(|w| w.index);
-    Ok(windows)
+    Ok(found)
 }
 
-/// The root port a device sits behind, as a window index.
-fn port_index(dev: &Path) -> Option<u32> {
+/// The root-bus slot of the root port a device sits behind.
+fn port_slot(dev: &Path) -> Option<u32> {
     let real = fs::canonicalize(dev).ok()?;
     let parent = real.parent()?.file_name()?.to_str()?.to_string(); // 0000:00:10.0
     let slot = parent.rsplit(':').next()?.split('.').next()?;
-    u32::from_str_radix(slot, 16).ok()?.checked_sub(FIRST_PORT_SLOT)
+    u32::from_str_radix(slot, 16).ok()
 }
 
 /// Reads the workload header of the L2 whose RAM is `window`. Only ever

@@ -21,6 +21,7 @@ pub mod agent;
 mod client;
 mod codec;
 mod protocol;
+pub mod state_window;
 
 pub use client::{Client, ControlError};
 pub use codec::{CodecError, Connection, MAX_FDS, MAX_LINE};

@@ -165,6 +165,29 @@ impl Device {
             .map(drop)
     }
 
+    /// As [`Device::gather_runs_into`], with `VMBEAM_GATHER_REPLACE`: `src`
+    /// keeps fresh zeroed pages where the runs were (its owner may go on
+    /// writing there).
+    pub fn gather_runs_into_replacing(
+        &self,
+        src: BorrowedFd<'_>,
+        runs: &[[u64; 2]],
+        dst: BorrowedFd<'_>,
+        dst_offset: u64,
+    ) -> Result<(), Error> {
+        let flags = uapi::VMBEAM_GATHER_INTO | uapi::VMBEAM_GATHER_RUNS | uapi::VMBEAM_GATHER_REPLACE;
+        let op = "VMBEAM_GATHER_INTO(RUNS, REPLACE)";
+        self.gather_ioctl(src, runs.as_flattened(), flags, dst.as_raw_fd(), dst_offset, op).map(drop)
+    }
+
+    /// As [`Device::gather`], the pages named as runs (`VMBEAM_GATHER_RUNS`):
+    /// a new ownerless region of them. Dropping it frees the pages, so
+    /// this is also how a range of a region is emptied again.
+    pub fn gather_runs(&self, src: BorrowedFd<'_>, runs: &[[u64; 2]]) -> Result<Region, Error> {
+        let fd = self.gather_ioctl(src, runs.as_flattened(), uapi::VMBEAM_GATHER_RUNS, 0, 0, "VMBEAM_GATHER(RUNS)")?;
+        Ok(Region::from_raw_ioctl_result(fd))
+    }
+
     /// As [`Device::gather_into`], with `VMBEAM_GATHER_REPLACE`: `src`
     /// gets fresh zeroed pages in place of the moved ones (an aged L1 may
     /// go on using those guest frames).

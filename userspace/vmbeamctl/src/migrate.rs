@@ -87,6 +87,11 @@ pub struct Args {
     /// must be destroyed, as `rejuvenate --gather-holes` does).
     #[arg(long)]
     pub gather_holes: bool,
+    /// Real L1s: send the L2s' saved states over the agents' virtio-serial
+    /// links, as between L1s without state windows, instead of moving them
+    /// with the pages through the L1s' state windows (to compare).
+    #[arg(long)]
+    pub states_over_link: bool,
     /// Testing: spoil the aged agent's frame list of each L2 on ordinary
     /// memory this way, as a faulty or hostile L1 might.
     #[arg(long, hide = true, value_enum)]
@@ -102,7 +107,11 @@ pub struct Args {
 impl Args {
     /// What the real-L1 gather path is told.
     pub fn gather_options(&self) -> crate::l1::qemu::gather::Options {
-        crate::l1::qemu::gather::Options { holes: self.gather_holes, corrupt: self.corrupt_frames }
+        crate::l1::qemu::gather::Options {
+            holes: self.gather_holes,
+            states_over_link: self.states_over_link,
+            corrupt: self.corrupt_frames,
+        }
     }
 }
 

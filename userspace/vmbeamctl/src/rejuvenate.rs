@@ -71,6 +71,7 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
         inject_failure: None,
         trace: a.trace,
         gather_holes: a.gather_holes,
+        states_over_link: false,
         corrupt_frames: None,
     };
     // The clean L1 boots first: its boot is not a step of the migration.

@@ -84,6 +84,10 @@ pub struct L2Report {
     /// The size of that state (QEMU's stream; its RAM stays in place).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
+    /// How the state went: "state window" (moved with the pages at L0) or
+    /// "link" (over the agents' virtio-serial links).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_via: Option<String>,
     /// ... and the clean agent's restore (from its `restore-l2s` request
     /// to this L2's `cont`; the states were sent before, with `load-l2`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -286,7 +290,11 @@ fn print_text(r: &Report) {
         r.l2.iter()
             .filter_map(|l| {
                 let qemu = match (l.qemu_save_ms, l.state_bytes) {
-                    (Some(ms), Some(b)) => format!(" (QEMU's {ms}, {} KiB state)", b.div_ceil(1024)),
+                    (Some(ms), Some(b)) => format!(
+                        " (QEMU's {ms}, {} KiB state by {})",
+                        b.div_ceil(1024),
+                        l.state_via.as_deref().unwrap_or("?")
+                    ),
                     _ => String::new(),
                 };
                 Some(format!("{} save {:.0}{qemu} + restore {:.0}", l.name, l.save_ms?, l.restore_ms?))

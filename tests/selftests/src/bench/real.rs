@@ -5,7 +5,10 @@
 //! ordinary L1 memory (its pages are gathered out of the aged L1's RAM).
 //! With `huge`, both L1s' windows and RAM are 2 MiB blocks (`l1 start
 //! --huge-windows --huge-ram`): the gathered L2, backed by THP in the aged
-//! L1, comes out of it in whole blocks and lands in a huge window.
+//! L1, comes out of it in whole blocks and lands in a huge window. With
+//! `over_link`, the saved states go over the agents' virtio-serial links
+//! (`--states-over-link`) instead of moving with the pages through the
+//! L1s' state windows: what the state windows took out of the downtime.
 //!
 //! Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
 
@@ -59,9 +62,9 @@ fn path(p: &Path) -> &str {
 /// memory, a clean L1 with an empty window, and moves both L2s. A failed
 /// run's error ends with the last lines of both L1s' consoles (the agents
 /// log every request there).
-pub fn migrate_all(size: u64, huge: bool) -> Result<RealRun, String> {
+pub fn migrate_all(size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
     let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
-    one_run(&dir, size, huge).map_err(|e| {
+    one_run(&dir, size, huge, over_link).map_err(|e| {
         let tail = |name: &str| {
             let console = std::fs::read_to_string(dir.0.join(format!("{name}.console"))).unwrap_or_default();
             let lines: Vec<&str> = console.lines().collect();
@@ -79,7 +82,7 @@ pub fn migrate_all(size: u64, huge: bool) -> Result<RealRun, String> {
     })
 }
 
-fn one_run(dir: &L1Dir, size: u64, huge: bool) -> Result<RealRun, String> {
+fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
@@ -114,6 +117,7 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool) -> Result<RealRun, String> {
             // Bounds every agent reply too: an L1 that TCG left silent
             // costs this run 3 minutes, not 10 (a whole 1 GiB move took 13 s).
             .args(["--timeout-s", "180"])
+            .args(over_link.then_some("--states-over-link"))
             .output()
     });
     let out = out.map_err(|e| format!("vmbeamctl: {e}"))?;
@@ -135,7 +139,13 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool) -> Result<RealRun, String> {
         })
         .collect();
     let windows = if huge { "2M" } else { "4K" };
-    eprintln!("bench: real L1s {} {windows}: steps (ms) {}; {}", size_name(size), r["phases_ms"], l2s.join("; "));
+    let states = if over_link { ", states over the links" } else { "" };
+    eprintln!(
+        "bench: real L1s {} {windows}{states}: steps (ms) {}; {}",
+        size_name(size),
+        r["phases_ms"],
+        l2s.join("; ")
+    );
     let sample = Sample {
         bytes_copied: r["module"]["bytes_copied"].as_u64().unwrap_or(0),
         peak_extra_mib: peak(&watch),

@@ -184,11 +184,12 @@ fn main() {
         }
         // Real L1s hold the L2 twice at L0 (window, then the gathered one
         // in the L1's RAM): 1 GiB is as far as the bench kernel goes.
-        for huge in [false, true] {
-            let both = if huge {
-                "real-L1 migrate-all, 2M windows and RAM, 2 L2s of this size at once"
-            } else {
-                "real-L1 migrate-all, 2 L2s of this size at once"
+        // The states move through the L1s' state windows, unless over_link.
+        for (huge, over_link) in [(false, false), (true, false), (true, true)] {
+            let both = match (huge, over_link) {
+                (true, false) => "real-L1 migrate-all, 2M windows and RAM, 2 L2s of this size at once",
+                (true, true) => "real-L1 migrate-all, 2M windows and RAM, states over the links, 2 L2s of this size at once",
+                _ => "real-L1 migrate-all, 2 L2s of this size at once",
             };
             if !to_run(&rows, &format!("{both}: the one on a window")) || size > 1 << 30 {
                 continue;
@@ -197,8 +198,8 @@ fn main() {
             // flakiness): up to three tries per run wanted.
             let real: Vec<real::RealRun> = (0..runs * 3)
                 .filter_map(|i| {
-                    real::migrate_all(size, huge)
-                        .map_err(|e| eprintln!("bench: real L1s {name} (huge {huge}), try {i}: {e}"))
+                    real::migrate_all(size, huge, over_link)
+                        .map_err(|e| eprintln!("bench: real L1s {name} (huge {huge}, over link {over_link}), try {i}: {e}"))
                         .ok()
                 })
                 .take(runs)

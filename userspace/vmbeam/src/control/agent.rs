@@ -11,7 +11,7 @@
 //! | `query-vms`    | –                | `[`[`AgentL2`]`]`  |
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
-//! | `save-l2s`     | [`Names`]        | `[`[`AgentL2`]`]`  |
+//! | `save-l2s`     | [`SaveL2s`]      | `[`[`AgentL2`]`]`  |
 //! | `query-l2-frames` | [`FramesQuery`] | [`L2Frames`]     |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
@@ -34,7 +34,10 @@
 //! carries at most one state (a line is at most `MAX_LINE` bytes).
 //! `stage-l2` sends a state ahead to its prepared QEMU, so that L0 passes
 //! each state on while the aged L1 still saves the next, and the
-//! `load-l2` that follows carries none (an empty `state`).
+//! `load-l2` that follows carries none (an empty `state`). Between L1s
+//! that both have a state window ([`state_window`]) no state crosses the
+//! links at all: the aged agent leaves it in its window, L0 moves those
+//! pages into the clean L1's, and `load-l2` names where they arrived.
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -63,6 +66,8 @@
 //! through the migration stream, a copy.
 
 use serde::{Deserialize, Serialize};
+
+pub use super::state_window::{self, StateAt};
 
 /// Every command the agent answers.
 pub const AGENT_COMMANDS: &[&str] = &[
@@ -108,6 +113,10 @@ pub struct AgentStatus {
     pub kernel: String,
     pub qemu: String,
     pub windows: Vec<AgentWindow>,
+    /// The size of its state window ([`state_window`]), if it has one
+    /// (an L1 booted by an older vmbeamctl has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_window: Option<u64>,
 }
 
 /// The L2 workload's header, read from its RAM (`guests/l2/workload.S`).
@@ -244,14 +253,30 @@ pub struct Names {
     pub names: Vec<String>,
 }
 
+/// `save-l2s`: the L2s to stop and save.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SaveL2s {
+    pub names: Vec<String>,
+    /// Put each state in this L1's state window ([`state_window`]) where
+    /// it fits, and have `save-l2` say where ([`Saved::state_at`]) instead
+    /// of carrying it. Absent (an older vmbeamctl): every state is carried.
+    #[serde(default)]
+    pub state_window: bool,
+}
+
 /// The saved L2: its device state, and when it stopped.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Saved {
     pub name: String,
     pub window: Option<u32>,
     /// QEMU's migration stream (CPU and devices, no RAM), gzip, base64
-    /// (a plain stream in base64 is read too).
+    /// (a plain stream in base64 is read too); empty when it is in the
+    /// state window (`state_at`).
     pub state: String,
+    /// Where in this L1's state window's outbox the stream lies, when
+    /// `save-l2s` asked for it there and it fitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_at: Option<StateAt>,
     /// The stream's own size (before gzip).
     pub state_bytes: u64,
     /// Microseconds from the L2's stop to this reply leaving the agent:
@@ -277,8 +302,17 @@ pub struct PrepareL2 {
 pub struct RestoreL2 {
     pub name: String,
     pub window: u32,
-    /// The [`Saved`] state; empty in a `load-l2` after `stage-l2`.
+    /// The [`Saved`] state; empty in a `load-l2` after `stage-l2`, or
+    /// when `state_at` names it.
     pub state: String,
+    /// Where in this L1's state window's inbox L0 put the state (the
+    /// stream, as `save-l2`'s `state_at` said it): `load-l2` and
+    /// `restore-l2` read it there. Only pages L0 moved there may be named:
+    /// the agent cannot tell, and an L1 that touches a missing page of a
+    /// region is stopped at L0 (as when a state is loaded into a window
+    /// whose pages have not arrived).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_at: Option<StateAt>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

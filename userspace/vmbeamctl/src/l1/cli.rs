@@ -120,9 +120,15 @@ pub fn run(cmd: &Command) -> Result<()> {
                                "pages_by_pmd": w.region.pages_by_pmd().ok().flatten()})
                     })
                     .collect();
+                // Outbox present, inbox empty between moves.
+                let state_window = l1.state_window.as_ref().map(|w| {
+                    json!({"size": vmbeam::control::state_window::SIZE,
+                           "pages_present": w.region.info().map_or(0, |i| i.pages_present)})
+                });
                 println!(
                     "{}",
-                    json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram, "l0_windows": l0_windows})
+                    json!({"pid": l1.pid, "status": status, "vms": vms, "ram": ram, "l0_windows": l0_windows,
+                           "state_window": state_window})
                 );
             } else {
                 println!("{} (QEMU pid {}, kernel {}):", status.name, l1.pid, status.kernel);
@@ -137,6 +143,15 @@ pub fn run(cmd: &Command) -> Result<()> {
                         }
                     ),
                     None => println!("  RAM: QEMU's own (anonymous): L2s on ordinary memory cannot be gathered"),
+                }
+                match &l1.state_window {
+                    Some(w) => println!(
+                        "  state window: {} MiB, {} pages at L0 (its outbox: {})",
+                        vmbeam::control::state_window::SIZE >> 20,
+                        w.region.info().map_or(0, |i| i.pages_present),
+                        vmbeam::control::state_window::HALF / 4096
+                    ),
+                    None => println!("  no state window: saved L2 states go over the agent's link"),
                 }
                 for w in &status.windows {
                     let l0 = l1.window(w.index);

@@ -37,8 +37,10 @@ pub mod journal;
 mod marks;
 mod pair;
 pub mod ram;
+pub mod state_window;
 pub use pair::{recover, QemuPair};
 pub use ram::RamRegion;
+pub use state_window::StateWindow;
 
 /// The chardev QEMU exposes the agent's virtio-serial port through.
 pub const AGENT_CHARDEV: &str = "vmbeam-agent";
@@ -79,6 +81,8 @@ pub struct QemuL1 {
     pub windows: Vec<Window>,
     /// Its RAM, when that is a vmbeam region (`l1 start` makes it one).
     pub ram: Option<RamRegion>,
+    /// Where saved L2 states move with the pages (`l1 start` plugs one).
+    pub state_window: Option<StateWindow>,
 }
 
 impl QemuL1 {
@@ -99,7 +103,8 @@ impl QemuL1 {
         );
         let windows = windows(&mut qmp, pid)?;
         let ram = RamRegion::find(&mut qmp, pid)?;
-        Ok(Self { name, pid, qmp_path: qmp_path.to_path_buf(), qmp, agent, windows, ram })
+        let state_window = StateWindow::find(&mut qmp, pid)?;
+        Ok(Self { name, pid, qmp_path: qmp_path.to_path_buf(), qmp, agent, windows, ram, state_window })
     }
 
     /// Ends L2 `name`'s QEMU in this L1 (its agent's `kill-l2`).
@@ -335,6 +340,7 @@ pub fn launch(a: &LaunchArgs) -> Result<QemuL1> {
             &format!("pcie-root-port,id=rp{k},bus=pcie.0,chassis={},addr={:#x},pref64-reserve={size}", k + 1, 0x10 + k),
         ]);
     }
+    cmd.args(["-device", &state_window::root_port()]);
     let log = std::fs::File::create(file("log"))?;
     // SAFETY: setsid() in the child before exec: async-signal-safe.
     let child = unsafe {
@@ -386,7 +392,7 @@ fn wait_for_qmp(path: &Path, pid: u32, timeout: Duration) -> Result<Qmp> {
 }
 
 /// Regions bound to QEMU's VM, handed over with `getfd`, shown as
-/// ivshmem-plain devices behind the root ports.
+/// ivshmem-plain devices behind the root ports; then the state window.
 fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result<()> {
     let vm_fds = procfs::fds_linking_to(pid, "anon_inode:kvm-vm")?;
     let [vm_fd] = vm_fds[..] else { bail!("QEMU {pid} has {} KVM VM fds, expected 1", vm_fds.len()) };
@@ -394,27 +400,46 @@ fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result
     for (k, &size) in a.windows.iter().enumerate() {
         let region = dev.create_region_with(size, a.empty, a.huge_windows)?;
         dev.bind(region.as_fd(), vm.as_fd())?;
-        // A named monitor fd (`getfd`) stays open in QEMU for its life (an
-        // `add-fd` fdset entry is closed once no monitor is connected), so
-        // `/proc/self/fd/N` names this region for as long as QEMU runs and
-        // a later vmbeamctl finds it again from the backend's mem-path.
-        qmp.execute_with_fds("getfd", json!({"fdname": format!("win{k}")}), &[region.as_fd()])?;
-        let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
-        let fd = procfs::fd_of_inode(pid, ino)?.ok_or_else(|| anyhow!("QEMU {pid} did not keep window {k}'s fd"))?;
         // A huge window's mapping must be 2 MiB-aligned for its PMDs: QEMU
         // maps a file backend with MAP_FIXED inside a reservation aligned
         // to `align`, so the region's own aligned mmap address is not used.
-        let mut backend = json!({"qom-type": "memory-backend-file", "id": format!("win{k}"),
-                                 "mem-path": format!("/proc/self/fd/{fd}"), "share": true, "size": size});
-        if a.huge_windows {
-            backend["align"] = json!(2u64 << 20);
-        }
-        qmp.execute("object-add", backend)?;
-        qmp.execute(
-            "device_add",
-            json!({"driver": "ivshmem-plain", "memdev": format!("win{k}"),
-                                          "bus": format!("rp{k}"), "id": format!("iv{k}")}),
-        )?;
+        let align = a.huge_windows.then_some(2u64 << 20);
+        let ids = Ivshmem { backend: &format!("win{k}"), device: &format!("iv{k}"), port: &format!("rp{k}") };
+        plug_region(qmp, pid, &region, &ids, align).with_context(|| format!("window {k}"))?;
     }
+    let region = state_window::create(dev, vm.as_fd())?;
+    let ids =
+        Ivshmem { backend: state_window::BACKEND_ID, device: state_window::DEVICE_ID, port: state_window::PORT_ID };
+    plug_region(qmp, pid, &region, &ids, None).context("the state window")
+}
+
+/// The QEMU ids of a region shown as an ivshmem-plain device.
+struct Ivshmem<'a> {
+    backend: &'a str,
+    device: &'a str,
+    port: &'a str,
+}
+
+/// Hands `region` to QEMU (`getfd`) and shows it to the L1 as an
+/// ivshmem-plain device behind an empty root port.
+fn plug_region(qmp: &mut Qmp, pid: u32, region: &Region, ids: &Ivshmem<'_>, align: Option<u64>) -> Result<()> {
+    // A named monitor fd (`getfd`) stays open in QEMU for its life (an
+    // `add-fd` fdset entry is closed once no monitor is connected), so
+    // `/proc/self/fd/N` names this region for as long as QEMU runs and
+    // a later vmbeamctl finds it again from the backend's mem-path.
+    qmp.execute_with_fds("getfd", json!({"fdname": ids.backend}), &[region.as_fd()])?;
+    let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
+    let fd = procfs::fd_of_inode(pid, ino)?.ok_or_else(|| anyhow!("QEMU {pid} did not keep {}'s fd", ids.backend))?;
+    let size = region.info()?.size;
+    let mut backend = json!({"qom-type": "memory-backend-file", "id": ids.backend,
+                             "mem-path": format!("/proc/self/fd/{fd}"), "share": true, "size": size});
+    if let Some(align) = align {
+        backend["align"] = json!(align);
+    }
+    qmp.execute("object-add", backend)?;
+    qmp.execute(
+        "device_add",
+        json!({"driver": "ivshmem-plain", "memdev": ids.backend, "bus": ids.port, "id": ids.device}),
+    )?;
     Ok(())
 }

@@ -18,11 +18,15 @@ use vmbeam::Device;
 
 use super::{ram::offset_of_frame, RamRegion};
 
-/// How the gather path runs (`migrate-all` options).
+/// How a real-L1 migration runs (`migrate-all` options): the gather path,
+/// and how the states travel.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Leave gathered frames empty in the aged L1 (`--gather-holes`).
     pub holes: bool,
+    /// Carry the states over the agents' links even between L1s with
+    /// state windows (`--states-over-link`: to compare).
+    pub states_over_link: bool,
     /// Testing: spoil each frame list this way.
     pub corrupt: Option<Corruption>,
 }

@@ -32,6 +32,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use vmbeam::control::agent::StateAt;
 
 /// What a migration between two real L1s needs to be finished or undone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,8 +58,12 @@ pub struct Entry {
     /// Its window on the clean L1.
     pub to: u32,
     pub pages: u64,
-    /// Its saved CPU and device state (base64), once it is paused.
+    /// Its saved CPU and device state (base64), once it is paused (empty
+    /// when it moves through the state windows).
     pub state: Option<String>,
+    /// Where that state arrived in the clean L1's state window, once sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_at: Option<StateAt>,
 }
 
 /// [`Entry::offsets`] in the file: runs of offsets a page apart
@@ -168,7 +173,8 @@ mod tests {
                 offsets: vec![0, 4096],
                 to: 1,
                 pages: 2,
-                state: Some("c3RhdGU=".into()),
+                state: Some(String::new()),
+                state_at: Some(StateAt { offset: 8 << 20, bytes: 5000 }),
             }],
         };
         let file = JournalFile { path: path_for(&j.clean) };

@@ -30,8 +30,8 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Names, PrepareL2, RestoreL2, Restored, Saved,
-        Workload, MAX_FRAMES_PER_REPLY,
+        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Names, PrepareL2, RestoreL2, Restored, SaveL2s,
+        Saved, StateAt, Workload, MAX_FRAMES_PER_REPLY,
     },
     Probe,
 };
@@ -63,6 +63,8 @@ struct Move {
     saved: Option<Saved>,
     /// Its state reached the clean agent ahead of the load (`stage-l2`).
     staged: bool,
+    /// Where its state arrived in the clean L1's state window (`send`).
+    arrived: Option<StateAt>,
     gathered: bool,
 }
 
@@ -88,6 +90,8 @@ pub struct QemuPair {
     /// The journal on disk from `prepare` on (its witness settles the
     /// migration if this process dies; [`recover`]).
     journal: Option<journal::JournalFile>,
+    /// Both L1s have a state window, and the states go through them.
+    states_in_windows: bool,
 }
 
 mod recover;
@@ -112,6 +116,7 @@ impl QemuPair {
             ram_present_before: None,
             aged_ram_frames: Vec::new(),
             journal: None,
+            states_in_windows: false,
         }
     }
 
@@ -334,13 +339,14 @@ impl Pair for QemuPair {
                 frames,
                 saved: None,
                 staged: false,
+                arrived: None,
                 gathered: false,
             });
         }
         if self.moves.is_empty() {
             report.warnings.push(format!("{} has no running L2 VM to move", self.aged.name));
         }
-        Ok(())
+        self.plan_states(clean_status.state_window.is_some(), report)
     }
 
     fn prepare(&mut self, _report: &mut Report) -> Result<()> {
@@ -366,8 +372,8 @@ impl Pair for QemuPair {
     fn pause(&mut self, report: &mut Report) -> Result<()> {
         // All stop at once and save side by side: one L2's save does not
         // lengthen another's downtime.
-        let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
-        self.aged.agent.call::<Vec<AgentL2>>("save-l2s", names)?;
+        let names = self.moves.iter().map(|m| m.name.clone()).collect();
+        self.aged.agent.call::<Vec<AgentL2>>("save-l2s", SaveL2s { names, state_window: self.states_in_windows })?;
         save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
         for i in 0..self.moves.len() {
             if self.moves[i].is_ordinary() {
@@ -381,7 +387,9 @@ impl Pair for QemuPair {
     }
 
     fn send(&mut self, _report: &mut Report) -> Result<()> {
-        Ok(()) // the saved states came with the pause
+        // States over the links came with the pause; the rest move now.
+        save::send_through_windows(&self.dev, &self.aged, &self.clean, &mut self.moves)?;
+        self.update_journal()
     }
 
     fn move_memory(&mut self, report: &mut Report) -> Result<()> {
@@ -401,8 +409,8 @@ impl Pair for QemuPair {
         // Every state starts loading, then each L2 resumes once its own has.
         for m in &self.moves {
             let saved = m.saved.as_ref().ok_or_else(|| anyhow!("{}: not saved", m.name))?;
-            let state = if m.staged { String::new() } else { saved.state.clone() };
-            let args = RestoreL2 { name: m.name.clone(), window: m.to, state };
+            let state = if m.staged || m.arrived.is_some() { String::new() } else { saved.state.clone() };
+            let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
             self.clean.agent.call::<AgentL2>("load-l2", args)?;
         }
         let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
@@ -414,6 +422,7 @@ impl Pair for QemuPair {
                 l.restore_ms = Some(r.resumed_after_us as f64 / 1e3);
             }
         }
+        self.clear_inbox(report);
         Ok(())
     }
 
@@ -507,6 +516,7 @@ impl Pair for QemuPair {
     }
 
     fn move_back(&mut self, report: &mut Report) {
+        self.clear_inbox(report);
         for i in 0..self.moves.len() {
             if !self.moves[i].gathered {
                 continue;
@@ -521,6 +531,7 @@ impl Pair for QemuPair {
     }
 
     fn resume_aged(&mut self, report: &mut Report) -> Result<usize> {
+        self.clear_inbox(report);
         for m in &self.moves {
             // Its receiving QEMU (prepare), or what a restore that failed
             // half-way left there (plan made sure the name is ours).

@@ -57,6 +57,7 @@ impl Move {
             to: self.to,
             pages: self.pages,
             state: self.saved.as_ref().map(|s| s.state.clone()),
+            state_at: self.arrived,
         }
     }
 
@@ -70,6 +71,7 @@ impl Move {
             window: e.from_window,
             state_bytes: state.len() as u64,
             state,
+            state_at: None,
             stopped_us_ago: 0,
             qemu_save_ms: None,
             workload: None,
@@ -82,6 +84,7 @@ impl Move {
             frames: Vec::new(),
             saved,
             staged: false,
+            arrived: e.state_at,
             gathered: false,
         }
     }
@@ -92,9 +95,12 @@ impl Move {
 /// done, one line per L2; removes the journal once every L2 is settled.
 pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
     let j = journal::read(path)?;
-    let options = gather::Options { holes: j.holes, corrupt: None };
+    let options = gather::Options { holes: j.holes, ..Default::default() };
     let mut pair = QemuPair::connect(&j.aged, &j.clean, timeout, options)?;
     let moves: Vec<Move> = j.moves.into_iter().map(Move::from_entry).collect();
+    // States that reached the clean L1's state window: read by the
+    // restores below, then emptied out of its inbox.
+    let arrived: Vec<_> = moves.iter().filter_map(|m| m.arrived).collect();
     let clean_vms: Vec<AgentL2> = pair.clean.agent.call("query-vms", ())?;
     let aged_vms: Vec<AgentL2> = pair.aged.agent.call("query-vms", ())?;
     let state_of = |vms: &[AgentL2], name: &str| vms.iter().find(|v| v.name == name).map(|v| v.state);
@@ -145,6 +151,13 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
         pair.retire(&mut report);
         pair.moves.clear();
     }
+    if let Some(w) = &pair.clean.state_window {
+        if !arrived.is_empty() {
+            if let Err(e) = w.clear(&pair.dev, &arrived) {
+                done.push(format!("{}'s state window not emptied: {e:#}", pair.clean.name));
+            }
+        }
+    }
     done.extend(report.warnings);
     if !trouble.is_empty() {
         bail!("{}\n(done: {})", trouble.join("\n"), done.join("; "));
@@ -156,8 +169,12 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
 /// Restores a moved L2 on the clean L1 from the journal's state, into the
 /// QEMU prepared for it if that waits still.
 fn restore(pair: &mut QemuPair, m: &Move) -> Result<()> {
-    let Some(saved) = &m.saved else { bail!("the journal has no saved state for it") };
-    let args = RestoreL2 { name: m.name.clone(), window: m.to, state: saved.state.clone() };
+    // The state is in the clean L1's state window, or in the journal.
+    let state = m.saved.as_ref().map(|s| s.state.clone()).unwrap_or_default();
+    if state.is_empty() && m.arrived.is_none() {
+        bail!("the journal has no saved state for it");
+    }
+    let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
     pair.clean.agent.call::<Restored>("restore-l2", args)?;
     Ok(())
 }

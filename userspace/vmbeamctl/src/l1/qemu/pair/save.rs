@@ -1,3 +1,9 @@
+//! How the saved states travel. Between L1s that both have a state window
+//! ([`super::super::state_window`]) the aged agent leaves each in its
+//! outbox and `send` moves the pages into the clean L1's inbox at L0, with
+//! no byte crossing a link; where one has none (or `--states-over-link`),
+//! over the links:
+//!
 //! The pause's two links at once: each L2's saved state is collected from
 //! the aged agent (`save-l2`, after `save-l2s` stopped them all) and passed
 //! on to the clean agent (`stage-l2`) as soon as it arrives, while the aged
@@ -11,12 +17,18 @@
 
 use anyhow::{anyhow, Context, Result};
 use vmbeam::control::{
-    agent::{Named, RestoreL2, Saved},
+    agent::{Named, RestoreL2, Saved, StateAt},
     Client, ControlError,
 };
 
-use super::Move;
-use crate::{l1::monotonic_ns, report::Report};
+use super::{Move, QemuPair};
+use crate::{
+    l1::{
+        monotonic_ns,
+        qemu::{state_window, QemuL1},
+    },
+    report::Report,
+};
 
 /// Collects every move's state from `aged` into `moves` (and its timing
 /// into the report), staging each in `clean` as it comes. A stage the
@@ -49,10 +61,15 @@ pub(super) fn collect_and_stage(
             l.save_ms = Some(s.stopped_us_ago as f64 / 1e3);
             l.qemu_save_ms = s.qemu_save_ms;
             l.state_bytes = Some(s.state_bytes);
+            l.state_via = Some(if s.state_at.is_some() { "state window" } else { "link" }.into());
             l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
-            // A stager that ended on an error has dropped its end: the
-            // error comes out of the join below.
-            let _ = states.send(RestoreL2 { name: m.name.clone(), window: m.to, state: s.state.clone() });
+            // In a state window: it moves with the pages (`send`).
+            if s.state_at.is_none() {
+                // A stager that ended on an error has dropped its end: the
+                // error comes out of the join below.
+                let state = s.state.clone();
+                let _ = states.send(RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: None });
+            }
             m.saved = Some(s);
         }
         drop(states);
@@ -65,4 +82,70 @@ pub(super) fn collect_and_stage(
         }
     }
     Ok(())
+}
+
+/// Moves the states the aged agent left in its state window into the
+/// clean L1's (one gather, all or nothing), and notes where each arrived.
+pub(super) fn send_through_windows(
+    dev: &vmbeam::Device,
+    aged: &QemuL1,
+    clean: &QemuL1,
+    moves: &mut [Move],
+) -> Result<()> {
+    let in_window: Vec<(usize, StateAt)> =
+        moves.iter().enumerate().filter_map(|(i, m)| Some((i, m.saved.as_ref()?.state_at?))).collect();
+    if in_window.is_empty() {
+        return Ok(());
+    }
+    let (Some(from), Some(to)) = (&aged.state_window, &clean.state_window) else {
+        anyhow::bail!("a state was left in {}'s state window, but {} has none", aged.name, clean.name);
+    };
+    let states: Vec<StateAt> = in_window.iter().map(|&(_, at)| at).collect();
+    let arrived = state_window::send(dev, from, to, &states)?;
+    for ((i, _), at) in in_window.into_iter().zip(arrived) {
+        moves[i].arrived = Some(at);
+    }
+    Ok(())
+}
+
+impl QemuPair {
+    /// Whether the states go through the state windows: both L1s have
+    /// one, and so does the clean agent (an older one could not read it).
+    /// Both inboxes are made empty (pages a move whose vmbeamctl and
+    /// witness both died left there), and the aged outbox must be whole:
+    /// the aged agent writes it, and an L1 that touches a missing page of
+    /// a region is stopped.
+    pub(super) fn plan_states(&mut self, clean_agent_has_one: bool, report: &mut Report) -> Result<()> {
+        self.states_in_windows = false;
+        if self.options.states_over_link || self.moves.is_empty() {
+            return Ok(());
+        }
+        let (aged, clean) = (&self.aged.name, &self.clean.name);
+        let why_not = match (&self.aged.state_window, &self.clean.state_window) {
+            (None, _) => Some(format!("{aged} has no state window (boot L1s with this vmbeamctl)")),
+            (_, None) => Some(format!("{clean} has no state window (boot L1s with this vmbeamctl)")),
+            _ if !clean_agent_has_one => Some(format!("{clean}'s agent does not see its state window")),
+            (Some(from), Some(to)) => {
+                from.ready_inbox(&self.dev)?;
+                to.ready_inbox(&self.dev)?;
+                (!from.holds_just_its_outbox()).then(|| format!("{aged}'s state window has pages missing"))
+            }
+        };
+        match why_not {
+            Some(why) => report.warnings.push(format!("the states go over the agents' links: {why}")),
+            None => self.states_in_windows = true,
+        }
+        Ok(())
+    }
+
+    /// Empties the clean inbox of the states that arrived there (they are
+    /// loaded, or the move is undone), so the next move finds it empty.
+    pub(super) fn clear_inbox(&mut self, report: &mut Report) {
+        let arrived: Vec<StateAt> = self.moves.iter_mut().filter_map(|m| m.arrived.take()).collect();
+        if let (Some(w), false) = (&self.clean.state_window, arrived.is_empty()) {
+            if let Err(e) = w.clear(&self.dev, &arrived) {
+                report.warnings.push(format!("{}'s state window: {e:#}", self.clean.name));
+            }
+        }
+    }
 }

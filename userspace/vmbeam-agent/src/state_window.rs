@@ -1,0 +1,129 @@
+//! This L1's state window (`vmbeam::control::state_window`): where the
+//! agent leaves each saved L2 state for L0 to move with the pages, and
+//! reads the states L0 moved in.
+//!
+//! The outbox is mapped once and written only; the inbox is mapped a state
+//! at a time, for exactly the pages L0 says arrived (a page that did not
+//! must never be touched), and unmapped again.
+
+use std::{
+    fs,
+    num::NonZeroUsize,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    ptr::NonNull,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use vmbeam::control::state_window::{self, StateAt, HALF, INBOX, OUTBOX, SLOT};
+
+use crate::window;
+
+const PAGE: u64 = 4096;
+
+/// The state window's BAR, its outbox mapped.
+///
+/// # Invariants
+///
+/// `outbox` is a shared read-write mapping of the BAR's bytes `OUTBOX ..
+/// OUTBOX + HALF`, made here and unmapped on drop; `next` is a page
+/// aligned offset within the outbox.
+pub struct StateWindow {
+    bar: PathBuf,
+    size: u64,
+    outbox: NonNull<std::ffi::c_void>,
+    next: u64,
+}
+
+// SAFETY: the mapping is owned by this value alone (no other reference to
+// it exists), so moving it to another thread moves the only user.
+unsafe impl Send for StateWindow {}
+
+impl StateWindow {
+    /// The state window of this L1, if L0 plugged one.
+    pub fn find(sys_pci: &Path) -> Result<Option<Self>> {
+        let Some(dev) = window::ivshmem_devices(sys_pci)?.into_iter().find(|d| d.slot == SLOT) else {
+            return Ok(None);
+        };
+        if dev.size != state_window::SIZE {
+            bail!("the state window ({}) is {} bytes, not {}", dev.pci, dev.size, state_window::SIZE);
+        }
+        let file = fs::OpenOptions::new().read(true).write(true).open(&dev.bar).context(dev.pci.clone())?;
+        let len = NonZeroUsize::new(HALF as usize).context("empty outbox")?;
+        // SAFETY: a fresh shared mapping of the outbox, whose pages are all
+        // present at L0; kept (and unmapped on drop) as the invariant says.
+        let outbox = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file.as_fd(),
+                OUTBOX as i64,
+            )
+        }
+        .with_context(|| format!("mmap {}", dev.bar.display()))?;
+        Ok(Some(Self { bar: dev.bar, size: dev.size, outbox, next: 0 }))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Starts a new set of states (`save-l2s`): the outbox's earlier ones
+    /// have been moved out or are no longer wanted.
+    pub fn begin(&mut self) {
+        self.next = 0;
+    }
+
+    /// Writes `stream` into the outbox after the states before it, page
+    /// aligned: where it went, or `None` if it does not fit (it goes over
+    /// the link then).
+    pub fn put(&mut self, stream: &[u8]) -> Option<StateAt> {
+        let at = StateAt { offset: OUTBOX + self.next, bytes: stream.len() as u64 };
+        if !at.is_within(OUTBOX) {
+            return None;
+        }
+        // SAFETY: `at` lies inside the outbox (checked just above), which
+        // is mapped read-write (the invariant); nothing else in this
+        // process maps it, and `stream` is ordinary memory apart from it.
+        unsafe {
+            let dst = self.outbox.as_ptr().cast::<u8>().add((at.offset - OUTBOX) as usize);
+            std::ptr::copy_nonoverlapping(stream.as_ptr(), dst, stream.len());
+        }
+        self.next = at.offset - OUTBOX + at.pages() * PAGE;
+        Some(at)
+    }
+
+    /// Reads the state L0 moved into the inbox at `at`.
+    pub fn take(&self, at: StateAt) -> Result<Vec<u8>> {
+        if !at.is_within(INBOX) {
+            bail!(
+                "no state at {:#x} (+{} bytes): states arrive in the inbox, {INBOX:#x} .. {:#x}",
+                at.offset,
+                at.bytes,
+                INBOX + HALF
+            );
+        }
+        let file = fs::File::open(&self.bar).with_context(|| self.bar.display().to_string())?;
+        let len = NonZeroUsize::new((at.pages() * PAGE) as usize).context("empty state")?;
+        // SAFETY: a fresh read-only shared mapping of exactly the pages L0
+        // moved there, read below and unmapped before returning.
+        let ptr =
+            unsafe { mmap(None, len, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file.as_fd(), at.offset as i64) }
+                .with_context(|| format!("mmap {}", self.bar.display()))?;
+        // SAFETY: the mapping made above is `len` >= `at.bytes` readable bytes.
+        let stream = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), at.bytes as usize) }.to_vec();
+        // SAFETY: the mapping made above, unmapped once; `stream` is a copy.
+        unsafe { munmap(ptr, len.get()) }.context("munmap")?;
+        Ok(stream)
+    }
+}
+
+impl Drop for StateWindow {
+    fn drop(&mut self) {
+        // SAFETY: the outbox mapping of the invariant, unmapped only here.
+        let _ = unsafe { munmap(self.outbox, HALF as usize) };
+    }
+}
