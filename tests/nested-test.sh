@@ -354,9 +354,10 @@ fi
 # QEMU's own migration and the state's size.
 staged=$(( $(grep -c "vmbeam-agent: stage-l2" "$dir/$dst.console") - staged0 ))
 echo "$out" | json "'\n'.join('# %s: save %.0f ms, QEMU\'s %s ms, state %s bytes by %s' % (l['name'], l.get('save_ms') or -1, l.get('qemu_save_ms'), l.get('state_bytes'), l.get('state_via')) for l in d['l2'])" 2>/dev/null
-boxes=$(for l1 in $src $dst; do status_json $l1 | json "d['state_window']['pages_present']"; done | tr '\n' ' ')
-echo "# state windows' pages at L0 ($src $dst): $boxes(outbox: 2048)"
-if [ "$staged" = 0 ] && [ "$boxes" = "2048 2048 " ] && echo "$out" | json "all(l.get('state_bytes', 0) > 0 and l.get('state_via') == 'state window' and 0 < l['qemu_save_ms'] <= l['save_ms'] for l in d['l2']) and not any('agents\' links' in w or 'state window' in w for w in d['warnings'])" | grep -q True; then
+boxes=$(for l1 in $src $dst; do status_json $l1 | json "'%d/%d' % (d['state_window']['pages_present'], d['state_window']['size'] // 2 // 4096)"; done | tr '\n' ' ')
+echo "# state windows' pages at L0 ($src $dst), of their outboxes' pages: $boxes"
+whole=$(for l1 in $src $dst; do status_json $l1 | json "d['state_window']['pages_present'] == d['state_window']['size'] // 2 // 4096"; done | tr '\n' ' ')
+if [ "$staged" = 0 ] && [ "$whole" = "True True " ] && echo "$out" | json "all(l.get('state_bytes', 0) > 0 and l.get('state_via') == 'state window' and 0 < l['qemu_save_ms'] <= l['save_ms'] for l in d['l2']) and not any('agents\' links' in w or 'state window' in w for w in d['warnings'])" | grep -q True; then
 	ok "each_state_moves_with_the_pages_through_the_state_windows"
 else
 	not_ok "each_state_moves_with_the_pages_through_the_state_windows" "stage-l2 requests: $staged, state windows' pages: $boxes" "$out"

@@ -2,9 +2,10 @@
 //! agent leaves each saved L2 state for L0 to move with the pages, and
 //! reads the states L0 moved in.
 //!
-//! The outbox is mapped once and written only; the inbox is mapped a state
-//! at a time, for exactly the pages L0 says arrived (a page that did not
-//! must never be touched), and unmapped again.
+//! The outbox is mapped once, read through once when found (so L0 has it
+//! mapped before a pause writes it), and written only; the inbox is mapped
+//! a state at a time, for exactly the pages L0 says arrived (a page that
+//! did not must never be touched), and unmapped again.
 
 use std::{
     fs,
@@ -28,7 +29,7 @@ const PAGE: u64 = 4096;
 ///
 /// `outbox` is a shared read-write mapping of the BAR's bytes `OUTBOX ..
 /// OUTBOX + HALF`, made here and unmapped on drop; `next` is a page
-/// aligned offset within the outbox.
+/// offset of a slot within the outbox.
 pub struct StateWindow {
     bar: PathBuf,
     size: u64,
@@ -49,7 +50,14 @@ impl StateWindow {
         if dev.size != state_window::SIZE {
             bail!("the state window ({}) is {} bytes, not {}", dev.pci, dev.size, state_window::SIZE);
         }
-        let file = fs::OpenOptions::new().read(true).write(true).open(&dev.bar).context(dev.pci.clone())?;
+        Self::open(dev.bar, dev.size).map(Some)
+    }
+
+    /// The state window whose BAR (or, in tests, a file of its size) is
+    /// `bar`: its outbox mapped.
+    fn open(bar: PathBuf, size: u64) -> Result<Self> {
+        let file =
+            fs::OpenOptions::new().read(true).write(true).open(&bar).with_context(|| bar.display().to_string())?;
         let len = NonZeroUsize::new(HALF as usize).context("empty outbox")?;
         // SAFETY: a fresh shared mapping of the outbox, whose pages are all
         // present at L0; kept (and unmapped on drop) as the invariant says.
@@ -63,8 +71,14 @@ impl StateWindow {
                 OUTBOX as i64,
             )
         }
-        .with_context(|| format!("mmap {}", dev.bar.display()))?;
-        Ok(Some(Self { bar: dev.bar, size: dev.size, outbox, next: 0 }))
+        .with_context(|| format!("mmap {}", bar.display()))?;
+        // One read per page: L0 maps the outbox now (a 2 MiB block with
+        // one fault), not inside the pause that writes it.
+        for page in (0..HALF).step_by(PAGE as usize) {
+            // SAFETY: within the outbox mapping made above (the invariant).
+            unsafe { outbox.as_ptr().cast::<u8>().add(page as usize).read_volatile() };
+        }
+        Ok(Self { bar, size, outbox, next: 0 })
     }
 
     pub fn size(&self) -> u64 {
@@ -77,9 +91,9 @@ impl StateWindow {
         self.next = 0;
     }
 
-    /// Writes `stream` into the outbox after the states before it, page
-    /// aligned: where it went, or `None` if it does not fit (it goes over
-    /// the link then).
+    /// Writes `stream` into the outbox's slots after the states before it:
+    /// where it went, or `None` if it does not fit (it goes over the link
+    /// then).
     pub fn put(&mut self, stream: &[u8]) -> Option<StateAt> {
         let at = StateAt { offset: OUTBOX + self.next, bytes: stream.len() as u64 };
         if !at.is_within(OUTBOX) {
@@ -92,7 +106,7 @@ impl StateWindow {
             let dst = self.outbox.as_ptr().cast::<u8>().add((at.offset - OUTBOX) as usize);
             std::ptr::copy_nonoverlapping(stream.as_ptr(), dst, stream.len());
         }
-        self.next = at.offset - OUTBOX + at.pages() * PAGE;
+        self.next = at.offset - OUTBOX + at.slot_bytes();
         Some(at)
     }
 
@@ -125,5 +139,52 @@ impl Drop for StateWindow {
     fn drop(&mut self) {
         // SAFETY: the outbox mapping of the invariant, unmapped only here.
         let _ = unsafe { munmap(self.outbox, HALF as usize) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file the size of a state window stands in for its BAR.
+    fn fake_window(name: &str) -> (StateWindow, PathBuf) {
+        let path = std::env::temp_dir().join(format!("vmbeam-state-window-{name}-{}", std::process::id()));
+        fs::File::create(&path).unwrap().set_len(state_window::SIZE).unwrap();
+        (StateWindow::open(path.clone(), state_window::SIZE).unwrap(), path)
+    }
+
+    #[test]
+    fn states_go_into_the_outbox_slot_by_slot_until_it_is_full() {
+        let (mut w, path) = fake_window("put");
+        let a = w.put(&[7; 5000]).unwrap();
+        let b = w.put(b"QEVM").unwrap();
+        let slot = state_window::SLOT_SIZE as usize;
+        assert_eq!((a.offset, a.bytes, b.offset, b.bytes), (0, 5000, slot as u64, 4));
+        let bytes = fs::read(&path).unwrap();
+        assert!(bytes[..5000].iter().all(|&x| x == 7) && bytes[5000..slot].iter().all(|&x| x == 0));
+        assert_eq!(&bytes[slot..slot + 4], b"QEVM");
+        assert!(w.put(&vec![1; HALF as usize]).is_none(), "past the outbox's end");
+        w.begin();
+        assert_eq!(w.put(&vec![1; HALF as usize]).map(|a| a.offset), Some(0), "a new set starts over");
+        let _ = fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_state_is_read_from_the_inbox_and_nowhere_else() {
+        let (w, path) = fake_window("take");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[INBOX as usize..INBOX as usize + 6].copy_from_slice(b"QEVM\x00\x03");
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(w.take(StateAt { offset: INBOX, bytes: 6 }).unwrap(), b"QEVM\x00\x03");
+        let outside = [
+            StateAt { offset: 0, bytes: 6 },
+            StateAt { offset: INBOX + 1, bytes: 6 },
+            StateAt { offset: INBOX, bytes: HALF + 1 },
+        ];
+        for bad in outside {
+            let refused = w.take(bad).unwrap_err().to_string();
+            assert!(refused.contains("states arrive in the inbox"), "{refused}");
+        }
+        let _ = fs::remove_file(path);
     }
 }

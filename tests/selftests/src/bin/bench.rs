@@ -188,7 +188,9 @@ fn main() {
         for (huge, over_link) in [(false, false), (true, false), (true, true)] {
             let both = match (huge, over_link) {
                 (true, false) => "real-L1 migrate-all, 2M windows and RAM, 2 L2s of this size at once",
-                (true, true) => "real-L1 migrate-all, 2M windows and RAM, states over the links, 2 L2s of this size at once",
+                (true, true) => {
+                    "real-L1 migrate-all, 2M windows and RAM, states over the links, 2 L2s of this size at once"
+                }
                 _ => "real-L1 migrate-all, 2 L2s of this size at once",
             };
             if !to_run(&rows, &format!("{both}: the one on a window")) || size > 1 << 30 {
@@ -199,7 +201,9 @@ fn main() {
             let real: Vec<real::RealRun> = (0..runs * 3)
                 .filter_map(|i| {
                     real::migrate_all(size, huge, over_link)
-                        .map_err(|e| eprintln!("bench: real L1s {name} (huge {huge}, over link {over_link}), try {i}: {e}"))
+                        .map_err(|e| {
+                            eprintln!("bench: real L1s {name} (huge {huge}, over link {over_link}), try {i}: {e}")
+                        })
                         .ok()
                 })
                 .take(runs)
