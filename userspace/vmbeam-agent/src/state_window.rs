@@ -2,10 +2,9 @@
 //! agent leaves each saved L2 state for L0 to move with the pages, and
 //! reads the states L0 moved in.
 //!
-//! The outbox is mapped once, read through once when found (so L0 has it
-//! mapped before a pause writes it), and written only; the inbox is mapped
-//! a state at a time, for exactly the pages L0 says arrived (a page that
-//! did not must never be touched), and unmapped again.
+//! The outbox is mapped once and written only; the inbox is mapped a state
+//! at a time, for exactly the pages L0 says arrived (a page that did not
+//! must never be touched), and unmapped again.
 
 use std::{
     fs,
@@ -29,7 +28,7 @@ const PAGE: u64 = 4096;
 ///
 /// `outbox` is a shared read-write mapping of the BAR's bytes `OUTBOX ..
 /// OUTBOX + HALF`, made here and unmapped on drop; `next` is a page
-/// offset of a slot within the outbox.
+/// aligned offset within the outbox.
 pub struct StateWindow {
     bar: PathBuf,
     size: u64,
@@ -72,12 +71,6 @@ impl StateWindow {
             )
         }
         .with_context(|| format!("mmap {}", bar.display()))?;
-        // One read per page: L0 maps the outbox now (a 2 MiB block with
-        // one fault), not inside the pause that writes it.
-        for page in (0..HALF).step_by(PAGE as usize) {
-            // SAFETY: within the outbox mapping made above (the invariant).
-            unsafe { outbox.as_ptr().cast::<u8>().add(page as usize).read_volatile() };
-        }
         Ok(Self { bar, size, outbox, next: 0 })
     }
 
@@ -91,9 +84,9 @@ impl StateWindow {
         self.next = 0;
     }
 
-    /// Writes `stream` into the outbox's slots after the states before it:
-    /// where it went, or `None` if it does not fit (it goes over the link
-    /// then).
+    /// Writes `stream` into the outbox after the states before it, page
+    /// aligned: where it went, or `None` if it does not fit (it goes over
+    /// the link then).
     pub fn put(&mut self, stream: &[u8]) -> Option<StateAt> {
         let at = StateAt { offset: OUTBOX + self.next, bytes: stream.len() as u64 };
         if !at.is_within(OUTBOX) {
@@ -106,7 +99,7 @@ impl StateWindow {
             let dst = self.outbox.as_ptr().cast::<u8>().add((at.offset - OUTBOX) as usize);
             std::ptr::copy_nonoverlapping(stream.as_ptr(), dst, stream.len());
         }
-        self.next = at.offset - OUTBOX + at.slot_bytes();
+        self.next = at.offset - OUTBOX + at.pages() * PAGE;
         Some(at)
     }
 
@@ -154,15 +147,14 @@ mod tests {
     }
 
     #[test]
-    fn states_go_into_the_outbox_slot_by_slot_until_it_is_full() {
+    fn states_go_into_the_outbox_page_by_page_until_it_is_full() {
         let (mut w, path) = fake_window("put");
         let a = w.put(&[7; 5000]).unwrap();
         let b = w.put(b"QEVM").unwrap();
-        let slot = state_window::SLOT_SIZE as usize;
-        assert_eq!((a.offset, a.bytes, b.offset, b.bytes), (0, 5000, slot as u64, 4));
+        assert_eq!((a.offset, a.bytes, b.offset, b.bytes), (0, 5000, 8192, 4));
         let bytes = fs::read(&path).unwrap();
-        assert!(bytes[..5000].iter().all(|&x| x == 7) && bytes[5000..slot].iter().all(|&x| x == 0));
-        assert_eq!(&bytes[slot..slot + 4], b"QEVM");
+        assert!(bytes[..5000].iter().all(|&x| x == 7) && bytes[5000..8192].iter().all(|&x| x == 0));
+        assert_eq!(&bytes[8192..8196], b"QEVM");
         assert!(w.put(&vec![1; HALF as usize]).is_none(), "past the outbox's end");
         w.begin();
         assert_eq!(w.put(&vec![1; HALF as usize]).map(|a| a.offset), Some(0), "a new set starts over");

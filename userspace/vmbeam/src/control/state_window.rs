@@ -8,9 +8,9 @@
 //! *inbox*:
 //!
 //! - outbox: every page present. The aged agent writes each state it saves
-//!   there (`save-l2s` with `state_window`), each in [`SLOT`]-sized slots
-//!   of its own, and `save-l2` answers where ([`StateAt`]) instead of
-//!   carrying the state.
+//!   there (`save-l2s` with `state_window`), page aligned, one after the
+//!   other, and `save-l2` answers where ([`StateAt`]) instead of carrying
+//!   the state.
 //! - inbox: every page missing. L0 gathers the states' pages from the aged
 //!   outbox into the clean inbox (`VMBEAM_GATHER_INTO`, with
 //!   `VMBEAM_GATHER_REPLACE` so the aged outbox stays whole), then
@@ -23,22 +23,15 @@
 //! missing page of a region is stopped at L0): the agent reads exactly
 //! the pages L0 names, and only after L0 moved them there.
 //!
-//! The region is made of 2 MiB blocks (`VMBEAM_CREATE_HUGE`) and a state
-//! moves as whole blocks: a block that arrives whole is mapped at L0 by
-//! one PMD, so the clean L1's first read of a state costs L0's KVM one
-//! fault, not one per 4 KiB page (under TCG, 4 KiB faults made reading a
-//! 318 KB state cost ~150 ms, as much as the virtio-serial links it
-//! replaced). See the README's Performance section for what was measured.
+//! Under TCG this took the states' trips (gzip, base64, JSON over two
+//! virtio-serial links: ~0.3 s per pause) out of an L2's downtime; see the
+//! README's Performance section for what was measured.
 
 use serde::{Deserialize, Serialize};
 
-/// The region's size: room for the states of one move, a slot each (a
-/// `-M pc` L2's is about 310 KB; with VGA, its video RAM goes in the
-/// state too, and takes more slots). More L2s than slots: the rest go
-/// over the links.
-pub const SIZE: u64 = 32 << 20;
-/// A state takes whole slots: 2 MiB blocks, each moved whole.
-pub const SLOT_SIZE: u64 = 2 << 20;
+/// The region's size: room for the states of one move (a `-M pc` L2's is
+/// about 310 KB; with VGA, its video RAM goes in the state too).
+pub const SIZE: u64 = 16 << 20;
 /// Each half.
 pub const HALF: u64 = SIZE / 2;
 /// The outbox: bytes `0 .. HALF`.
@@ -63,35 +56,30 @@ pub struct StateAt {
 }
 
 impl StateAt {
-    /// The pages its bytes span.
+    /// The pages it spans.
     pub fn pages(&self) -> u64 {
         self.bytes.div_ceil(PAGE)
     }
 
-    /// The bytes of the slots it takes.
-    pub fn slot_bytes(&self) -> u64 {
-        self.bytes.div_ceil(SLOT_SIZE).saturating_mul(SLOT_SIZE)
-    }
-
-    /// The one run of pages its slots span, `[byte offset, pages]`
-    /// (`VMBEAM_GATHER_RUNS`): whole blocks, so they stay whole.
+    /// The one run of pages it spans, `[byte offset, pages]`
+    /// (`VMBEAM_GATHER_RUNS`).
     pub fn run(&self) -> [u64; 2] {
-        [self.offset, self.slot_bytes() / PAGE]
+        [self.offset, self.pages()]
     }
 
-    /// Whether it is a state inside `half` (`OUTBOX` or `INBOX`): at a
-    /// slot, not empty, its slots within those `HALF` bytes. What an agent
-    /// checks before it touches the window at L0's word.
+    /// Whether it is a state inside `half` (`OUTBOX` or `INBOX`): page
+    /// aligned, not empty, within those `HALF` bytes. What an agent checks
+    /// before it touches the window at L0's word.
     pub fn is_within(&self, half: u64) -> bool {
-        self.offset & (SLOT_SIZE - 1) == 0
+        self.offset & (PAGE - 1) == 0
             && self.bytes > 0
             && self.offset >= half
-            && self.offset.checked_add(self.slot_bytes()).is_some_and(|end| end <= half + HALF)
+            && self.offset.checked_add(self.pages() * PAGE).is_some_and(|end| end <= half + HALF)
     }
 }
 
-/// Places states of `sizes` bytes one after another from `base`, each in
-/// slots of its own: where each goes, or `None` once one does not fit in
+/// Places states of `sizes` bytes one after another from `base`, each on
+/// a page of its own: where each goes, or `None` once one does not fit in
 /// that half.
 pub fn lay_out(base: u64, sizes: impl IntoIterator<Item = u64>) -> Vec<Option<StateAt>> {
     let mut next = base;
@@ -102,7 +90,7 @@ pub fn lay_out(base: u64, sizes: impl IntoIterator<Item = u64>) -> Vec<Option<St
             if !at.is_within(base) {
                 return None;
             }
-            next += at.slot_bytes();
+            next += at.pages() * PAGE;
             Some(at)
         })
         .collect()
@@ -113,16 +101,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn states_are_laid_out_slot_by_slot_and_what_does_not_fit_is_left_out() {
-        let slot = SLOT_SIZE;
-        let at = lay_out(INBOX, [1, slot, slot + 1, HALF, 318_317]);
+    fn states_are_laid_out_page_by_page_and_what_does_not_fit_is_left_out() {
+        let at = lay_out(INBOX, [1, 4096, 4097, HALF, 10]);
         assert_eq!(at[0], Some(StateAt { offset: INBOX, bytes: 1 }));
-        assert_eq!(at[1], Some(StateAt { offset: INBOX + slot, bytes: slot }));
-        assert_eq!(at[2], Some(StateAt { offset: INBOX + 2 * slot, bytes: slot + 1 }));
-        assert_eq!(at[3], None, "half the window does not fit after four slots");
-        assert_eq!(at[4], Some(StateAt { offset: INBOX + 4 * slot, bytes: 318_317 }));
-        assert_eq!(at[2].map(|a| a.run()), Some([INBOX + 2 * slot, 1024]), "two whole blocks");
-        assert_eq!(at[4].map(|a| (a.pages(), a.run()[1])), Some((78, 512)));
+        assert_eq!(at[1], Some(StateAt { offset: INBOX + 4096, bytes: 4096 }));
+        assert_eq!(at[2], Some(StateAt { offset: INBOX + 8192, bytes: 4097 }));
+        assert_eq!(at[3], None, "half the window does not fit after three pages");
+        assert_eq!(at[4], Some(StateAt { offset: INBOX + 4 * 4096, bytes: 10 }));
+        assert_eq!(at[2].map(|a| a.run()), Some([INBOX + 8192, 2]));
     }
 
     #[test]
@@ -130,8 +116,8 @@ mod tests {
         assert!(StateAt { offset: 0, bytes: HALF }.is_within(OUTBOX));
         assert!(!StateAt { offset: 0, bytes: HALF + 1 }.is_within(OUTBOX));
         assert!(!StateAt { offset: 0, bytes: 10 }.is_within(INBOX));
-        assert!(!StateAt { offset: INBOX + 4096, bytes: 10 }.is_within(INBOX), "not at a slot");
+        assert!(!StateAt { offset: INBOX + 1, bytes: 10 }.is_within(INBOX));
         assert!(!StateAt { offset: INBOX, bytes: 0 }.is_within(INBOX));
-        assert!(!StateAt { offset: !(SLOT_SIZE - 1), bytes: 1 }.is_within(INBOX));
+        assert!(!StateAt { offset: !4095, bytes: 1 }.is_within(INBOX));
     }
 }

@@ -410,7 +410,7 @@ fn plug_windows(dev: &Device, qmp: &mut Qmp, pid: u32, a: &LaunchArgs) -> Result
     let region = state_window::create(dev, vm.as_fd())?;
     let ids =
         Ivshmem { backend: state_window::BACKEND_ID, device: state_window::DEVICE_ID, port: state_window::PORT_ID };
-    plug_region(qmp, pid, &region, &ids, Some(state_window::ALIGN)).context("the state window")
+    plug_region(qmp, pid, &region, &ids, None).context("the state window")
 }
 
 /// The QEMU ids of a region shown as an ivshmem-plain device.

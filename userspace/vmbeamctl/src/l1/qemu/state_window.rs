@@ -23,9 +23,6 @@ use vmbeam::{
 };
 
 const PAGE: u64 = 4096;
-/// QEMU's backend must map it 2 MiB-aligned for its PMDs (as a huge
-/// window: `align`).
-pub const ALIGN: u64 = 2 << 20;
 /// The root port's chassis number (the windows' ports have 1 ..= 8).
 const CHASSIS: u32 = 0x20;
 
@@ -39,12 +36,10 @@ pub fn root_port() -> String {
     format!("pcie-root-port,id={PORT_ID},bus=pcie.0,chassis={CHASSIS},addr={SLOT:#x},pref64-reserve={SIZE}")
 }
 
-/// A new state window for QEMU's VM `vm`: 2 MiB blocks (so a state's
-/// slot moves whole and L0 maps it with one PMD), its outbox's pages
-/// present, its inbox's missing. The caller plugs it in
-/// ([`super::plug_region`], aligned to [`ALIGN`]).
+/// A new state window for QEMU's VM `vm`: its outbox's pages present, its
+/// inbox's missing. The caller plugs it in ([`super::plug_region`]).
 pub fn create(dev: &Device, vm: BorrowedFd<'_>) -> Result<Region> {
-    let region = dev.create_region_with(SIZE, false, true).context("the state window's region")?;
+    let region = dev.create_region(SIZE).context("the state window's region")?;
     // Emptied by moving its pages to a region that is dropped at once.
     drop(dev.gather_runs(region.as_fd(), &[[INBOX, HALF / PAGE]]).context("emptying the state window's inbox")?);
     dev.bind(region.as_fd(), vm)?;
@@ -99,9 +94,8 @@ impl StateWindow {
 }
 
 /// Moves the states at `states` in `aged`'s outbox into `clean`'s inbox,
-/// slot after slot, in one `VMBEAM_GATHER_INTO` of whole blocks (the aged
-/// outbox keeps fresh pages): where each arrived. All or nothing, as
-/// every gather.
+/// one after another, in one `VMBEAM_GATHER_INTO` (the aged outbox keeps
+/// fresh pages): where each arrived. All or nothing, as every gather.
 pub fn send(dev: &Device, aged: &StateWindow, clean: &StateWindow, states: &[StateAt]) -> Result<Vec<StateAt>> {
     let arrived: Vec<StateAt> = lay_out(INBOX, states.iter().map(|s| s.bytes))
         .into_iter()
