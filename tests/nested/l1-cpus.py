@@ -9,9 +9,18 @@ EFER and CR3, as L0's KVM has them: while the L1 runs an L2, these are
 the L2's (the workload: no long mode, CR3 0), so a vCPU found in an L2
 every time whose L1 never answers is an L1 that does not take its CPU
 back; an RIP that never moves in the L1 kernel is a hang. Then its local
-APIC (`info lapic`: is a timer armed, is one pending).
+APIC (`info lapic`: is a timer armed, is one pending). Last, what L0's
+KVM did for each VM over one second (its debugfs statistics, summed over
+vCPUs): exits and nested runs still counting with an RIP that never moves
+is a vCPU L0 keeps entering and leaving (a fault it cannot fix, an
+interrupt it cannot deliver); nothing counting is a vCPU that never comes
+out of the guest.
 """
-import json, re, socket, sys, time
+import glob, json, os, re, socket, subprocess, sys, time
+
+# The counters of /sys/kernel/debug/kvm/PID-FD/ worth a look.
+KVM_STATS = ("exits", "nested_run", "pf_taken", "pf_fixed", "halt_exits", "irq_injections",
+             "irq_window_exits", "nmi_window_exits", "request_irq_exits", "io_exits", "mmio_exits")
 
 
 def hmp(path, command):
@@ -53,3 +62,41 @@ for path in sys.argv[1:]:
             print(f"#   {line}")
     except Exception as e:  # a diagnostic: say why it could not look
         print(f"#   cannot look: {e}")
+
+
+def kvm_stats():
+    """{debugfs dir: {stat: value}} for every VM L0's KVM has."""
+    if not os.path.isdir("/sys/kernel/debug/kvm"):
+        subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
+    out = {}
+    for d in glob.glob("/sys/kernel/debug/kvm/*-*"):
+        values = {}
+        for name in KVM_STATS:
+            try:
+                with open(os.path.join(d, name)) as f:
+                    values[name] = int(f.read())
+            except (OSError, ValueError):
+                pass
+        out[d] = values
+    return out
+
+
+def vm_name(d):
+    pid = os.path.basename(d).split("-")[0]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        return args[args.index(b"-name") + 1].decode() if b"-name" in args else args[0].decode()
+    except (OSError, ValueError, IndexError):
+        return "?"
+
+
+try:
+    before = kvm_stats()
+    time.sleep(1)
+    after = kvm_stats()
+    for d in sorted(after):
+        delta = " ".join(f"{k} +{after[d][k] - before.get(d, {}).get(k, 0)}" for k in KVM_STATS if k in after[d])
+        print(f"# L0 KVM, VM {os.path.basename(d)} ({vm_name(d)}), over 1 s: {delta}")
+except Exception as e:  # a diagnostic: say why it could not look
+    print(f"# L0 KVM statistics: cannot look: {e}")

@@ -23,7 +23,7 @@ use nix::{
 use serde::{Deserialize, Serialize};
 
 use vmbeam::control::{CodecError, Connection};
-use vmbeam_lab::probe;
+use vmbeam_lab::{kvm_stats::Stats, kvm_util, probe};
 
 use crate::guest::{programs, Exit, TestVm};
 
@@ -67,6 +67,13 @@ pub enum Request {
     /// Run `program` over `count` dwords of memslot `slot`, one every
     /// `stride` bytes; replies with what the guest reported.
     Run { slot: u32, program: Program, offset: u64, count: u32, stride: u32 },
+    /// Map all of memslot `slot` into the VM's stage-2 tables from the host
+    /// (`KVM_PRE_FAULT_MEMORY`): the eager grant at KVM's level, so the
+    /// guest's first touch of each page is no VM exit.
+    PreFault { slot: u32 },
+    /// One of KVM's binary statistics (`KVM_GET_STATS_FD`) of this VMM's VM
+    /// (`vcpu: false`, e.g. `pages_2m`) or its vCPU (`pf_taken`).
+    KvmStat { name: String, vcpu: bool },
     /// Read one byte of memslot `slot`'s mapping from the VMM itself.
     /// Replies with the byte, or `Err` "SIGBUS" if the access faulted.
     Touch { slot: u32, offset: u64 },
@@ -371,6 +378,19 @@ fn handle(
                 Ok(other) => Err((0, format!("guest exit {other:?}"))),
                 Err(e) => Err((e.errno(), format!("KVM_RUN: {e}"))),
             }
+        }
+        Request::PreFault { slot } => {
+            need_vm(vm)?;
+            let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
+            kvm_util::pre_fault_memory(&vm.as_ref().unwrap().vcpu, s.gpa, s.size).map_err(|e| (0, e))?;
+            Ok(s.size)
+        }
+        Request::KvmStat { name, vcpu } => {
+            need_vm(vm)?;
+            let vm = vm.as_ref().unwrap();
+            let stats = if vcpu { Stats::of(&vm.vcpu) } else { Stats::of(&vm.vm) };
+            let errno = |e: std::io::Error| (e.raw_os_error().unwrap_or(libc::ENOENT), e.to_string());
+            stats.and_then(|s| s.get(&name)).map_err(errno)
         }
         Request::Touch { slot, offset } => {
             let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;

@@ -2,6 +2,8 @@
 //! `tools/testing/selftests/kvm/lib/kvm_util.c` is for KVM's own tests).
 
 use kvm_bindings::{kvm_enable_cap, kvm_segment, kvm_userspace_memory_region, KVM_CAP_DISABLE_QUIRKS2};
+use std::os::fd::AsRawFd;
+
 use kvm_ioctls::{VcpuFd, VmFd};
 
 /// 32-bit protected mode, flat 4 GiB segments, no paging: guest code
@@ -58,4 +60,40 @@ pub fn zap_only_deleted_slots(vm: &VmFd) -> bool {
     let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
     cap.args[0] = KVM_X86_QUIRK_SLOT_ZAP_ALL;
     vm.enable_cap(&cap).is_ok()
+}
+
+/// `struct kvm_pre_fault_memory` (uapi/linux/kvm.h, 6.10): not in
+/// kvm-bindings 0.10 yet.
+#[repr(C)]
+#[derive(Default)]
+struct PreFaultMemory {
+    gpa: u64,
+    size: u64,
+    flags: u64,
+    padding: [u64; 5],
+}
+
+/// `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
+const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
+
+/// Maps `size` bytes of guest memory at `gpa` into the VM's stage-2 tables
+/// from the host (`KVM_PRE_FAULT_MEMORY`), so its vCPUs find them mapped
+/// instead of taking one nested page fault (a VM exit) per page. The
+/// memslot must be there and its host mapping populated or faultable; the
+/// vCPU must not be running. Restarts where KVM stopped part-way (a signal,
+/// `EAGAIN`).
+pub fn pre_fault_memory(vcpu: &VcpuFd, gpa: u64, size: u64) -> Result<(), String> {
+    let mut range = PreFaultMemory { gpa, size, ..Default::default() };
+    while range.size > 0 {
+        // SAFETY: a vCPU fd and the struct this command takes; KVM advances
+        // `gpa` and shrinks `size` by what it mapped.
+        let r = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_PRE_FAULT_MEMORY, &mut range) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+                return Err(format!("KVM_PRE_FAULT_MEMORY at {:#x}: {e}", range.gpa));
+            }
+        }
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@
 //! stopped; the time it stopped is the start of the L2's downtime.
 
 use std::{
-    os::{fd::AsRawFd, unix::thread::JoinHandleExt},
+    os::unix::thread::JoinHandleExt,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -21,23 +21,9 @@ use vmbeam::{
 };
 
 use crate::{
-    cpu, probe,
+    cpu, kvm_util, probe,
     workload::{self, Header},
 };
-
-/// `struct kvm_pre_fault_memory` (linux/kvm.h, 6.10): not in kvm-bindings
-/// 0.10 yet.
-#[repr(C)]
-#[derive(Default)]
-struct PreFaultMemory {
-    gpa: u64,
-    size: u64,
-    flags: u64,
-    padding: [u64; 5],
-}
-
-/// `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.
-const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
 
 /// The longest a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -217,19 +203,7 @@ impl L2 {
     /// resumes a vCPU at a wild rip (README, Tests). The vCPU must be
     /// paused; `Err` says why not (the L2 then faults its pages in lazily).
     pub fn prefault(&self) -> Result<(), String> {
-        let vcpu = self.shared.vcpu();
-        let mut range = PreFaultMemory { gpa: self.window.gpa, size: self.window.size, ..Default::default() };
-        while range.size > 0 {
-            // SAFETY: a vCPU fd and the struct this command takes.
-            let r = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_PRE_FAULT_MEMORY, &mut range) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
-                    return Err(format!("KVM_PRE_FAULT_MEMORY at {:#x}: {e}", range.gpa));
-                }
-            }
-        }
-        Ok(())
+        kvm_util::pre_fault_memory(&self.shared.vcpu(), self.window.gpa, self.window.size)
     }
 
     pub fn is_running(&self) -> bool {

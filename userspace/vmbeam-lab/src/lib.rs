@@ -15,6 +15,7 @@
 //! ```
 
 pub mod cpu;
+pub mod kvm_stats;
 pub mod kvm_util;
 pub mod l1;
 pub mod l2;

@@ -1,8 +1,9 @@
 //! The in-kernel-test methods: memcpy, vmbeam's transfer (alone, then with
-//! the new owner mapping and its guest touching every page) and the memfd
-//! hand-over peer on the same VMM code path.
+//! the new owner mapping it, pre-faulting it into its VM or not, and its
+//! guest touching every page) and the memfd hand-over peer on the same VMM
+//! code path.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::{
     bench::{
@@ -35,47 +36,48 @@ pub fn memcpy(size: u64) -> Sample {
     s
 }
 
-/// What one vmbeam hand-over cost, step by step (each a cumulative sample).
-pub struct VmbeamRun {
-    /// The `VMBEAM_TRANSFER_BATCH` ioctl: revoke from the aged VMM and VM,
-    /// grant to the clean VM.
-    pub transfer: Sample,
-    /// + the clean VMM maps the region (`MAP_POPULATE`) as a memslot.
+/// What one hand-over cost, step by step, each sample cumulative (the
+/// time and CPU of every step before it included).
+pub struct Handover {
+    /// vmbeam's `VMBEAM_TRANSFER_BATCH` ioctl: revoke from the aged VMM and
+    /// VM, grant to the clean VM (`None` for the memfd peer: nothing to
+    /// revoke, the fd just goes over the socket).
+    pub transfer: Option<Sample>,
+    /// + the clean VMM maps it (`MAP_POPULATE`) as a memslot.
     pub mapped: Sample,
-    /// + the clean guest reads every page (KVM stage-2 faults).
+    /// + `KVM_PRE_FAULT_MEMORY` over the memslot, when asked for (eager).
+    pub prefaulted: Option<Sample>,
+    /// + the clean guest reads every page: one KVM stage-2 fault per page
+    ///   (per 2 MiB block when huge) unless pre-faulted.
     pub touched: Sample,
 }
 
 /// Aged VMM fills a region of `size` through its guest; the clean VMM
-/// takes it over. With `huge`, the region is `VMBEAM_CREATE_HUGE`.
-pub fn vmbeam(dev: &vmbeam::Device, size: u64, huge: bool) -> Result<VmbeamRun, String> {
+/// takes it over. With `huge`, the region is `VMBEAM_CREATE_HUGE`; with
+/// `eager`, the clean VMM pre-faults it into its VM before the guest runs.
+pub fn vmbeam(dev: &vmbeam::Device, size: u64, huge: bool, eager: bool) -> Result<Handover, String> {
     let mut pair = Pair::with_pages(size, PAGE, 0xbe4c_0001, huge)?;
     let copied0 = dev.stats().map_err(|e| e.to_string())?.bytes_copied;
     let watch = MemWatch::start();
     let (moved, mut transfer) = timed(|| dev.transfer_batch(&[pair.transfer()]));
     moved.map_err(|e| format!("transfer: {e}"))?;
     transfer.peak_extra_mib = peak(&watch);
-    let (mapped_ok, map_only) =
-        timed(|| pair.clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[pair.region.as_fd()]).map(|_| ()));
-    mapped_ok?;
-    let map_peak = peak(&watch);
-    let (sum, touch_only) = timed(|| run(&mut pair.clean, Program::Sum, 0, count(size, PAGE), PAGE));
-    let sum = sum?;
-    let touch_peak = peak(&watch);
-    if sum != pair.written {
-        return Err(format!("clean guest summed {sum:#x}, aged wrote {:#x}", pair.written));
-    }
+    let steps = take_over(&mut pair.clean, pair.region.as_fd(), size, eager, pair.written, &watch)?;
     let copied = dev.stats().map_err(|e| e.to_string())?.bytes_copied - copied0;
     pair.finish();
-    let mapped = Sample { peak_extra_mib: map_peak, ..add(transfer, map_only) };
-    let touched = Sample { peak_extra_mib: touch_peak, ..add(mapped, touch_only) };
     let with_copied = |s: Sample| Sample { bytes_copied: copied, ..s };
-    Ok(VmbeamRun { transfer: with_copied(transfer), mapped: with_copied(mapped), touched: with_copied(touched) })
+    let after = |s: Sample| with_copied(Sample { peak_extra_mib: s.peak_extra_mib, ..add(transfer, s) });
+    Ok(Handover {
+        transfer: Some(with_copied(transfer)),
+        mapped: after(steps.mapped),
+        prefaulted: steps.prefaulted.map(after),
+        touched: after(steps.touched),
+    })
 }
 
-/// What one memfd hand-over cost: mapped (populated) and touched, as for
-/// vmbeam. Nothing is revoked: the aged VMM keeps its access.
-pub fn memfd(size: u64) -> Result<(Sample, Sample), String> {
+/// What one memfd hand-over cost, step by step as for vmbeam. Nothing is
+/// revoked: the aged VMM keeps its access.
+pub fn memfd(size: u64, eager: bool) -> Result<Handover, String> {
     let mut aged = Vmm::spawn();
     let mut clean = Vmm::spawn();
     aged.ok(&Request::CreateVm, &[])?;
@@ -84,19 +86,44 @@ pub fn memfd(size: u64) -> Result<(Sample, Sample), String> {
     let fd = fd.ok_or("no memfd came back")?;
     let written = run(&mut aged, Program::Fill { seed: 0xbe4c_0002 }, 0, count(size, PAGE), PAGE)?;
     let watch = MemWatch::start();
-    let (mapped_ok, mut mapped) =
-        timed(|| clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[fd.as_fd()]).map(|_| ()));
-    mapped_ok?;
-    mapped.peak_extra_mib = peak(&watch);
-    let (sum, touch_only) = timed(|| run(&mut clean, Program::Sum, 0, count(size, PAGE), PAGE));
-    let sum = sum?;
-    let touch_peak = peak(&watch);
+    let steps = take_over(&mut clean, fd.as_fd(), size, eager, written, &watch);
     aged.quit();
     clean.quit();
+    steps
+}
+
+/// The clean VMM's side of a hand-over of `fd`: map it as a memslot,
+/// pre-fault it if `eager`, have its guest sum every page and check the
+/// sum against what the aged guest `written`. Samples cumulative from the
+/// map on; peaks from `watch`.
+fn take_over(
+    clean: &mut Vmm,
+    fd: BorrowedFd<'_>,
+    size: u64,
+    eager: bool,
+    written: u32,
+    watch: &Option<MemWatch>,
+) -> Result<Handover, String> {
+    let (mapped_ok, mut mapped) =
+        timed(|| clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[fd]).map(|_| ()));
+    mapped_ok?;
+    mapped.peak_extra_mib = peak(watch);
+    let mut before_touch = mapped;
+    let prefaulted = if eager {
+        let (done, prefault_only) = timed(|| clean.ok(&Request::PreFault { slot: SLOT }, &[]).map(|_| ()));
+        done?;
+        before_touch = Sample { peak_extra_mib: peak(watch), ..add(mapped, prefault_only) };
+        Some(before_touch)
+    } else {
+        None
+    };
+    let (sum, touch_only) = timed(|| run(clean, Program::Sum, 0, count(size, PAGE), PAGE));
+    let sum = sum?;
     if sum != written {
         return Err(format!("clean guest summed {sum:#x}, aged wrote {written:#x}"));
     }
-    Ok((mapped, Sample { peak_extra_mib: touch_peak, ..add(mapped, touch_only) }))
+    let touched = Sample { peak_extra_mib: peak(watch), ..add(before_touch, touch_only) };
+    Ok(Handover { transfer: None, mapped, prefaulted, touched })
 }
 
 fn add(a: Sample, b: Sample) -> Sample {

@@ -5,7 +5,8 @@
 //!
 //! VMBEAM_BENCH_SIZES (default "64M 256M 1G 2G") and VMBEAM_BENCH_LAB_L2S
 //! (default "1 4": L2s moved at once by the lab migrate-all rows) choose
-//! the points. The files are rewritten after every method, so a boot that
+//! the points; VMBEAM_BENCH_REAL_RUNS (default: the runs) the runs of the
+//! real-L1 rows, minutes each. The files are rewritten after every method, so a boot that
 //! TCG stops half-way still leaves the points it finished, and with
 //! VMBEAM_BENCH_RESUME=1 (tests/run.sh sets it on the boot after one that
 //! never reported) the bench reads them back and runs only the others.
@@ -67,6 +68,35 @@ fn read_rows(dir: &std::path::Path) -> Option<Vec<Row>> {
     serde_json::from_value(json["rows"].clone()).ok()
 }
 
+/// The rows one hand-over kind gives, in order: lazy runs time the
+/// transfer, the map and the guest's reads; eager runs the pre-fault.
+fn handover_rows(eager: bool) -> &'static [&'static str] {
+    if eager {
+        &["transfer + map + KVM pre-fault", "transfer + map + KVM pre-fault + guest reads all"]
+    } else {
+        &["transfer", "transfer + map (populate)", "transfer + map + guest reads all"]
+    }
+}
+
+/// [`handover_rows`] with their samples from `runs`.
+fn handover_samples(runs: &[methods::Handover], eager: bool) -> Vec<(&'static str, Vec<Sample>)> {
+    let steps: Vec<Vec<Option<Sample>>> = runs
+        .iter()
+        .map(|r| {
+            if eager {
+                vec![r.prefaulted, Some(r.touched)]
+            } else {
+                vec![r.transfer, Some(r.mapped), Some(r.touched)]
+            }
+        })
+        .collect();
+    handover_rows(eager)
+        .iter()
+        .enumerate()
+        .map(|(i, what)| (*what, steps.iter().filter_map(|s| s[i]).collect()))
+        .collect()
+}
+
 fn main() {
     // `bench --replot DIR`: redraw the plots from DIR/bench.json (no KVM).
     if std::env::args().nth(1).as_deref() == Some("--replot") {
@@ -81,6 +111,9 @@ fn main() {
     let dev = require::vmbeam_and_kvm();
     let out_dir = std::env::args().nth(1).map(PathBuf::from);
     let runs: usize = std::env::var("VMBEAM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    // Real-L1 runs take minutes each: fewer may be asked for.
+    let real_runs: usize =
+        std::env::var("VMBEAM_BENCH_REAL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(runs).max(1);
     let sizes: Vec<u64> = env_list("VMBEAM_BENCH_SIZES", "64M 256M 1G 2G")
         .iter()
         .map(|s| bench::parse_size(s).unwrap_or_else(|| panic!("VMBEAM_BENCH_SIZES: bad size {s}")))
@@ -123,25 +156,25 @@ fn main() {
             push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
         }
         let to_run = |rows: &[Row], method: &str| want(method) && !done(rows, method, size);
+        // Lazy: the guest's first touch of a page maps it (a KVM stage-2
+        // fault); eager: the VMM pre-faults the memslot first.
         for (huge, pages) in [(false, "4K"), (true, "2M")] {
-            if !to_run(&rows, &format!("vmbeam {pages}: transfer")) {
-                continue;
+            for eager in [false, true] {
+                let label = |what: &str| format!("vmbeam {pages}: {what}");
+                if !to_run(&rows, &label(handover_rows(eager)[0])) {
+                    continue;
+                }
+                let runs: Vec<methods::Handover> = (0..runs)
+                    .filter_map(|_| {
+                        methods::vmbeam(&dev, size, huge, eager)
+                            .map_err(|e| eprintln!("bench: vmbeam {pages} {name} (eager {eager}): {e}"))
+                            .ok()
+                    })
+                    .collect();
+                for (what, samples) in handover_samples(&runs, eager) {
+                    push(&mut rows, &label(what), size, &samples);
+                }
             }
-            let vmbeam: Vec<methods::VmbeamRun> = (0..runs)
-                .filter_map(|_| {
-                    methods::vmbeam(&dev, size, huge).map_err(|e| eprintln!("bench: vmbeam {pages} {name}: {e}")).ok()
-                })
-                .collect();
-            let label = |what: &str| format!("vmbeam {pages}: {what}");
-            push(&mut rows, &label("transfer"), size, &vmbeam.iter().map(|r| r.transfer).collect::<Vec<_>>());
-            push(
-                &mut rows,
-                &label("transfer + map (populate)"),
-                size,
-                &vmbeam.iter().map(|r| r.mapped).collect::<Vec<_>>(),
-            );
-            let touched: Vec<Sample> = vmbeam.iter().map(|r| r.touched).collect();
-            push(&mut rows, &label("transfer + map + guest reads all"), size, &touched);
         }
         let gathers: Vec<bench::gather::GatherRun> = (0..runs)
             .filter(|_| to_run(&rows, "vmbeam gather: scattered 4K pages out of a RAM region"))
@@ -153,12 +186,20 @@ fn main() {
         push(&mut rows, "vmbeam scatter: a fresh region's pages into the holes (one call)", size, &scattered);
         let filled: Vec<Sample> = gathers.iter().map(|g| g.filled).collect();
         push(&mut rows, "vmbeam gather + fill the holes (new region + one scatter)", size, &filled);
-        let memfd: Vec<(Sample, Sample)> = (0..runs)
-            .filter(|_| to_run(&rows, "memfd handover + map (populate)"))
-            .filter_map(|_| methods::memfd(size).map_err(|e| eprintln!("bench: memfd {name}: {e}")).ok())
-            .collect();
-        push(&mut rows, "memfd handover + map (populate)", size, &memfd.iter().map(|r| r.0).collect::<Vec<_>>());
-        push(&mut rows, "memfd handover + map + guest reads all", size, &memfd.iter().map(|r| r.1).collect::<Vec<_>>());
+        for eager in [false, true] {
+            let label = |what: &str| format!("memfd handover + {}", what.trim_start_matches("transfer + "));
+            if !to_run(&rows, &label(handover_rows(eager)[1])) {
+                continue;
+            }
+            let runs: Vec<methods::Handover> = (0..runs)
+                .filter_map(|_| {
+                    methods::memfd(size, eager).map_err(|e| eprintln!("bench: memfd {name} (eager {eager}): {e}")).ok()
+                })
+                .collect();
+            for (what, samples) in handover_samples(&runs, eager).into_iter().filter(|(what, _)| *what != "transfer") {
+                push(&mut rows, &label(what), size, &samples);
+            }
+        }
         if to_run(&rows, "QEMU pre-copy migration") {
             push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
         }
@@ -198,7 +239,7 @@ fn main() {
             }
             // TCG loses about one real-L1 run in two (README, Known
             // flakiness): up to three tries per run wanted.
-            let real: Vec<real::RealRun> = (0..runs * 3)
+            let real: Vec<real::RealRun> = (0..real_runs * 3)
                 .filter_map(|i| {
                     real::migrate_all(size, huge, over_link)
                         .map_err(|e| {
@@ -206,7 +247,7 @@ fn main() {
                         })
                         .ok()
                 })
-                .take(runs)
+                .take(real_runs)
                 .collect();
             let window: Vec<Sample> = real.iter().map(|r| r.window).collect();
             push(&mut rows, &format!("{both}: the one on a window"), size, &window);

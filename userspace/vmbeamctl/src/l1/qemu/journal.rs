@@ -21,7 +21,7 @@
 //! | pages in the clean window | the witness |
 //! |---|---|
 //! | no  | stops the receiving QEMU on the clean L1; resumes the L2 on the aged L1 if it was stopped |
-//! | yes | restores the L2 on the clean L1 (unless it runs there already), then retires its aged copy as `migrate-all` does; if the restore fails, moves the pages back and resumes it on the aged L1 |
+//! | yes | restores the L2 on the clean L1 (unless it runs there already; one whose state was loaded is resumed), then retires its aged copy as `migrate-all` does; if the restore fails, moves the pages back and resumes it on the aged L1 |
 
 use std::{
     fs,
@@ -64,6 +64,10 @@ pub struct Entry {
     /// Where that state arrived in the clean L1's state window, once sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_at: Option<StateAt>,
+    /// Its state is loaded into the clean L1's receiving QEMU, and gone
+    /// from the state window: the witness resumes it there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loaded: bool,
 }
 
 /// [`Entry::offsets`] in the file: runs of offsets a page apart
@@ -175,6 +179,7 @@ mod tests {
                 pages: 2,
                 state: Some(String::new()),
                 state_at: Some(StateAt { offset: 8 << 20, bytes: 5000 }),
+                loaded: true,
             }],
         };
         let file = JournalFile { path: path_for(&j.clean) };

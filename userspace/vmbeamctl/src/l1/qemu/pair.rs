@@ -65,6 +65,9 @@ struct Move {
     staged: bool,
     /// Where its state arrived in the clean L1's state window (`send`).
     arrived: Option<StateAt>,
+    /// Its state is in the receiving QEMU (`load-l2` answered): what is
+    /// left is to resume it; the inbox no longer holds the state for it.
+    loaded: bool,
     gathered: bool,
 }
 
@@ -340,6 +343,7 @@ impl Pair for QemuPair {
                 saved: None,
                 staged: false,
                 arrived: None,
+                loaded: false,
                 gathered: false,
             });
         }
@@ -413,6 +417,18 @@ impl Pair for QemuPair {
             let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
             self.clean.agent.call::<AgentL2>("load-l2", args)?;
         }
+        // `load-l2` read each state out of the inbox before it answered:
+        // empty the inbox now, while the clean L1 runs none of these L2s.
+        // A zap at L0 while an L1 runs an L2 makes L0's KVM kick the L1's
+        // vCPU out of the L2 and flush; under TCG's emulated SVM the L1
+        // that received L2s then hung or triple-faulted at its VMRUN in
+        // four boots of four (README, Known flakiness). The journal says
+        // so first: a witness must resume these, not read the inbox.
+        for m in &mut self.moves {
+            m.loaded = true;
+        }
+        self.update_journal()?;
+        self.clear_inbox(report);
         let names = Names { names: self.moves.iter().map(|m| m.name.clone()).collect() };
         let asked = monotonic_ns();
         let restored: Vec<Restored> = self.clean.agent.call("restore-l2s", names)?;
@@ -422,7 +438,6 @@ impl Pair for QemuPair {
                 l.restore_ms = Some(r.resumed_after_us as f64 / 1e3);
             }
         }
-        self.clear_inbox(report);
         Ok(())
     }
 

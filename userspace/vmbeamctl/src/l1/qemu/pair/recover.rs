@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{bail, Result};
-use vmbeam::control::agent::{AgentL2, AgentL2State, RestoreL2, Restored, Saved};
+use vmbeam::control::agent::{AgentL2, AgentL2State, Names, RestoreL2, Restored, Saved, StateAt};
 
 use super::{window, Move, QemuPair, Source};
 use crate::{
@@ -58,6 +58,7 @@ impl Move {
             pages: self.pages,
             state: self.saved.as_ref().map(|s| s.state.clone()),
             state_at: self.arrived,
+            loaded: self.loaded,
         }
     }
 
@@ -85,6 +86,7 @@ impl Move {
             saved,
             staged: false,
             arrived: e.state_at,
+            loaded: e.loaded,
             gathered: false,
         }
     }
@@ -98,9 +100,10 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
     let options = gather::Options { holes: j.holes, ..Default::default() };
     let mut pair = QemuPair::connect(&j.aged, &j.clean, timeout, options)?;
     let moves: Vec<Move> = j.moves.into_iter().map(Move::from_entry).collect();
-    // States that reached the clean L1's state window: read by the
-    // restores below, then emptied out of its inbox.
-    let arrived: Vec<_> = moves.iter().filter_map(|m| m.arrived).collect();
+    // States that reached the clean L1's state window and are still there:
+    // each restore below empties its own out of the inbox before its L2
+    // runs; what is left goes at the end.
+    let mut in_inbox: Vec<StateAt> = moves.iter().filter(|m| !m.loaded).filter_map(|m| m.arrived).collect();
     let clean_vms: Vec<AgentL2> = pair.clean.agent.call("query-vms", ())?;
     let aged_vms: Vec<AgentL2> = pair.aged.agent.call("query-vms", ())?;
     let state_of = |vms: &[AgentL2], name: &str| vms.iter().find(|v| v.name == name).map(|v| v.state);
@@ -133,7 +136,7 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
         }
         // Moved: it runs on the clean L1, restored there if need be.
         if state_of(&clean_vms, &m.name) != Some(AgentL2State::Running) {
-            if let Err(e) = restore(&mut pair, &m) {
+            if let Err(e) = restore(&mut pair, &m, &mut in_inbox) {
                 let _ = pair.clean.kill_l2(&m.name);
                 let back = pair.gather(&m, true).and_then(|()| pair.aged.resume_l2(&m.name));
                 match back {
@@ -152,8 +155,8 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
         pair.moves.clear();
     }
     if let Some(w) = &pair.clean.state_window {
-        if !arrived.is_empty() {
-            if let Err(e) = w.clear(&pair.dev, &arrived) {
+        if !in_inbox.is_empty() {
+            if let Err(e) = w.clear(&pair.dev, &in_inbox) {
                 done.push(format!("{}'s state window not emptied: {e:#}", pair.clean.name));
             }
         }
@@ -167,14 +170,29 @@ pub fn recover(path: &Path, timeout: Duration) -> Result<Vec<String>> {
 }
 
 /// Restores a moved L2 on the clean L1 from the journal's state, into the
-/// QEMU prepared for it if that waits still.
-fn restore(pair: &mut QemuPair, m: &Move) -> Result<()> {
+/// QEMU prepared for it if that waits still. A state read out of the
+/// clean L1's state window is emptied out of it (and out of `in_inbox`)
+/// before the L2 resumes: no zap at L0 while the L1 runs it (see
+/// `QemuPair::receive`).
+fn restore(pair: &mut QemuPair, m: &Move, in_inbox: &mut Vec<StateAt>) -> Result<()> {
+    let names = Names { names: vec![m.name.clone()] };
+    if m.loaded {
+        // vmbeamctl died between the loads and the resume: the state is in
+        // the receiving QEMU (no longer in the state window).
+        pair.clean.agent.call::<Vec<Restored>>("restore-l2s", names)?;
+        return Ok(());
+    }
     // The state is in the clean L1's state window, or in the journal.
     let state = m.saved.as_ref().map(|s| s.state.clone()).unwrap_or_default();
     if state.is_empty() && m.arrived.is_none() {
         bail!("the journal has no saved state for it");
     }
     let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
-    pair.clean.agent.call::<Restored>("restore-l2", args)?;
+    pair.clean.agent.call::<AgentL2>("load-l2", args)?;
+    if let (Some(at), Some(w)) = (m.arrived, &pair.clean.state_window) {
+        w.clear(&pair.dev, &[at])?;
+        in_inbox.retain(|s| *s != at);
+    }
+    pair.clean.agent.call::<Vec<Restored>>("restore-l2s", names)?;
     Ok(())
 }
