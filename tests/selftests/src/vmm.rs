@@ -382,7 +382,8 @@ fn handle(
         Request::PreFault { slot } => {
             need_vm(vm)?;
             let s = slots.get(&slot).ok_or((libc::ENOENT, format!("no slot {slot}")))?;
-            kvm_util::pre_fault_memory(&vm.as_ref().unwrap().vcpu, s.gpa, s.size).map_err(|e| (0, e))?;
+            kvm_util::pre_fault_memory(&vm.as_ref().unwrap().vcpu, s.gpa, s.size)
+                .map_err(|e| (e.error.raw_os_error().unwrap_or(0), e.to_string()))?;
             Ok(s.size)
         }
         Request::KvmStat { name, vcpu } => {

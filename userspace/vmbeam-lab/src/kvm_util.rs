@@ -81,19 +81,33 @@ const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
 /// instead of taking one nested page fault (a VM exit) per page. The
 /// memslot must be there and its host mapping populated or faultable; the
 /// vCPU must not be running. Restarts where KVM stopped part-way (a signal,
-/// `EAGAIN`).
-pub fn pre_fault_memory(vcpu: &VcpuFd, gpa: u64, size: u64) -> Result<(), String> {
+/// `EAGAIN`). `Err` names the address KVM could not map and its errno
+/// (`EFAULT`: the host mapping refused the page, e.g. a revoked region).
+pub fn pre_fault_memory(vcpu: &VcpuFd, gpa: u64, size: u64) -> Result<(), PreFaultError> {
     let mut range = PreFaultMemory { gpa, size, ..Default::default() };
     while range.size > 0 {
         // SAFETY: a vCPU fd and the struct this command takes; KVM advances
         // `gpa` and shrinks `size` by what it mapped.
         let r = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_PRE_FAULT_MEMORY, &mut range) };
         if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
-                return Err(format!("KVM_PRE_FAULT_MEMORY at {:#x}: {e}", range.gpa));
+            let error = std::io::Error::last_os_error();
+            if !matches!(error.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+                return Err(PreFaultError { gpa: range.gpa, error });
             }
         }
     }
     Ok(())
+}
+
+/// Where and why [`pre_fault_memory`] stopped.
+#[derive(Debug)]
+pub struct PreFaultError {
+    pub gpa: u64,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for PreFaultError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KVM_PRE_FAULT_MEMORY at {:#x}: {}", self.gpa, self.error)
+    }
 }

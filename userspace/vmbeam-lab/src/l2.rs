@@ -203,7 +203,7 @@ impl L2 {
     /// resumes a vCPU at a wild rip (README, Tests). The vCPU must be
     /// paused; `Err` says why not (the L2 then faults its pages in lazily).
     pub fn prefault(&self) -> Result<(), String> {
-        kvm_util::pre_fault_memory(&self.shared.vcpu(), self.window.gpa, self.window.size)
+        kvm_util::pre_fault_memory(&self.shared.vcpu(), self.window.gpa, self.window.size).map_err(|e| e.to_string())
     }
 
     pub fn is_running(&self) -> bool {
