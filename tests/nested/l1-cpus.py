@@ -14,13 +14,12 @@ KVM did for each VM over one second (its debugfs statistics, summed over
 vCPUs): exits and nested runs still counting with an RIP that never moves
 is a vCPU L0 keeps entering and leaving (a fault it cannot fix, an
 interrupt it cannot deliver); nothing counting is a vCPU that never comes
-out of the guest.
+out of the guest. Then which exits those are (`kvm_exit` reasons, half a
+second, in a trace instance of its own).
 """
 import glob, json, os, re, socket, subprocess, sys, time
 
-# The counters of /sys/kernel/debug/kvm/PID-FD/ worth a look.
-KVM_STATS = ("exits", "nested_run", "pf_taken", "pf_fixed", "halt_exits", "irq_injections",
-             "irq_window_exits", "nmi_window_exits", "request_irq_exits", "io_exits", "mmio_exits")
+TRACEFS = "/sys/kernel/tracing"
 
 
 def hmp(path, command):
@@ -65,20 +64,45 @@ for path in sys.argv[1:]:
 
 
 def kvm_stats():
-    """{debugfs dir: {stat: value}} for every VM L0's KVM has."""
+    """{debugfs dir: {stat: value}} for every VM L0's KVM has (every plain
+    counter of /sys/kernel/debug/kvm/PID-FD/, summed over its vCPUs)."""
     if not os.path.isdir("/sys/kernel/debug/kvm"):
         subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"], capture_output=True)
     out = {}
     for d in glob.glob("/sys/kernel/debug/kvm/*-*"):
         values = {}
-        for name in KVM_STATS:
+        for path in glob.glob(os.path.join(d, "*")):
             try:
-                with open(os.path.join(d, name)) as f:
-                    values[name] = int(f.read())
+                with open(path) as f:
+                    values[os.path.basename(path)] = int(f.read())
             except (OSError, ValueError):
                 pass
         out[d] = values
     return out
+
+
+def exit_reasons(seconds):
+    """{pid: {reason: count}} of L0's kvm_exit events over `seconds`, in a
+    trace instance of its own (the harness's filtered trace stays as is)."""
+    inst = os.path.join(TRACEFS, "instances", "l1-cpus")
+    os.makedirs(inst, exist_ok=True)
+    try:
+        with open(os.path.join(inst, "events/kvm/kvm_exit/enable"), "w") as f:
+            f.write("1")
+        time.sleep(seconds)
+        with open(os.path.join(inst, "events/kvm/kvm_exit/enable"), "w") as f:
+            f.write("0")
+        with open(os.path.join(inst, "trace")) as f:
+            lines = f.read().splitlines()
+    finally:
+        os.rmdir(inst)
+    counts = {}
+    for line in lines:
+        m = re.search(r"-(\d+)\s+\[.*kvm_exit: vcpu \d+ reason (\S+)", line)
+        if m:
+            by = counts.setdefault(m.group(1), {})
+            by[m.group(2)] = by.get(m.group(2), 0) + 1
+    return counts
 
 
 def vm_name(d):
@@ -96,7 +120,14 @@ try:
     time.sleep(1)
     after = kvm_stats()
     for d in sorted(after):
-        delta = " ".join(f"{k} +{after[d][k] - before.get(d, {}).get(k, 0)}" for k in KVM_STATS if k in after[d])
-        print(f"# L0 KVM, VM {os.path.basename(d)} ({vm_name(d)}), over 1 s: {delta}")
+        changed = {k: v - before.get(d, {}).get(k, 0) for k, v in after[d].items()}
+        delta = " ".join(f"{k} +{n}" for k, n in sorted(changed.items()) if n > 0)
+        print(f"# L0 KVM, VM {os.path.basename(d)} ({vm_name(d)}), over 1 s: {delta or 'nothing counted'}")
 except Exception as e:  # a diagnostic: say why it could not look
     print(f"# L0 KVM statistics: cannot look: {e}")
+try:
+    for pid, reasons in sorted(exit_reasons(0.5).items()):
+        top = sorted(reasons.items(), key=lambda r: -r[1])[:6]
+        print(f"# L0 kvm_exit reasons in 0.5 s, thread {pid}: " + ", ".join(f"{r} {n}" for r, n in top))
+except Exception as e:  # a diagnostic: say why it could not look
+    print(f"# L0 kvm_exit reasons: cannot look: {e}")
