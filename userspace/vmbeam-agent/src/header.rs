@@ -17,6 +17,26 @@ pub fn parse(word: impl Fn(usize) -> u32) -> Workload {
         dwords: word(3),
         checksum: word(4),
         errors: word(5),
+        bad_address: word(6),
+        bad_value: word(7),
         heartbeat: word(8),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_error_says_whether_a_dword_changed_or_the_l2_rebooted() {
+        // magic, seed, pass, dwords, checksum, errors, bad address, bad value, heartbeat
+        let changed = [0x324c_4d56, 1, 61, 100, 0, 1, 0x20_3000, 0xdead, 9];
+        let w = parse(|i| changed[i]);
+        assert_eq!((w.pass, w.errors, w.bad_address, w.bad_value, w.heartbeat), (61, 1, 0x20_3000, 0xdead, 9));
+        assert_eq!(w.error_cause(), " (first bad dword at 0x203000: 0xdead)");
+        let rebooted = [0x324c_4d56, 1, 61, 100, 0, 1, Workload::REBOOTED, 61, 9];
+        assert_eq!(parse(|i| rebooted[i]).error_cause(), " (the L2 booted afresh over its RAM at pass 61)");
+        let fine = [0x324c_4d56, 1, 61, 100, 0, 0, 0, 0, 9];
+        assert_eq!(parse(|i| fine[i]).error_cause(), "");
     }
 }

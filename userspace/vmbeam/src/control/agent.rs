@@ -130,7 +130,30 @@ pub struct Workload {
     /// Sum of the dwords the last complete pass verified.
     pub checksum: u32,
     pub errors: u32,
+    /// Where the first error was: the changed dword's guest-physical
+    /// address, or [`Workload::REBOOTED`].
+    #[serde(default)]
+    pub bad_address: u32,
+    /// The value found there (for a reboot: the pass the header held).
+    #[serde(default)]
+    pub bad_value: u32,
     pub heartbeat: u32,
+}
+
+impl Workload {
+    /// [`Workload::bad_address`] of a workload that booted afresh over RAM
+    /// it had already filled (its L2 reset, or was started instead of
+    /// restored), not of a changed dword.
+    pub const REBOOTED: u32 = 0xFFFF_FFFF;
+
+    /// What its errors were, for a person: empty when there were none.
+    pub fn error_cause(&self) -> String {
+        match (self.errors, self.bad_address) {
+            (0, _) => String::new(),
+            (_, Self::REBOOTED) => format!(" (the L2 booted afresh over its RAM at pass {})", self.bad_value),
+            (_, at) => format!(" (first bad dword at {at:#x}: {:#x})", self.bad_value),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

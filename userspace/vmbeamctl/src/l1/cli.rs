@@ -175,8 +175,13 @@ pub fn run(cmd: &Command) -> Result<()> {
                         .window
                         .map_or_else(|| format!("{} MiB of ordinary memory", vm.size >> 20), |k| format!("window {k}"));
                     println!(
-                        "  L2 {}: {:?}, {ram}, pass {}, checksum {:#x}, errors {}",
-                        vm.name, vm.state, w.pass, w.checksum, w.errors
+                        "  L2 {}: {:?}, {ram}, pass {}, checksum {:#x}, errors {}{}",
+                        vm.name,
+                        vm.state,
+                        w.pass,
+                        w.checksum,
+                        w.errors,
+                        w.error_cause()
                     );
                 }
             }
