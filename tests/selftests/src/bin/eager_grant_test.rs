@@ -25,20 +25,18 @@ fn main() {
     let dev = require::vmbeam_and_kvm();
     let mut tap = Tap::new(5);
     for (huge, pages) in [(false, "4k"), (true, "2m")] {
-        tap.test(&format!("a_pre_faulted_new_owner_takes_no_stage2_fault_{pages}"), || {
-            let mut pair = Pair::with_pages(SIZE, PAGE as u32, 0xea6e_0001, huge)?;
-            dev.transfer_batch(&[pair.transfer()]).map_err(|e| e.to_string())?;
-            let result = take_over(&mut pair, true, huge);
-            pair.finish();
-            result
-        });
-        tap.test(&format!("without_it_each_first_touch_is_a_stage2_fault_{pages}"), || {
-            let mut pair = Pair::with_pages(SIZE, PAGE as u32, 0xea6e_0002, huge)?;
-            dev.transfer_batch(&[pair.transfer()]).map_err(|e| e.to_string())?;
-            let result = take_over(&mut pair, false, huge);
-            pair.finish();
-            result
-        });
+        for (eager, name, seed) in [
+            (true, "a_pre_faulted_new_owner_takes_no_stage2_fault", 0xea6e_0001),
+            (false, "without_it_each_first_touch_is_a_stage2_fault", 0xea6e_0002),
+        ] {
+            tap.test(&format!("{name}_{pages}"), || {
+                let mut pair = Pair::with_pages(SIZE, PAGE as u32, seed, huge)?;
+                dev.transfer_batch(&[pair.transfer()]).map_err(|e| e.to_string())?;
+                let result = take_over(&mut pair, eager, huge);
+                pair.finish();
+                result
+            });
+        }
     }
     tap.test("a_revoked_owner_cannot_pre_fault_and_the_new_owner_loses_nothing", || {
         let mut pair = Pair::with_pages(SIZE, PAGE as u32, 0xea6e_0003, false)?;
