@@ -64,8 +64,10 @@ finish() {
 		dmesg | tail -n 8 | sed 's/^/#   /'
 		echo "# refused faults on regions (vmbeam:fault, ret != 0):"
 		grep ' fault:' $tracefs/trace 2>/dev/null | head -n 10 | sed 's/^/#   /'
-		echo "# L1 shutdowns seen by L0's KVM:"
-		grep -E ' kvm_(exit|userspace_exit):' $tracefs/trace 2>/dev/null | head -n 6 | python3 "$(dirname "$0")/nested/shutdown.py"
+		echo "# L1 shutdowns and failed VMRUNs seen by L0's KVM:"
+		grep -E ' kvm_(exit|userspace_exit|nested_vmexit_inject):' $tracefs/trace 2>/dev/null | head -n 8 |
+			python3 "$(dirname "$0")/nested/shutdown.py"
+		dmesg | grep -m 12 -A 6 'VMCB Control Area' | sed 's/^/#   /'
 		for f in "$dir"/*.log "$dir"/*.console; do
 			[ -s "$f" ] && { echo "# --- $f"; tail -n 15 "$f" | sed 's/^/# /'; }
 		done
@@ -106,14 +108,23 @@ fi
 
 # How an L1 ends, seen from L0's KVM: its SHUTDOWN exit (a triple fault;
 # intr_info is the event whose delivery failed) and KVM_EXIT_SHUTDOWN to
-# its QEMU (also a shutdown KVM itself requested). Both are rare, so the
-# filters keep the buffer for them; enabled before any L1 runs (above).
+# its QEMU (also a shutdown KVM itself requested). Also a VMRUN that TCG
+# failed (SVM_EXIT_ERR, 0xffffffff: "invalid_guest_state"), of an L1
+# (then KVM_EXIT_FAIL_ENTRY, and with dump_invalid_vmcb its VMCB in dmesg)
+# or of an L2 (reflected to its L1): TCG's VMRUN writes L0's own CR3 and
+# RIP into the VMCB when one of its checks fails after it saved L0's
+# state, which is what the L1s lost in VMRUN with an L0-like CR3 look
+# like (README, Known flakiness). All rare, so the filters keep the
+# buffer for them; enabled before any L1 runs (above).
 [ -d $tracefs/events ] || mount -t tracefs nodev $tracefs 2>/dev/null
 [ "${VMBEAM_TRACE_FAULTS:-0}" = 1 ] || echo > $tracefs/trace 2>/dev/null
-echo 'exit_reason == 127' > $tracefs/events/kvm/kvm_exit/filter 2>/dev/null &&
+echo 'exit_reason == 127 || exit_reason == 4294967295' > $tracefs/events/kvm/kvm_exit/filter 2>/dev/null &&
 	echo 1 > $tracefs/events/kvm/kvm_exit/enable 2>/dev/null
-echo 'reason == 8' > $tracefs/events/kvm/kvm_userspace_exit/filter 2>/dev/null &&
+echo 'reason == 8 || reason == 9' > $tracefs/events/kvm/kvm_userspace_exit/filter 2>/dev/null &&
 	echo 1 > $tracefs/events/kvm/kvm_userspace_exit/enable 2>/dev/null
+echo 'exit_code == 4294967295' > $tracefs/events/kvm/kvm_nested_vmexit_inject/filter 2>/dev/null &&
+	echo 1 > $tracefs/events/kvm/kvm_nested_vmexit_inject/enable 2>/dev/null
+echo 1 > /sys/module/kvm_amd/parameters/dump_invalid_vmcb 2>/dev/null
 
 echo "TAP version 13"
 windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}

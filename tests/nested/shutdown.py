@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Explains L0's trace lines of an L1's end (nested-test.sh, on failure).
 
-Reads kvm_exit (SHUTDOWN only) and kvm_userspace_exit (KVM_EXIT_SHUTDOWN
-only) lines on stdin. A SHUTDOWN exit is a triple fault: its intr_info is
-the event (AMD's EXITINTINFO) whose delivery failed, e.g. 0x80000b0e with
-error code 0x10 = a #PF on an instruction fetch from a not-present page.
+Reads kvm_exit (SHUTDOWN and SVM_EXIT_ERR only), kvm_userspace_exit
+(KVM_EXIT_SHUTDOWN and KVM_EXIT_FAIL_ENTRY only) and kvm_nested_vmexit_inject
+(SVM_EXIT_ERR only) lines on stdin. A SHUTDOWN exit is a triple fault: its
+intr_info is the event (AMD's EXITINTINFO) whose delivery failed, e.g.
+0x80000b0e with error code 0x10 = a #PF on an instruction fetch from a
+not-present page. SVM_EXIT_ERR is a VMRUN that (TCG's) SVM refused.
 """
 import re
 import sys
@@ -21,6 +23,12 @@ def pf_error(code):
 
 
 def explain(line):
+    if "kvm_nested_vmexit_inject" in line and "invalid_guest_state" in line:
+        return "the L1's VMRUN of an L2 failed (SVM_EXIT_ERR), reflected to the L1"
+    if "kvm_exit" in line and "invalid_guest_state" in line:
+        return "L0's VMRUN of the L1 failed (SVM_EXIT_ERR): its VMCB's save area holds what TCG wrote there"
+    if "KVM_EXIT_FAIL_ENTRY" in line:
+        return "KVM returned KVM_EXIT_FAIL_ENTRY to the L1's QEMU (a failed VMRUN)"
     m = re.search(r"reason shutdown rip (0x[0-9a-f]+).*intr_info (0x[0-9a-f]+) error_code (0x[0-9a-f]+)", line)
     if not m:
         return "KVM returned KVM_EXIT_SHUTDOWN to the L1's QEMU" if "KVM_EXIT_SHUTDOWN" in line else None

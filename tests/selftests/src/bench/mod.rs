@@ -29,6 +29,12 @@ pub struct Sample {
     /// The machine's memory in use beyond what it held when the method
     /// began, at its peak ([`memwatch::MemWatch`]).
     pub peak_extra_mib: Option<f64>,
+    /// Stage-2 page faults KVM took for the VM that received the memory
+    /// while its guest read every page (KVM's `pf_taken` of its vCPU;
+    /// its code and the last page were mapped by a run before): the host
+    /// faults a moved VM pays after the move. `None` where no such guest
+    /// ran.
+    pub host_faults: Option<u64>,
 }
 
 /// The median of several runs of one method at one size.
@@ -43,6 +49,8 @@ pub struct Row {
     pub downtime_ms: Option<f64>,
     #[serde(default)]
     pub peak_extra_mib: Option<f64>,
+    #[serde(default)]
+    pub host_faults: Option<u64>,
     /// wall_ms / memcpy's wall_ms at the same size, in this run.
     pub ratio_to_memcpy: Option<f64>,
 }
@@ -54,6 +62,7 @@ impl Row {
         }
         let downs: Vec<f64> = samples.iter().filter_map(|s| s.downtime_ms).collect();
         let peaks: Vec<f64> = samples.iter().filter_map(|s| s.peak_extra_mib).collect();
+        let faults: Vec<f64> = samples.iter().filter_map(|s| s.host_faults).map(|n| n as f64).collect();
         Some(Self {
             method: method.to_string(),
             size,
@@ -63,6 +72,7 @@ impl Row {
             bytes_copied: samples.iter().map(|s| s.bytes_copied).max().unwrap_or(0),
             downtime_ms: (!downs.is_empty()).then(|| median(downs)),
             peak_extra_mib: (!peaks.is_empty()).then(|| median(peaks)),
+            host_faults: (!faults.is_empty()).then(|| median(faults).round() as u64),
             ratio_to_memcpy: None,
         })
     }

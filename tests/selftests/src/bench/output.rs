@@ -19,16 +19,17 @@ pub fn add_ratios(rows: &mut [Row]) {
 pub fn markdown(rows: &[Row], header: &str) -> String {
     let mut out = format!("{header}\n\n");
     out.push_str(
-        "| method | size | wall ms | × memcpy | CPU s | bytes copied | peak extra MiB | downtime ms | runs |\n",
+        "| method | size | wall ms | × memcpy | CPU s | bytes copied | peak extra MiB | host faults | downtime ms | runs |\n",
     );
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let ratio = r.ratio_to_memcpy.map_or("–".into(), |x| format!("{x:.3}"));
         let down = r.downtime_ms.map_or("–".into(), |d| format!("{d:.1}"));
         let peak = r.peak_extra_mib.map_or("–".into(), |m| format!("{m:.1}"));
+        let faults = r.host_faults.map_or("–".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {ratio} | {:.2} | {} | {peak} | {down} | {} |",
+            "| {} | {} | {:.1} | {ratio} | {:.2} | {} | {peak} | {faults} | {down} | {} |",
             r.method,
             size_name(r.size),
             r.wall_ms,

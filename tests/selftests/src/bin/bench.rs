@@ -4,10 +4,11 @@
 //! prints the table only).
 //!
 //! VMBEAM_BENCH_SIZES (default "64M 256M 1G 2G") and VMBEAM_BENCH_LAB_L2S
-//! (default "1 4": L2s moved at once by the lab migrate-all rows) choose
-//! the points; VMBEAM_BENCH_REAL_RUNS (default: the runs) the runs of the
-//! real-L1 rows, minutes each. The files are rewritten after every method, so a boot that
-//! TCG stops half-way still leaves the points it finished, and with
+//! (default "1 4 16": L2s moved at once by the lab migrate-all rows) choose
+//! the points; VMBEAM_BENCH_REAL_RUNS (default: the runs here, 1 from
+//! `make bench`) the runs of the real-L1 rows, minutes each. The files are
+//! rewritten after every method, so a boot that TCG stops half-way still
+//! leaves the points it finished, and with
 //! VMBEAM_BENCH_RESUME=1 (tests/run.sh sets it on the boot after one that
 //! never reported) the bench reads them back and runs only the others.
 
@@ -119,7 +120,7 @@ fn main() {
         .map(|s| bench::parse_size(s).unwrap_or_else(|| panic!("VMBEAM_BENCH_SIZES: bad size {s}")))
         .collect();
     let lab_counts: Vec<usize> =
-        env_list("VMBEAM_BENCH_LAB_L2S", "1 4").iter().filter_map(|s| s.parse().ok()).collect();
+        env_list("VMBEAM_BENCH_LAB_L2S", "1 4 16").iter().filter_map(|s| s.parse().ok()).collect();
     // VMBEAM_BENCH_ONLY="gather QEMU": only the methods whose names hold
     // one of these words (memcpy, the yardstick, always runs).
     let only = env_list("VMBEAM_BENCH_ONLY", "");
