@@ -47,17 +47,39 @@ boot() {
 	--cwd "$VMBEAM_ROOT" \
 	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_NESTED_L2S=${VMBEAM_NESTED_L2S:-2} VMBEAM_NESTED_GATHER=${VMBEAM_NESTED_GATHER:-1} VMBEAM_NESTED_THP=${VMBEAM_NESTED_THP:-1} VMBEAM_NESTED_ANON_RAM=${VMBEAM_NESTED_ANON_RAM:-0} VMBEAM_NESTED_HUGE='${VMBEAM_NESTED_HUGE:-}' VMBEAM_NESTED_KILL_AGED=${VMBEAM_NESTED_KILL_AGED:-0} VMBEAM_DEMO_HOLES=${VMBEAM_DEMO_HOLES:-0} VMBEAM_DEMO_TRACE=${VMBEAM_DEMO_TRACE:-0} VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G 2G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_REAL_RUNS=${VMBEAM_BENCH_REAL_RUNS:-1} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4 16}' VMBEAM_BENCH_ONLY='${VMBEAM_BENCH_ONLY:-}' VMBEAM_BENCH_RESUME=${VMBEAM_BENCH_RESUME:-0} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 }
+# The bench says what it is doing in results/.bench-progress after every
+# method and before every real-L1 try (each bounded at about 10 min). A
+# test kernel that TCG stalled never reports: after VMBEAM_BENCH_STALL_MIN
+# minutes without a word the boot is ended, and the next one resumes.
+bench_boot() {
+	local progress="$VMBEAM_ROOT/results/.bench-progress" watcher
+	echo "boot starting" > "$progress"
+	(
+		while sleep 60; do
+			[ -n "$(find "$progress" -mmin +"${VMBEAM_BENCH_STALL_MIN:-15}" 2>/dev/null)" ] || continue
+			echo "# no progress from the bench for ${VMBEAM_BENCH_STALL_MIN:-15} min (last: $(cat "$progress")): the test kernel stalled; ending this boot"
+			pkill -f "path=$VMBEAM_ROOT/results,security_model"
+			break
+		done
+	) &
+	watcher=$!
+	boot
+	kill "$watcher" 2>/dev/null
+	wait "$watcher" 2>/dev/null
+}
 set +e
-boot
 if [ "$mode" = --bench ]; then
+	bench_boot
 	# TCG resets or stalls the test kernel now and then during real-L1 runs
 	# (README, Known flakiness); the bench writes its results after every
 	# method, so the next boot resumes from them (up to VMBEAM_BENCH_BOOTS).
 	for again in $(seq 2 "${VMBEAM_BENCH_BOOTS:-4}"); do
 		grep -q '^VMBEAM_GUEST_EXIT=' "$out" && break
 		echo "# the test kernel ended without a result in boot $((again - 1)): boot $again resumes from results/bench.json"
-		VMBEAM_BENCH_RESUME=1 boot
+		VMBEAM_BENCH_RESUME=1 bench_boot
 	done
+else
+	boot
 fi
 set -e
 

@@ -81,7 +81,9 @@ fn plot(points: &[(&str, f64, f64)], caption: &str, y_desc: &str, path: &Path) -
     let points: Vec<&(&str, f64, f64)> = points.iter().filter(|p| p.1 > 0.0 && p.2 > 0.0).collect();
     let (x_lo, x_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let (y_lo, y_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
-    let root = BitMapBackend::new(path, (1600, 760)).into_drawing_area();
+    // Tall enough for one legend line per method.
+    let height = 760.max(80 + 22 * methods.len() as u32);
+    let root = BitMapBackend::new(path, (1600, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     // The legend gets its own column: over the plot it hid the lines.
     let (plot_area, legend_area) = root.split_horizontally(1000);
