@@ -68,6 +68,10 @@ finish() {
 		grep -E ' kvm_(exit|userspace_exit|nested_vmexit_inject):' $tracefs/trace 2>/dev/null | head -n 8 |
 			python3 "$(dirname "$0")/nested/shutdown.py"
 		dmesg | grep -m 12 -A 6 'VMCB Control Area' | sed 's/^/#   /'
+		if [ "$(cat $history/tracing_on 2>/dev/null)" = 0 ]; then
+			echo "# L1 history, frozen at the first nested page fault at the L1's VMRUN (the last 60 events):"
+			grep -v '^#' $history/trace | tail -n 60 | sed 's/^/#   /'
+		fi
 		for f in "$dir"/*.log "$dir"/*.console; do
 			[ -s "$f" ] && { echo "# --- $f"; tail -n 15 "$f" | sed 's/^/# /'; }
 		done
@@ -125,6 +129,21 @@ echo 'reason == 8 || reason == 9' > $tracefs/events/kvm/kvm_userspace_exit/filte
 echo 'exit_code == 4294967295' > $tracefs/events/kvm/kvm_nested_vmexit_inject/filter 2>/dev/null &&
 	echo 1 > $tracefs/events/kvm/kvm_nested_vmexit_inject/enable 2>/dev/null
 echo 1 > /sys/module/kvm_amd/parameters/dump_invalid_vmcb 2>/dev/null
+# The L1s' recent exits and entries, unfiltered, in a trace instance of
+# their own that freezes at the first sign of the VMRUN hang: a nested
+# page fault with the L1's RIP in __svm_vcpu_run (the L1 cannot fetch
+# its own code there: its CR3 is gone). What came just before is then
+# printed on failure: which exit left the L1 with L0's CR3.
+history=$tracefs/instances/l1-history
+svm_run=$(awk '$3 == "__svm_vcpu_run" { print $1; exit }' /proc/kallsyms)
+if [ -n "$svm_run" ] && mkdir -p $history 2>/dev/null; then
+	echo 2048 > $history/buffer_size_kb
+	for e in kvm_exit kvm_entry kvm_nested_vmenter kvm_nested_vmexit kvm_nested_vmexit_inject kvm_nested_vmenter_failed kvm_inj_exception; do
+		echo 1 > $history/events/kvm/$e/enable 2>/dev/null
+	done
+	echo "traceoff if exit_reason == 1024 && guest_rip >= 0x$svm_run && guest_rip < $(printf '0x%x' $((0x$svm_run + 0x200)))" \
+		> $history/events/kvm/kvm_exit/trigger 2>/dev/null
+fi
 
 echo "TAP version 13"
 windows=$(printf "$size,%.0s" $(seq "$l2s")); windows=${windows%,}
