@@ -69,7 +69,7 @@ finish() {
 			python3 "$(dirname "$0")/nested/shutdown.py"
 		dmesg | grep -m 12 -A 6 'VMCB Control Area' | sed 's/^/#   /'
 		if [ "$(cat $history/tracing_on 2>/dev/null)" = 0 ]; then
-			echo "# L1 history, frozen at the first nested page fault at the L1's VMRUN (the last 60 events):"
+			echo "# L1 history, frozen at an L1's triple fault or the first nested page fault after its VMRUN (the last 60 events):"
 			grep -v '^#' $history/trace | tail -n 60 | sed 's/^/#   /'
 		fi
 		for f in "$dir"/*.log "$dir"/*.console; do
@@ -130,19 +130,24 @@ echo 'exit_code == 4294967295' > $tracefs/events/kvm/kvm_nested_vmexit_inject/fi
 	echo 1 > $tracefs/events/kvm/kvm_nested_vmexit_inject/enable 2>/dev/null
 echo 1 > /sys/module/kvm_amd/parameters/dump_invalid_vmcb 2>/dev/null
 # The L1s' recent exits and entries, unfiltered, in a trace instance of
-# their own that freezes at the first sign of the VMRUN hang: a nested
-# page fault with the L1's RIP in __svm_vcpu_run (the L1 cannot fetch
-# its own code there: its CR3 is gone). What came just before is then
-# printed on failure: which exit left the L1 with L0's CR3.
+# their own that freezes at an L1's end: its triple fault (SHUTDOWN), or
+# the first sign of the VMRUN hang, a nested page fault at the
+# instruction after the L1's VMRUN (it cannot fetch its own code there:
+# its CR3 is gone). What came just before is printed on failure. The
+# VMRUN is found in the kernel's image (L0 and the L1s run the same one).
 history=$tracefs/instances/l1-history
 svm_run=$(awk '$3 == "__svm_vcpu_run" { print $1; exit }' /proc/kallsyms)
-if [ -n "$svm_run" ] && mkdir -p $history 2>/dev/null; then
+vmrun=
+[ -n "$svm_run" ] && vmrun=$(objdump -d --start-address="0x$svm_run" \
+	--stop-address="$(printf '0x%x' $((0x$svm_run + 0x400)))" "${VMBEAM_L1_KERNEL%/arch/x86/boot/bzImage}/vmlinux" \
+	2>/dev/null | awk '/\tvmrun/ { sub(":", "", $1); print $1; exit }')
+hang=${vmrun:+ || (exit_reason == 1024 \&\& guest_rip >= 0x$vmrun \&\& guest_rip <= $(printf '0x%x' $((0x$vmrun + 3))))}
+if mkdir -p $history 2>/dev/null; then
 	echo 2048 > $history/buffer_size_kb
 	for e in kvm_exit kvm_entry kvm_nested_vmenter kvm_nested_vmexit kvm_nested_vmexit_inject kvm_nested_vmenter_failed kvm_inj_exception; do
 		echo 1 > $history/events/kvm/$e/enable 2>/dev/null
 	done
-	echo "traceoff if exit_reason == 1024 && guest_rip >= 0x$svm_run && guest_rip < $(printf '0x%x' $((0x$svm_run + 0x200)))" \
-		> $history/events/kvm/kvm_exit/trigger 2>/dev/null
+	echo "traceoff if exit_reason == 127$hang" > $history/events/kvm/kvm_exit/trigger 2>/dev/null
 fi
 
 echo "TAP version 13"
