@@ -148,6 +148,22 @@ if mkdir -p $history 2>/dev/null; then
 		echo 1 > $history/events/kvm/$e/enable 2>/dev/null
 	done
 	echo "traceoff if exit_reason == 127$hang" > $history/events/kvm/kvm_exit/trigger 2>/dev/null
+	# And what the VMCB holds around each VMRUN (KVM's entry, its exit
+	# handler): the CR3, NPT root and RIP that TCG is to load, then the
+	# ones it saved. Offsets from the kernel's debug info (pahole).
+	vmlinux=${VMBEAM_L1_KERNEL%/arch/x86/boot/bzImage}/vmlinux
+	offset() { pahole -C "$1" "$vmlinux" 2>/dev/null | awk -v m="$2" '$0 ~ "[ *]" m ";" { print $(NF-2); exit }'; }
+	o_vmcb=$(offset vcpu_svm vmcb) o_save=$(offset vmcb save) o_cr3=$(offset vmcb_save_area cr3)
+	o_rip=$(offset vmcb_save_area rip) o_ncr3=$(offset vmcb_control_area nested_cr3)
+	o_code=$(offset vmcb_control_area exit_code)
+	if [ -n "$o_vmcb$o_save" ] && [ -n "$o_cr3" ] && [ -n "$o_rip" ] && [ -n "$o_ncr3" ] && [ -n "$o_code" ]; then
+		vmcb="+$o_vmcb(%di)"
+		fields="cr3=+$((o_save + o_cr3))($vmcb):x64 ncr3=+$o_ncr3($vmcb):x64 rip=+$((o_save + o_rip))($vmcb):x64"
+		echo "p:kprobes/vmcb_run svm_vcpu_run $fields" >> $tracefs/kprobe_events 2>/dev/null &&
+			echo 1 > $history/events/kprobes/vmcb_run/enable 2>/dev/null
+		echo "p:kprobes/vmcb_exit svm_handle_exit $fields code=+$o_code($vmcb):x32" >> $tracefs/kprobe_events 2>/dev/null &&
+			echo 1 > $history/events/kprobes/vmcb_exit/enable 2>/dev/null
+	fi
 fi
 
 echo "TAP version 13"
