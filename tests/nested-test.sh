@@ -136,10 +136,11 @@ echo 1 > /sys/module/kvm_amd/parameters/dump_invalid_vmcb 2>/dev/null
 # its CR3 is gone). What came just before is printed on failure. The
 # VMRUN is found in the kernel's image (L0 and the L1s run the same one).
 history=$tracefs/instances/l1-history
+vmlinux=${VMBEAM_L1_KERNEL%/arch/x86/boot/bzImage}/vmlinux
 svm_run=$(awk '$3 == "__svm_vcpu_run" { print $1; exit }' /proc/kallsyms)
 vmrun=
 [ -n "$svm_run" ] && vmrun=$(objdump -d --start-address="0x$svm_run" \
-	--stop-address="$(printf '0x%x' $((0x$svm_run + 0x400)))" "${VMBEAM_L1_KERNEL%/arch/x86/boot/bzImage}/vmlinux" \
+	--stop-address="$(printf '0x%x' $((0x$svm_run + 0x400)))" "$vmlinux" \
 	2>/dev/null | awk '/\tvmrun/ { sub(":", "", $1); print $1; exit }')
 hang=${vmrun:+ || (exit_reason == 1024 \&\& guest_rip >= 0x$vmrun \&\& guest_rip <= $(printf '0x%x' $((0x$vmrun + 3))))}
 if mkdir -p $history 2>/dev/null; then
@@ -151,7 +152,6 @@ if mkdir -p $history 2>/dev/null; then
 	# And what the VMCB holds around each VMRUN (KVM's entry, its exit
 	# handler): the CR3, NPT root and RIP that TCG is to load, then the
 	# ones it saved. Offsets from the kernel's debug info (pahole).
-	vmlinux=${VMBEAM_L1_KERNEL%/arch/x86/boot/bzImage}/vmlinux
 	offset() { pahole -C "$1" "$vmlinux" 2>/dev/null | awk -v m="$2" '$0 ~ "[ *]" m ";" { print $(NF-2); exit }'; }
 	o_vmcb=$(offset vcpu_svm vmcb) o_save=$(offset vmcb save) o_cr3=$(offset vmcb_save_area cr3)
 	o_rip=$(offset vmcb_save_area rip) o_ncr3=$(offset vmcb_control_area nested_cr3)

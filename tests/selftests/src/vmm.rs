@@ -170,6 +170,11 @@ impl Vmm {
         self.call(req, fds).map_err(|(errno, what)| format!("VMM {} {req:?}: {what} (errno {errno})", self.pid))
     }
 
+    /// KVM's binary statistic `name` of this VMM's VM, or of its vCPU.
+    pub fn kvm_stat(&mut self, name: &str, vcpu: bool) -> Result<u64, String> {
+        self.ok(&Request::KvmStat { name: name.into(), vcpu }, &[]).map(|(v, _)| v)
+    }
+
     /// Kills the process and reaps it.
     pub fn kill(self) -> WaitStatus {
         let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);

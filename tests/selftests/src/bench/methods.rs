@@ -124,20 +124,15 @@ fn take_over(
     // over the last page alone maps the guest's own code (one fault that
     // is not the moved memory's), so a lazy count is one page short.
     run(clean, Program::Sum, size - u64::from(PAGE), 1, PAGE)?;
-    let faults_before = stage2_faults(clean)?;
+    let faults_before = clean.kvm_stat("pf_taken", true)?;
     let (sum, touch_only) = timed(|| run(clean, Program::Sum, 0, count(size, PAGE), PAGE));
     let sum = sum?;
     if sum != written {
         return Err(format!("clean guest summed {sum:#x}, aged wrote {written:#x}"));
     }
-    let host_faults = Some(stage2_faults(clean)? - faults_before);
+    let host_faults = Some(clean.kvm_stat("pf_taken", true)? - faults_before);
     let touched = Sample { peak_extra_mib: peak(watch), host_faults, ..add(before_touch, touch_only) };
     Ok(Handover { transfer: None, mapped, prefaulted, touched })
-}
-
-/// KVM's `pf_taken` of `vmm`'s vCPU: the stage-2 faults its guest took.
-fn stage2_faults(vmm: &mut Vmm) -> Result<u64, String> {
-    vmm.ok(&Request::KvmStat { name: "pf_taken".into(), vcpu: true }, &[]).map(|(n, _)| n)
 }
 
 fn add(a: Sample, b: Sample) -> Sample {

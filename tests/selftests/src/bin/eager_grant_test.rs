@@ -13,7 +13,7 @@ use vmbeam_selftests::{
     check,
     pair::{count, run, Pair, CLEAN_GPA, MIB, SLOT},
     require,
-    vmm::{Program, Request, Vmm},
+    vmm::{Program, Request},
     Tap, TestResult,
 };
 
@@ -63,13 +63,13 @@ fn take_over(pair: &mut Pair, eager: bool, huge: bool) -> TestResult {
     if eager {
         pair.clean.ok(&Request::PreFault { slot: SLOT }, &[])?;
         let (stat, entries) = if huge { ("pages_2m", SIZE / BLOCK) } else { ("pages_4k", SIZE / PAGE) };
-        let mapped = stat_of(&mut pair.clean, stat, false)?;
+        let mapped = pair.clean.kvm_stat(stat, false)?;
         println!("# pre-faulted: {mapped} stage-2 entries counted in {stat}, {entries} for the region");
         check(mapped >= entries, || format!("{stat} {mapped} after the pre-fault, the region needs {entries}"))?;
     }
-    let faults0 = stat_of(&mut pair.clean, "pf_taken", true)?;
+    let faults0 = pair.clean.kvm_stat("pf_taken", true)?;
     let sum = run(&mut pair.clean, Program::Sum, 0, count(SIZE, PAGE as u32), PAGE as u32)?;
-    let faults = stat_of(&mut pair.clean, "pf_taken", true)? - faults0;
+    let faults = pair.clean.kvm_stat("pf_taken", true)? - faults0;
     check(sum == pair.written, || format!("clean guest summed {sum:#x}, aged wrote {:#x}", pair.written))?;
     let expected = match (eager, huge) {
         (true, _) => 0,
@@ -83,8 +83,4 @@ fn take_over(pair: &mut Pair, eager: bool, huge: bool) -> TestResult {
     check((expected..=expected + slack).contains(&faults), || {
         format!("{faults} stage-2 faults reading {} pages, expected {expected}", SIZE / PAGE)
     })
-}
-
-fn stat_of(vmm: &mut Vmm, name: &str, vcpu: bool) -> Result<u64, String> {
-    vmm.ok(&Request::KvmStat { name: name.into(), vcpu }, &[]).map(|(v, _)| v)
 }
