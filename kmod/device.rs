@@ -54,6 +54,7 @@ use kernel::{
 use crate::{
     gather,
     owner::{Owner, Vm},
+    pages::BlockSize,
     region::{Region, RegionFile},
     stats::STATS,
     transfer, uapi,
@@ -178,13 +179,18 @@ fn get_stats(st: &mut uapi::vmbeam_stats) -> Result<c_long> {
 
 fn create_region(arg: &uapi::vmbeam_region_create) -> Result<c_long> {
     let empty = arg.flags & uapi::VMBEAM_CREATE_EMPTY != 0;
-    let huge = arg.flags & uapi::VMBEAM_CREATE_HUGE != 0;
+    let blocks = match arg.flags & (uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G) {
+        0 => BlockSize::Page,
+        uapi::VMBEAM_CREATE_HUGE => BlockSize::Pmd,
+        _ => BlockSize::Pud, // _HUGE_1G implies _HUGE
+    };
     check_unused(
-        arg.flags & !(uapi::VMBEAM_CREATE_EMPTY | uapi::VMBEAM_CREATE_HUGE),
+        arg.flags
+            & !(uapi::VMBEAM_CREATE_EMPTY | uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G),
         u64::from(arg.pad),
         &arg.reserved,
     )?;
-    let fd = Region::create(arg.size, empty, huge)?.pending_fd()?;
+    let fd = Region::create(arg.size, empty, blocks)?.pending_fd()?;
     Ok(fd.install() as c_long)
 }
 

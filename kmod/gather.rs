@@ -28,7 +28,7 @@ use kernel::{alloc::flags::GFP_KERNEL, alloc::KVVec, prelude::*, uaccess::UserSl
 
 use crate::{
     device::check_unused,
-    pages::{Pages, BLOCK_PAGES, PAGE_SIZE},
+    pages::{BlockSize, Pages, BLOCK_PAGES, PAGE_SIZE},
     region::{Region, RegionFile, RegionGuard},
     stats::STATS,
     uapi,
@@ -294,7 +294,9 @@ impl Selection {
     /// per selected page: allocated before anything moves, so a gather
     /// that cannot have them (`ENOMEM`, `EINTR`) moves nothing.
     fn fresh(&self, replace: bool) -> Result<Option<Pages>> {
-        replace.then(|| Pages::alloc(self.len(), false)).transpose()
+        replace
+            .then(|| Pages::alloc(self.len(), BlockSize::Page))
+            .transpose()
     }
 
     /// Takes the selected pages out of the source into `moved` (slot i =
@@ -408,7 +410,7 @@ fn gather_new(src: &RegionFile, selection: &Selection, replace: bool) -> Result<
     let count = selection.len();
     // Everything that can fail, but the source's checks, before a page moves.
     let mut moved = Pages::empty(count)?;
-    let dst = Region::new(Pages::empty(count)?, false)?;
+    let dst = Region::new(Pages::empty(count)?, BlockSize::Page)?;
     let fd = dst.clone().pending_fd()?;
     let fresh = selection.fresh(replace)?;
     {

@@ -11,6 +11,7 @@
 #include <linux/fs.h>
 #include <linux/kvm_host.h>
 #include <linux/miscdevice.h>
+#include <linux/mman.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
@@ -112,22 +113,26 @@ static vm_fault_t vmbeam_region_fault(struct vm_fault *vmf)
 }
 
 /*
- * A PMD-sized fault in a huge region's mapping: one PMD for the whole
- * 2 MiB block when the block is whole in the VMA and in the region;
- * otherwise the 4 KiB path (fault-around) answers.
+ * A PUD- or PMD-sized fault in a huge region's mapping: one PUD (PMD) for
+ * the whole 1 GiB (2 MiB) block when the block is whole in the VMA and in
+ * the region; otherwise the next size down answers (PMD, then the 4 KiB
+ * path's fault-around).
  */
 static vm_fault_t vmbeam_region_huge_fault(struct vm_fault *vmf, unsigned int order)
 {
 	struct vm_area_struct *vma = vmf->vma;
-	unsigned long addr = vmf->address & PMD_MASK;
+	unsigned long size = PAGE_SIZE << order;
+	unsigned long addr = ALIGN_DOWN(vmf->address, size);
 	unsigned long pgoff = vma->vm_pgoff + ((addr - vma->vm_start) >> PAGE_SHIFT);
 	u64 start = trace_fault_enabled() ? ktime_get_ns() : 0;
 	int ret;
 
-	if (order != PMD_ORDER || !(vma->vm_flags & VM_PFNMAP) ||
-	    addr < vma->vm_start || addr + PMD_SIZE > vma->vm_end)
+	/* A CPU without 1 GiB pages (or booted with nogbpages) gets PMDs. */
+	if ((order != PMD_ORDER && (order != PUD_ORDER || !boot_cpu_has(X86_FEATURE_GBPAGES))) ||
+	    !(vma->vm_flags & VM_PFNMAP) || addr < vma->vm_start || addr + size > vma->vm_end)
 		return VM_FAULT_FALLBACK;
-	ret = vmbeam_rs_region_huge_fault(vma->vm_file->private_data, vmf, vma->vm_mm, pgoff);
+	ret = vmbeam_rs_region_huge_fault(vma->vm_file->private_data, vmf, vma->vm_mm, pgoff,
+					  order);
 	if (ret > 0)
 		return VM_FAULT_FALLBACK;
 	trace_fault(file_inode(vma->vm_file)->i_ino, pgoff, ret, start ? ktime_get_ns() - start : 0);
@@ -158,7 +163,7 @@ static int vmbeam_region_mmap(struct file *file, struct vm_area_struct *vma)
 	 * then with one 2 MiB stage-2 entry); GUP cannot reach those pages.
 	 * Neither is copied on fork or grows.
 	 */
-	if (vmbeam_rs_region_huge(file->private_data))
+	if (vmbeam_rs_region_max_order(file->private_data))
 		vm_flags_set(vma, VM_PFNMAP | VM_HUGEPAGE | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
 	else
 		vm_flags_set(vma, VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTCOPY | VM_DONTDUMP);
@@ -210,6 +215,27 @@ static loff_t vmbeam_region_llseek(struct file *file, loff_t offset, int whence)
 	return fixed_size_llseek(file, offset, whence, i_size_read(file_inode(file)));
 }
 
+/*
+ * 2 MiB-aligned addresses for mappings of 2 MiB and more, so huge regions
+ * can map (and KVM can map them) by PMD; in a VMBEAM_CREATE_HUGE_1G
+ * region, 1 GiB-aligned ones (to the file offset) for 1 GiB and more, for
+ * PUDs. Over-ask and align, as thp_get_unmapped_area() does for PMDs.
+ */
+static unsigned long vmbeam_region_get_unmapped_area(struct file *file, unsigned long addr,
+						     unsigned long len, unsigned long pgoff,
+						     unsigned long flags)
+{
+	unsigned long off = pgoff << PAGE_SHIFT, ret;
+
+	if (addr || (flags & MAP_FIXED) || len < PUD_SIZE || len + PUD_SIZE < len ||
+	    vmbeam_rs_region_max_order(file->private_data) != PUD_ORDER)
+		return thp_get_unmapped_area(file, addr, len, pgoff, flags);
+	ret = mm_get_unmapped_area(current->mm, file, 0, len + PUD_SIZE, 0, flags);
+	if (IS_ERR_VALUE(ret))
+		return thp_get_unmapped_area(file, addr, len, pgoff, flags);
+	return ret + ((off - ret) & (PUD_SIZE - 1));
+}
+
 static const struct file_operations vmbeam_region_fops = {
 	.owner = THIS_MODULE, /* a region pins the module */
 	.open = vmbeam_region_open,
@@ -218,9 +244,7 @@ static const struct file_operations vmbeam_region_fops = {
 	.unlocked_ioctl = vmbeam_region_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
 	.llseek = vmbeam_region_llseek,
-	/* 2 MiB-aligned addresses for mappings of 2 MiB and more, so huge
-	 * regions can map (and KVM can map them) by PMD. */
-	.get_unmapped_area = thp_get_unmapped_area,
+	.get_unmapped_area = vmbeam_region_get_unmapped_area,
 };
 
 /*
@@ -298,13 +322,24 @@ void vmbeam_gather_unlock(void)
 	mutex_unlock(&vmbeam_gather_mutex);
 }
 
-/* Zaps every user mapping of pages [first, first + count) of the region: the
- * MMU notifiers then drop KVM's stage-2 entries for them. */
+/*
+ * Zaps every user mapping of pages [first, first + count) of the region: the
+ * MMU notifiers then drop KVM's stage-2 entries for them. In a region that
+ * maps by PUD, whole GiBs: zapping part of a PUD splits it, which wants the
+ * mmap lock that unmap_mapping_range() does not take; the owner faults the
+ * rest back in.
+ */
 void vmbeam_revoke(struct file *file, unsigned long first, unsigned long count)
 {
-	trace_revoke(file_inode(file)->i_ino, first, count);
+	unsigned long end = first + count;
+
+	if (vmbeam_rs_region_max_order(file->private_data) == PUD_ORDER) {
+		first = ALIGN_DOWN(first, 1UL << PUD_ORDER);
+		end = ALIGN(end, 1UL << PUD_ORDER);
+	}
+	trace_revoke(file_inode(file)->i_ino, first, end - first);
 	unmap_mapping_range(file->f_mapping, (loff_t)first << PAGE_SHIFT,
-			    (loff_t)count << PAGE_SHIFT, 1);
+			    (loff_t)(end - first) << PAGE_SHIFT, 1);
 }
 
 /* ---- KVM VMs ---- */
@@ -453,6 +488,18 @@ void vmbeam_mmput(struct mm_struct *mm)
 	mmput(mm);
 }
 
+/* PUD_SIZE if a PUD leaf maps @addr in @mm, else PMD_SIZE (mmap lock held). */
+static unsigned long vmbeam_leaf_size(struct mm_struct *mm, unsigned long addr)
+{
+	p4d_t *p4d = p4d_offset(pgd_offset(mm, addr), addr);
+	pud_t pud;
+
+	if (p4d_none(READ_ONCE(*p4d)))
+		return PMD_SIZE;
+	pud = READ_ONCE(*pud_offset(p4d, addr));
+	return pud_present(pud) && pud_leaf(pud) ? PUD_SIZE : PMD_SIZE;
+}
+
 /*
  * The frames @mm maps for pages [@first, @first + @count) of @region, read
  * from its page tables into @pfns (left 0 where nothing is mapped; the
@@ -488,10 +535,14 @@ int vmbeam_mapped_pfns(struct mm_struct *mm, const void *region, unsigned long f
 			u64 huge = 0;
 
 			if (!follow_pfnmap_start(&args)) {
-				if (!args.ptep) { /* a PMD (or PUD) leaf */
+				if (!args.ptep) { /* a PMD or PUD leaf */
+					unsigned long size = vmbeam_leaf_size(mm, args.address);
+
 					huge = VMBEAM_FRAME_HUGE;
+					if (size == PUD_SIZE)
+						huge |= VMBEAM_FRAME_HUGE_1G;
 					n = min(last - pgoff,
-						(PMD_SIZE - (args.address & ~PMD_MASK)) >> PAGE_SHIFT);
+						(size - (args.address & (size - 1))) >> PAGE_SHIFT);
 				}
 				for (i = 0; i < n; i++)
 					if (!pfns[pgoff - first + i])
@@ -521,6 +572,21 @@ struct page *vmbeam_page_alloc(void)
  * reference on the page behind a pfn), or -ENOMEM. No reclaim or retry:
  * the caller falls back to 4 KiB pages.
  */
+/* Whether [@pfn, @pfn + @nr) may be had from @zone (alloc_contig_range()
+ * checks again): online, in the zone, nothing reserved or hugetlb. */
+static bool vmbeam_contig_candidate(struct zone *zone, unsigned long pfn, unsigned long nr)
+{
+	unsigned long end = pfn + nr;
+
+	for (; pfn < end; pfn++) {
+		struct page *page = pfn_to_online_page(pfn);
+
+		if (!page || page_zone(page) != zone || PageReserved(page) || PageHuge(page))
+			return false;
+	}
+	return true;
+}
+
 int vmbeam_page_alloc_block(struct page **pages)
 {
 	struct page *page = alloc_pages(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN |
@@ -533,6 +599,46 @@ int vmbeam_page_alloc_block(struct page **pages)
 	for (i = 0; i < (1 << PMD_ORDER); i++)
 		pages[i] = page + i;
 	return 0;
+}
+
+/*
+ * A naturally aligned 1 GiB of zeroed order-0 pages (as a split block's),
+ * from the first range of any zone that alloc_contig_range() can empty
+ * (migrating movable pages out), or -ENOMEM; -EINTR on a fatal signal.
+ * alloc_contig_pages(), which searches so, is not exported; this is its
+ * search. Not charged to a memcg (see VMBEAM_CREATE_HUGE_1G).
+ */
+int vmbeam_page_alloc_gigantic(struct page **pages)
+{
+	const unsigned long nr = 1UL << PUD_ORDER;
+	int nid;
+
+	for_each_online_node(nid) {
+		struct zone *zone;
+
+		for (zone = NODE_DATA(nid)->node_zones;
+		     zone < NODE_DATA(nid)->node_zones + MAX_NR_ZONES; zone++) {
+			unsigned long pfn;
+
+			if (!populated_zone(zone))
+				continue;
+			for (pfn = ALIGN(zone->zone_start_pfn, nr); zone_spans_pfn(zone, pfn + nr - 1);
+			     pfn += nr) {
+				unsigned long i;
+
+				if (vmbeam_should_stop())
+					return -EINTR;
+				if (!vmbeam_contig_candidate(zone, pfn, nr) ||
+				    alloc_contig_range(pfn, pfn + nr, MIGRATE_MOVABLE,
+						       GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN))
+					continue;
+				for (i = 0; i < nr; i++)
+					pages[i] = pfn_to_page(pfn + i);
+				return 0;
+			}
+		}
+	}
+	return -ENOMEM;
 }
 
 void vmbeam_page_free(struct page *page)
@@ -581,9 +687,13 @@ int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struc
 	return vmbeam_insert_errno(vmf_insert_pfn(vma, addr, page_to_pfn(page)));
 }
 
-/* Maps the 2 MiB block from @pfn with one PMD at the fault's address. */
-int vmbeam_vmf_insert_pmd(struct vm_fault *vmf, unsigned long pfn)
+/* Maps the 2 MiB (PMD_ORDER) or 1 GiB (PUD_ORDER) block from @pfn with one
+ * PMD or PUD at the fault's address. */
+int vmbeam_vmf_insert_huge(struct vm_fault *vmf, unsigned long pfn, unsigned int order)
 {
-	return vmbeam_insert_errno(vmf_insert_pfn_pmd(vmf, pfn_to_pfn_t(pfn),
-						      vmf->flags & FAULT_FLAG_WRITE));
+	bool write = vmf->flags & FAULT_FLAG_WRITE;
+
+	if (order == PUD_ORDER)
+		return vmbeam_insert_errno(vmf_insert_pfn_pud(vmf, pfn_to_pfn_t(pfn), write));
+	return vmbeam_insert_errno(vmf_insert_pfn_pmd(vmf, pfn_to_pfn_t(pfn), write));
 }

@@ -62,8 +62,9 @@ unsigned long vmbeam_page_to_pfn(struct page *page);
 unsigned long vmbeam_totalram_pages(void);
 int vmbeam_should_stop(void);
 int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struct page *page);
-int vmbeam_vmf_insert_pmd(struct vm_fault *vmf, unsigned long pfn);
+int vmbeam_vmf_insert_huge(struct vm_fault *vmf, unsigned long pfn, unsigned int order);
 int vmbeam_page_alloc_block(struct page **pages);
+int vmbeam_page_alloc_gigantic(struct page **pages);
 
 /* --- Rust, called from C. Return 0 or a negative errno unless noted. --- */
 long vmbeam_rs_ioctl(unsigned int cmd, unsigned long arg);
@@ -72,11 +73,13 @@ int vmbeam_rs_region_mmap(void *region, struct mm_struct *mm, unsigned long pgof
 int vmbeam_rs_region_fault(void *region, struct vm_area_struct *vma, struct mm_struct *mm,
 			   unsigned long pgoff, unsigned long addr, unsigned long around_addr,
 			   unsigned long around_pgoff, unsigned long around_pages);
-/* 1 if the region maps by PMD where it can (VMBEAM_CREATE_HUGE). */
-int vmbeam_rs_region_huge(void *region);
-/* 0: a PMD was inserted; 1: use the 4 KiB path; or a negative errno. */
+/* The order of the largest entry the region's mappings may use: 0 (4 KiB,
+ * MIXEDMAP), PMD_ORDER (VMBEAM_CREATE_HUGE) or PUD_ORDER (_HUGE_1G);
+ * PFNMAP mappings if not 0. */
+unsigned int vmbeam_rs_region_max_order(void *region);
+/* 0: a PMD (PUD) was inserted; 1: use the next size down; or a negative errno. */
 int vmbeam_rs_region_huge_fault(void *region, struct vm_fault *vmf, struct mm_struct *mm,
-				unsigned long pgoff);
+				unsigned long pgoff, unsigned int order);
 void vmbeam_rs_region_release(void *region);
 /* Called under the region inode's i_lock: must not sleep. */
 void vmbeam_rs_region_file_get(void *region);

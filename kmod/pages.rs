@@ -26,12 +26,43 @@ extern "C" {
     fn vmbeam_page_free(page: *mut Page);
     fn vmbeam_should_stop() -> c_int;
     fn vmbeam_page_alloc_block(pages: *mut *mut Page) -> c_int;
+    fn vmbeam_page_alloc_gigantic(pages: *mut *mut Page) -> c_int;
     fn vmbeam_page_to_pfn(page: *mut Page) -> c_ulong;
 }
 
 pub(crate) const PAGE_SIZE: u64 = 4096;
 /// Pages in a 2 MiB block: what one PMD maps.
 pub(crate) const BLOCK_PAGES: usize = 512;
+/// Pages in a 1 GiB block: what one PUD maps.
+pub(crate) const GIGANTIC_PAGES: usize = 512 * BLOCK_PAGES;
+
+/// The largest physically contiguous block a region's pages are allocated
+/// in, and mapped by: a region's mappings use entries up to this size.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum BlockSize {
+    /// 4 KiB pages; ordinary (refcounted, GUP-able) mappings.
+    Page,
+    /// 2 MiB blocks by PMD (`VMBEAM_CREATE_HUGE`); PFNMAP mappings.
+    Pmd,
+    /// 1 GiB blocks by PUD (`VMBEAM_CREATE_HUGE_1G`), then as `Pmd`.
+    Pud,
+}
+
+impl BlockSize {
+    /// The page order of its entries (0, `PMD_ORDER`, `PUD_ORDER`).
+    pub(crate) fn order(self) -> u32 {
+        match self {
+            Self::Page => 0,
+            Self::Pmd => BLOCK_PAGES.trailing_zeros(),
+            Self::Pud => GIGANTIC_PAGES.trailing_zeros(),
+        }
+    }
+
+    /// Pages in one block of this size.
+    pub(crate) fn pages(self) -> usize {
+        1 << self.order()
+    }
+}
 
 /// The pages of a region, by page offset. A null entry is a page that was
 /// gathered away into another region.
@@ -49,23 +80,17 @@ impl Pages {
         Ok(Self(KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?))
     }
 
-    /// `n` fresh zeroed pages, charged to the caller's memcg; with `huge`,
-    /// each whole 2 MiB of them a naturally aligned block where the
-    /// allocator has one (else 4 KiB pages, as without).
-    pub(crate) fn alloc(n: usize, huge: bool) -> Result<Self> {
+    /// `n` fresh zeroed pages: each whole 1 GiB (`BlockSize::Pud`, not
+    /// charged to a memcg) and then each whole 2 MiB (`Pmd` and up) of them
+    /// a naturally aligned block where the allocator has one, the rest 4 KiB
+    /// pages charged to the caller's memcg.
+    pub(crate) fn alloc(n: usize, size: BlockSize) -> Result<Self> {
         let mut pages = Self::empty(n)?;
-        let mut blocks = pages.0.chunks_exact_mut(BLOCK_PAGES);
-        for block in blocks.by_ref().take(if huge { n / BLOCK_PAGES } else { 0 }) {
-            // SAFETY: no preconditions; process context.
-            if unsafe { vmbeam_should_stop() } != 0 {
-                return Err(EINTR);
-            }
-            // SAFETY: `block` has room for the 512 page pointers written.
-            // INVARIANT: on success, 512 fresh order-0 pages (a split
-            // block), each in one slot only; on failure nothing is written.
-            if unsafe { vmbeam_page_alloc_block(block.as_mut_ptr()) } != 0 {
-                break; // fragmented: the rest comes page by page
-            }
+        if size == BlockSize::Pud {
+            pages.alloc_blocks(GIGANTIC_PAGES, vmbeam_page_alloc_gigantic)?;
+        }
+        if size >= BlockSize::Pmd {
+            pages.alloc_blocks(BLOCK_PAGES, vmbeam_page_alloc_block)?;
         }
         for (i, slot) in pages.0.iter_mut().enumerate().filter(|(_, s)| s.is_null()) {
             // SAFETY: no preconditions; process context.
@@ -83,6 +108,35 @@ impl Pages {
         Ok(pages)
     }
 
+    /// Fills each empty aligned run of `block` slots with one block from
+    /// `alloc` (C: writes `block` fresh order-0 pages of one naturally
+    /// aligned range, or nothing and `-ENOMEM`/`-EINTR`), until the
+    /// allocator has none.
+    fn alloc_blocks(
+        &mut self,
+        block: usize,
+        alloc: unsafe extern "C" fn(*mut *mut Page) -> c_int,
+    ) -> Result {
+        for run in self.0.chunks_exact_mut(block) {
+            if !run[0].is_null() {
+                continue; // a bigger block holds it
+            }
+            // SAFETY: no preconditions; process context.
+            if unsafe { vmbeam_should_stop() } != 0 {
+                return Err(EINTR);
+            }
+            // SAFETY: `run` has room for the `block` page pointers written.
+            // INVARIANT: on success, `block` fresh order-0 pages, each in
+            // one slot only; on failure nothing is written.
+            match unsafe { alloc(run.as_mut_ptr()) } {
+                0 => {}
+                e if e == EINTR.to_errno() => return Err(EINTR),
+                _ => break, // fragmented: the rest in smaller blocks
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
@@ -91,10 +145,11 @@ impl Pages {
         self.0.get(index).copied().filter(|p| !p.is_null())
     }
 
-    /// The first pfn of pages `first..first + 512` if they are one
-    /// naturally aligned 2 MiB block of physical memory.
-    pub(crate) fn block_pfn(&self, first: usize) -> Option<c_ulong> {
-        let block = self.0.get(first..first.checked_add(BLOCK_PAGES)?)?;
+    /// The first pfn of pages `first..first + size.pages()` if they are
+    /// one naturally aligned block of that size of physical memory.
+    pub(crate) fn block_pfn(&self, first: usize, size: BlockSize) -> Option<c_ulong> {
+        let pages = size.pages();
+        let block = self.0.get(first..first.checked_add(pages)?)?;
         // SAFETY: non-null entries are live pages (type invariant).
         let pfn = |p: *mut Page| (!p.is_null()).then(|| unsafe { vmbeam_page_to_pfn(p) });
         let base = pfn(block[0])?;
@@ -102,7 +157,7 @@ impl Pages {
             .iter()
             .enumerate()
             .all(|(i, &p)| pfn(p) == Some(base + i as c_ulong));
-        (base % BLOCK_PAGES as c_ulong == 0 && contiguous).then_some(base)
+        (base % pages as c_ulong == 0 && contiguous).then_some(base)
     }
 
     pub(crate) fn present(&self) -> usize {

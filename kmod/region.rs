@@ -11,7 +11,7 @@
 //! between.
 
 use core::{
-    ffi::{c_int, c_long, c_ulong, c_void},
+    ffi::{c_int, c_long, c_uint, c_ulong, c_void},
     ptr::{self, NonNull},
     sync::atomic::{AtomicUsize, Ordering::Relaxed},
 };
@@ -31,7 +31,7 @@ use crate::{
     device::{check_unused, read_arg, with_arg, Commands},
     frames,
     owner::{region_bind, Mm, Owner},
-    pages::{Page, Pages, BLOCK_PAGES, PAGE_SIZE},
+    pages::{BlockSize, Page, Pages, PAGE_SIZE},
     stats::STATS,
     uapi,
 };
@@ -57,7 +57,7 @@ pub(crate) struct Vma {
 extern "C" {
     fn vmbeam_totalram_pages() -> c_ulong;
     fn vmbeam_vma_insert_page(vma: *mut Vma, addr: c_ulong, page: *mut Page) -> c_int;
-    fn vmbeam_vmf_insert_pmd(vmf: *mut VmFault, pfn: c_ulong) -> c_int;
+    fn vmbeam_vmf_insert_huge(vmf: *mut VmFault, pfn: c_ulong, order: c_uint) -> c_int;
     fn vmbeam_region_file(region: *const c_void, size: i64) -> *mut File;
     fn vmbeam_fd_reserve() -> c_int;
     fn vmbeam_fd_unreserve(fd: c_int);
@@ -106,8 +106,9 @@ impl RegionState {
 #[pin_data(PinnedDrop)]
 pub(crate) struct Region {
     size: u64,
-    /// Mapped by PMD where a 2 MiB block allows (`VMBEAM_CREATE_HUGE`).
-    huge: bool,
+    /// The largest block its pages were allocated in and its mappings use
+    /// (`VMBEAM_CREATE_HUGE`: PMD, `_HUGE_1G`: PUD); PFNMAP if not `Page`.
+    blocks: BlockSize,
     open_files: AtomicUsize,
     #[pin]
     state: Mutex<RegionState>,
@@ -118,13 +119,13 @@ pub(crate) struct Region {
 
 impl Region {
     /// A region of `pages`, counted in the module's statistics.
-    pub(crate) fn new(pages: Pages, huge: bool) -> Result<Arc<Self>> {
+    pub(crate) fn new(pages: Pages, blocks: BlockSize) -> Result<Arc<Self>> {
         let npages = pages.len() as u64;
         let present = pages.present() as u64;
         let region = Arc::pin_init(
             pin_init!(Self {
                 size: npages * PAGE_SIZE,
-                huge,
+                blocks,
                 open_files: AtomicUsize::new(0),
                 state <- new_mutex!(RegionState { pages, owner: None, moving: false }),
                 settled <- new_condvar!("vmbeam::Region::settled"),
@@ -138,7 +139,7 @@ impl Region {
 
     /// `VMBEAM_CREATE_REGION`: a region of `size` zeroed bytes, or of
     /// `size` bytes of missing pages if `empty`.
-    pub(crate) fn create(size: u64, empty: bool, huge: bool) -> Result<Arc<Self>> {
+    pub(crate) fn create(size: u64, empty: bool, blocks: BlockSize) -> Result<Arc<Self>> {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(EINVAL);
         }
@@ -151,9 +152,9 @@ impl Region {
         let pages = if empty {
             Pages::empty(npages)?
         } else {
-            Pages::alloc(npages, huge)?
+            Pages::alloc(npages, blocks)?
         };
-        Self::new(pages, huge)
+        Self::new(pages, blocks)
     }
 
     /// Makes `owner` the region's owner, unless it is moving or has a live
@@ -174,9 +175,9 @@ impl Region {
         self.size
     }
 
-    /// Whether its mappings are PFNMAP, by PMD where a block allows.
+    /// Whether its mappings are PFNMAP, by PMD (or PUD) where a block allows.
     pub(crate) fn is_huge(&self) -> bool {
-        self.huge
+        self.blocks != BlockSize::Page
     }
 
     pub(crate) fn npages(&self) -> u64 {
@@ -413,41 +414,54 @@ extern "C" fn vmbeam_rs_region_fault(
     0
 }
 
-/// Whether mappings of the region are PFNMAP, by PMD where they can.
+/// The page order of the largest entry the region's mappings may use (0:
+/// ordinary 4 KiB mappings; else PFNMAP, by PMD or by PUD too).
 #[no_mangle]
-extern "C" fn vmbeam_rs_region_huge(region: *mut c_void) -> c_int {
-    // SAFETY: called from the region file's mmap, so the file is live.
-    c_int::from(unsafe { region_of(region) }.huge)
+extern "C" fn vmbeam_rs_region_max_order(region: *mut c_void) -> c_uint {
+    // SAFETY: called with a live file of the region (mmap, revocation,
+    // address search), which holds a reference.
+    unsafe { region_of(region) }.blocks.order()
 }
 
-/// A PMD-sized fault at region page `pgoff` (2 MiB-aligned in the VMA,
-/// the whole block inside it: C checked): maps the block with one PMD if
-/// `mm` may map the region and the block is one aligned 2 MiB of physical
-/// memory; 1 sends the fault down the 4 KiB path.
+/// A PMD- or PUD-sized fault (`order`) at region page `pgoff` (aligned to
+/// it in the VMA, the whole block inside it: C checked): maps the block
+/// with one entry if `mm` may map the region, the region maps by entries
+/// that big, and the block is one aligned run of physical memory; 1 sends
+/// the fault to the next size down.
 #[no_mangle]
 extern "C" fn vmbeam_rs_region_huge_fault(
     region: *mut c_void,
     vmf: *mut VmFault,
     mm: *mut Mm,
     pgoff: c_ulong,
+    order: c_uint,
 ) -> c_int {
     // SAFETY: the faulting VMA holds a reference to the region file.
     let region = unsafe { region_of(region) };
+    let size = match order {
+        o if o == BlockSize::Pmd.order() => BlockSize::Pmd,
+        o if o == BlockSize::Pud.order() => BlockSize::Pud,
+        _ => return 1,
+    };
+    if size > region.blocks {
+        return 1; // a 2 MiB region: no 1 GiB blocks to look for
+    }
     let state = region.lock_settled();
     if !state.may_map(mm) {
         return EFAULT.to_errno();
     }
     let Some(pfn) = usize::try_from(pgoff)
         .ok()
-        .filter(|p| p % BLOCK_PAGES == 0)
-        .and_then(|p| state.pages.block_pfn(p))
+        .filter(|p| p % size.pages() == 0)
+        .and_then(|p| state.pages.block_pfn(p, size))
     else {
         return 1;
     };
     // SAFETY: `vmf` is the fault being handled (mmap or VMA lock held);
     // the block stays in the region while we hold its lock, so a
-    // revocation (which takes the lock) zaps this PMD after it is made.
-    unsafe { vmbeam_vmf_insert_pmd(vmf, pfn) }
+    // revocation (which takes the lock) zaps this PMD/PUD after it is
+    // made; `order` is PMD_ORDER or PUD_ORDER.
+    unsafe { vmbeam_vmf_insert_huge(vmf, pfn, order) }
 }
 
 /// A region file was reopened (`/proc/PID/fd/N`): the new file takes a
@@ -510,8 +524,11 @@ fn info(region: &Region, arg: &mut uapi::vmbeam_region_info) -> Result<c_long> {
     if state.moving {
         flags |= uapi::VMBEAM_REGION_MOVING;
     }
-    if region.huge {
+    if region.is_huge() {
         flags |= uapi::VMBEAM_REGION_HUGE;
+    }
+    if region.blocks == BlockSize::Pud {
+        flags |= uapi::VMBEAM_REGION_HUGE_1G;
     }
     arg.state = flags;
     arg.size = region.size();

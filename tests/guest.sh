@@ -9,7 +9,7 @@ mode=$1 ko=$2 bin=$3
 VMBEAM_TESTS=$(dirname "$0")
 
 # VMBEAM_SELFTESTS="a b" runs only those (a quick loop while working on one).
-read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test access_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test fuzz_test alloc_fail_test window_test process_owner_test huge_test eager_grant_test migrate_test probe_test module_test}"
+read -r -a SELFTESTS <<<"${VMBEAM_SELFTESTS:-device_test access_test vmbeamctl_test kvm_guest_test transfer_test move_rule_test fuzz_test alloc_fail_test window_test process_owner_test huge_test huge_1g_test eager_grant_test migrate_test probe_test module_test}"
 # What the harness treats as a kernel bug, whatever the tests said. Lockdep
 # reports by their headers (the boot banner "RCU lockdep checking is
 # enabled" is not one); "lockdep is turned off" means one was printed.

@@ -29,9 +29,10 @@
  * process), VMBEAM_GATHER_REPLACE. 6: VMBEAM_GATHER_SCATTER; a gather may
  * zap the source's mappings of pages that stay (see struct vmbeam_gather).
  * 7: VMBEAM_REGION_HUGE in VMBEAM_REGION_INFO, VMBEAM_REGION_FRAMES,
- * VMBEAM_GATHER_RUNS.
+ * VMBEAM_GATHER_RUNS. 8: VMBEAM_CREATE_HUGE_1G, VMBEAM_REGION_HUGE_1G,
+ * VMBEAM_FRAME_HUGE_1G.
  */
-#define VMBEAM_API_VERSION 7
+#define VMBEAM_API_VERSION 8
 
 /**
  * struct vmbeam_version - VMBEAM_GET_VERSION
@@ -74,7 +75,8 @@ struct vmbeam_stats {
  * struct vmbeam_region_create - VMBEAM_CREATE_REGION (on /dev/vmbeam).
  * @size:     in: bytes, a nonzero multiple of the page size. The module
  *            allocates and zeroes the pages, charged to the caller's memcg.
- * @flags:    in: 0, or VMBEAM_CREATE_EMPTY and/or VMBEAM_CREATE_HUGE.
+ * @flags:    in: 0, or VMBEAM_CREATE_EMPTY and/or VMBEAM_CREATE_HUGE or
+ *            VMBEAM_CREATE_HUGE_1G.
  * @pad:      in: must be 0.
  * @reserved: in: must be 0.
  *
@@ -99,6 +101,20 @@ struct vmbeam_stats {
  * stores are not affected. Without the flag, mappings are 4 KiB and GUP
  * works.
  *
+ * VMBEAM_CREATE_HUGE_1G (since version 8): as
+ * VMBEAM_CREATE_HUGE, and each whole 1 GiB of the region is first tried
+ * as one naturally aligned 1 GiB of physical memory, taken from the
+ * allocator's movable memory (alloc_contig_range(): pages in the way are
+ * migrated out; where none can be had, 2 MiB blocks, then 4 KiB pages).
+ * Mappings that are 1 GiB-aligned (mmap picks such an address for 1 GiB
+ * and more) map such a block with one PUD, and KVM with one 1 GiB stage-2
+ * entry, so a revocation zaps one entry per GiB (a revocation of part of
+ * a GiB, as a gather's, zaps the whole GiB's mappings; the owner faults
+ * the rest back in). Such blocks are not charged to the caller's memcg,
+ * as hugetlb's gigantic pages are not (only holders of /dev/vmbeam,
+ * CAP_SYS_ADMIN at open, create regions); allocation takes longer than
+ * from the free lists (migration, and zeroing a GiB at a time).
+ *
  * Every open file of a region is the region: opening /proc/PID/fd/N of a
  * region fd (as QEMU's memory-backend-file mem-path= does) gives another
  * fd of the same region, with the same owner rule for mmap. The region
@@ -108,6 +124,7 @@ struct vmbeam_stats {
  */
 #define VMBEAM_CREATE_EMPTY (1U << 0)
 #define VMBEAM_CREATE_HUGE (1U << 1)
+#define VMBEAM_CREATE_HUGE_1G (1U << 2)
 
 struct vmbeam_region_create {
 	__u64 size;
@@ -188,6 +205,7 @@ struct vmbeam_bind {
 #define VMBEAM_REGION_MOVING	(1U << 1) /* a transfer is between its phases */
 #define VMBEAM_REGION_MINE	(1U << 2) /* owned by a VM of the calling process, or by it */
 #define VMBEAM_REGION_HUGE	(1U << 3) /* made with VMBEAM_CREATE_HUGE: PFNMAP mappings (since 7) */
+#define VMBEAM_REGION_HUGE_1G	(1U << 4) /* made with VMBEAM_CREATE_HUGE_1G (also HUGE; since 8) */
 
 /**
  * struct vmbeam_region_info - VMBEAM_REGION_INFO (on a region fd).
@@ -363,10 +381,11 @@ struct vmbeam_gather {
 
 /* Most pages in one VMBEAM_REGION_FRAMES. */
 #define VMBEAM_FRAMES_MAX (1U << 20)
-/* A VMBEAM_REGION_FRAMES entry: the frame number, and whether a huge (PMD)
- * entry maps it rather than a 4 KiB PTE. */
+/* A VMBEAM_REGION_FRAMES entry: the frame number, and whether a huge (PMD
+ * or PUD) entry maps it rather than a 4 KiB PTE; HUGE_1G also: a PUD. */
 #define VMBEAM_FRAME_PFN_MASK ((1ULL << 52) - 1)
 #define VMBEAM_FRAME_HUGE (1ULL << 63)
+#define VMBEAM_FRAME_HUGE_1G (1ULL << 62) /* since 8 */
 
 /**
  * struct vmbeam_region_frames - VMBEAM_REGION_FRAMES (on a region fd, since 7).
@@ -375,7 +394,9 @@ struct vmbeam_gather {
  * @frames:   in: user pointer to @count __u64; out: for each page, the
  *            page frame number that the owner's address space maps there
  *            (VMBEAM_FRAME_PFN_MASK), with VMBEAM_FRAME_HUGE set where a
- *            2 MiB (PMD) entry maps it; 0 where nothing is mapped.
+ *            2 MiB (PMD) or 1 GiB (PUD) entry maps it, and also
+ *            VMBEAM_FRAME_HUGE_1G where a PUD does; 0 where nothing is
+ *            mapped.
  * @flags:    in: must be 0.
  * @pad:      in: must be 0.
  * @reserved: in: must be 0.

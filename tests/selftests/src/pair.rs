@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use vmbeam::Transfer;
+use vmbeam::{Blocks, Transfer};
 
 use crate::{
     check,
@@ -15,6 +15,9 @@ use crate::{
 pub const MIB: u64 = 1 << 20;
 pub const AGED_GPA: u64 = 0x100_0000; // 16 MiB
 pub const CLEAN_GPA: u64 = 0x4000_0000; // 1 GiB: another address on purpose
+/// A 1 GiB-block region's place in the aged VM: GiB-aligned, below 4 GiB
+/// (the guest programs run in flat 32-bit mode), apart from CLEAN_GPA.
+pub const AGED_GPA_1G: u64 = 0x8000_0000; // 2 GiB
 pub const SLOT: u32 = 1;
 
 /// Dwords a guest program visits over `size` bytes at `stride`.
@@ -42,17 +45,19 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(size: u64, stride: u32, seed: u32) -> Result<Self, String> {
-        Self::with_pages(size, stride, seed, false)
+        Self::with_pages(size, stride, seed, Blocks::Page)
     }
 
-    /// As [`Pair::new`], the region created with `VMBEAM_CREATE_HUGE` if
-    /// `huge`.
-    pub fn with_pages(size: u64, stride: u32, seed: u32, huge: bool) -> Result<Self, String> {
+    /// As [`Pair::new`], the region in `blocks` (`VMBEAM_CREATE_HUGE`,
+    /// `_HUGE_1G`). A 1 GiB-block region sits at [`AGED_GPA_1G`] in the
+    /// aged VM, so that KVM can map it with 1 GiB stage-2 entries there.
+    pub fn with_pages(size: u64, stride: u32, seed: u32, blocks: Blocks) -> Result<Self, String> {
+        let gpa = if blocks == Blocks::Huge1G { AGED_GPA_1G } else { AGED_GPA };
         let mut aged = Vmm::spawn();
         let mut clean = Vmm::spawn();
         let (_, aged_vm) = aged.ok(&Request::CreateVm, &[])?;
         let (_, clean_vm) = clean.ok(&Request::CreateVm, &[])?;
-        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: AGED_GPA, huge }, &[])?;
+        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa, blocks }, &[])?;
         let written = run(&mut aged, Program::Fill { seed }, 0, count(size, stride), stride)?;
         check(written == fill_sum(seed, count(size, stride)), || {
             format!("aged guest reported {written:#x}, host computes {:#x}", fill_sum(seed, count(size, stride)))

@@ -19,6 +19,7 @@ pub fn check(cond: bool, msg: impl FnOnce() -> String) -> TestResult {
 
 /// A TAP 13 stream with a fixed plan.
 pub struct Tap {
+    planned: usize,
     next: usize,
     failed: usize,
 }
@@ -28,7 +29,7 @@ impl Tap {
     pub fn new(planned: usize) -> Self {
         println!("TAP version 13");
         println!("1..{planned}");
-        Self { next: 1, failed: 0 }
+        Self { planned, next: 1, failed: 0 }
     }
 
     /// Skips the whole program: `1..0 # SKIP reason`, exit 4.
@@ -83,8 +84,14 @@ impl Tap {
         self.next += 1;
     }
 
-    /// Exits 0 if all passed, 1 otherwise.
+    /// Exits 0 if all passed and as many ran as planned, 1 otherwise (a
+    /// plan that does not match is a test that silently did not run, or
+    /// one the plan forgot).
     pub fn finish(self) -> ! {
-        exit(i32::from(self.failed > 0))
+        let ran = self.next - 1;
+        if ran != self.planned {
+            println!("# planned {} tests, {ran} ran", self.planned);
+        }
+        exit(i32::from(self.failed > 0 || ran != self.planned))
     }
 }

@@ -40,14 +40,15 @@ pub enum Program {
 pub enum Request {
     /// Create this VMM's VM; the reply carries its fd.
     CreateVm,
-    /// Create a region of `size` bytes (with `huge`, VMBEAM_CREATE_HUGE),
-    /// bind it to our VM and attach it. The reply carries the region fd.
+    /// Create a region of `size` bytes in `blocks` (4 KiB pages by
+    /// default), bind it to our VM and attach it. The reply carries the
+    /// region fd.
     CreateRegion {
         size: u64,
         slot: u32,
         gpa: u64,
         #[serde(default)]
-        huge: bool,
+        blocks: vmbeam::Blocks,
     },
     /// Create a plain shmem memfd of `size` bytes and attach it like a
     /// region (the fd-handover peer in `make bench`). The reply carries it.
@@ -317,10 +318,10 @@ fn handle(
             *vm = Some(new);
             Ok(0)
         }
-        Request::CreateRegion { size, slot, gpa, huge } => {
+        Request::CreateRegion { size, slot, gpa, blocks } => {
             need_vm(vm)?;
             let dev = vmbeam::Device::open().map_err(|e| (errno_of(&e), e.to_string()))?;
-            let region = if huge { dev.create_huge_region(size) } else { dev.create_region(size) };
+            let region = dev.create_region_blocks(size, false, blocks);
             let region = region.map_err(|e| (errno_of(&e), e.to_string()))?;
             let vm_ref = vm.as_ref().unwrap();
             region.bind(vm_ref.vm_borrowed()).map_err(|e| (errno_of(&e), e.to_string()))?;

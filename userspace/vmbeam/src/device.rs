@@ -11,6 +11,18 @@ use crate::{uapi, Error, Region, Transfer};
 
 pub const DEVICE_PATH: &str = "/dev/vmbeam";
 
+/// The largest block a region's pages are allocated in and mapped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Blocks {
+    /// 4 KiB pages, ordinary mappings (GUP works).
+    #[default]
+    Page,
+    /// 2 MiB blocks by PMD (`VMBEAM_CREATE_HUGE`).
+    Huge2M,
+    /// 1 GiB blocks by PUD, then 2 MiB (`VMBEAM_CREATE_HUGE_1G`).
+    Huge1G,
+}
+
 // The ioctl table: numbers from the header (via bindgen), never retyped.
 // Each needs an open /dev/vmbeam, i.e. root with CAP_SYS_ADMIN.
 nix::ioctl_readwrite_bad!(ioctl_get_version, uapi::VMBEAM_IOCTL_GET_VERSION, uapi::vmbeam_version);
@@ -78,12 +90,32 @@ impl Device {
         self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE)
     }
 
+    /// A new region of `size` bytes whose every whole GiB is first tried as
+    /// one aligned GiB of physical memory (`VMBEAM_CREATE_HUGE_1G`, taken
+    /// with `alloc_contig_range()`: slower to allocate), then 2 MiB blocks,
+    /// then 4 KiB pages; mapped by PUD where a mapping is 1 GiB-aligned
+    /// (mmap picks such an address for 1 GiB and more): one stage-2 entry
+    /// and one revocation per GiB. Not charged to the caller's memcg.
+    pub fn create_huge_1g_region(&self, size: u64) -> Result<Region, Error> {
+        self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G)
+    }
+
     /// A new region, empty ([`Device::create_empty_region`]) and/or in 2 MiB
     /// blocks ([`Device::create_huge_region`]): an empty huge region takes
     /// in whole blocks a gather moves there in order, and maps them by PMD.
     pub fn create_region_with(&self, size: u64, empty: bool, huge: bool) -> Result<Region, Error> {
-        let flag = |on, f| if on { f } else { 0 };
-        self.create_region_flags(size, flag(empty, uapi::VMBEAM_CREATE_EMPTY) | flag(huge, uapi::VMBEAM_CREATE_HUGE))
+        let blocks = if huge { Blocks::Huge2M } else { Blocks::Page };
+        self.create_region_blocks(size, empty, blocks)
+    }
+
+    /// A new region, empty or not, in blocks of up to `blocks`.
+    pub fn create_region_blocks(&self, size: u64, empty: bool, blocks: Blocks) -> Result<Region, Error> {
+        let flags = match blocks {
+            Blocks::Page => 0,
+            Blocks::Huge2M => uapi::VMBEAM_CREATE_HUGE,
+            Blocks::Huge1G => uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G,
+        };
+        self.create_region_flags(size, flags | if empty { uapi::VMBEAM_CREATE_EMPTY } else { 0 })
     }
 
     fn create_region_flags(&self, size: u64, flags: u32) -> Result<Region, Error> {

@@ -22,7 +22,7 @@ mod region;
 pub mod runs;
 pub mod uapi;
 
-pub use device::{Device, DEVICE_PATH};
+pub use device::{Blocks, Device, DEVICE_PATH};
 pub use error::Error;
 pub use region::{MappedFrame, Region, RegionInfo, Transfer};
 pub use uapi::vmbeam_stats as Stats;

@@ -29,6 +29,9 @@ pub struct RegionInfo {
     /// `/proc/PID/pagemap` cannot show its frames ([`Region::mapped_frames`]
     /// can).
     pub huge: bool,
+    /// Made with `VMBEAM_CREATE_HUGE_1G`: also mapped by PUD where a whole
+    /// aligned GiB allows.
+    pub huge_1g: bool,
 }
 
 /// One page of a mapping, from [`Region::mapped_frames`].
@@ -36,8 +39,10 @@ pub struct RegionInfo {
 pub struct MappedFrame {
     /// The page frame number; 0: nothing mapped.
     pub pfn: u64,
-    /// Mapped by a 2 MiB (PMD) entry, not a 4 KiB PTE.
+    /// Mapped by a 2 MiB (PMD) or 1 GiB (PUD) entry, not a 4 KiB PTE.
     pub huge: bool,
+    /// Mapped by a 1 GiB (PUD) entry.
+    pub huge_1g: bool,
 }
 
 impl Region {
@@ -88,6 +93,7 @@ impl Region {
             mine: arg.state & uapi::VMBEAM_REGION_MINE != 0,
             moving: arg.state & uapi::VMBEAM_REGION_MOVING != 0,
             huge: arg.state & uapi::VMBEAM_REGION_HUGE != 0,
+            huge_1g: arg.state & uapi::VMBEAM_REGION_HUGE_1G != 0,
         })
     }
 
@@ -117,12 +123,13 @@ impl Region {
             .map(|e| MappedFrame {
                 pfn: e & uapi::VMBEAM_FRAME_PFN_MASK,
                 huge: e & uapi::VMBEAM_FRAME_HUGE as u64 != 0,
+                huge_1g: e & uapi::VMBEAM_FRAME_HUGE_1G != 0,
             })
             .collect())
     }
 
-    /// Of a huge region, how many pages its owner maps with a 2 MiB entry
-    /// ([`Region::mapped_frames`]); `None` for a 4 KiB region.
+    /// Of a huge region, how many pages its owner maps with a 2 MiB (or
+    /// 1 GiB) entry ([`Region::mapped_frames`]); `None` for a 4 KiB region.
     pub fn pages_by_pmd(&self) -> Result<Option<u64>, Error> {
         let info = self.info()?;
         if !info.huge {

@@ -53,10 +53,11 @@ pub struct Handover {
 }
 
 /// Aged VMM fills a region of `size` through its guest; the clean VMM
-/// takes it over. With `huge`, the region is `VMBEAM_CREATE_HUGE`; with
-/// `eager`, the clean VMM pre-faults it into its VM before the guest runs.
-pub fn vmbeam(dev: &vmbeam::Device, size: u64, huge: bool, eager: bool) -> Result<Handover, String> {
-    let mut pair = Pair::with_pages(size, PAGE, 0xbe4c_0001, huge)?;
+/// takes it over. The region's pages come in `blocks` (4 KiB, 2 MiB or
+/// 1 GiB); with `eager`, the clean VMM pre-faults it into its VM before the
+/// guest runs.
+pub fn vmbeam(dev: &vmbeam::Device, size: u64, blocks: vmbeam::Blocks, eager: bool) -> Result<Handover, String> {
+    let mut pair = Pair::with_pages(size, PAGE, 0xbe4c_0001, blocks)?;
     let copied0 = dev.stats().map_err(|e| e.to_string())?.bytes_copied;
     let watch = MemWatch::start();
     let (moved, mut transfer) = timed(|| dev.transfer_batch(&[pair.transfer()]));

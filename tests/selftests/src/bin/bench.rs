@@ -14,6 +14,7 @@
 
 use std::path::PathBuf;
 
+use vmbeam::Blocks;
 use vmbeam_selftests::{
     bench::{self, lab, methods, output, qemu, real, Row, Sample},
     require,
@@ -169,7 +170,9 @@ fn main() {
         let to_run = |rows: &[Row], method: &str| want(method) && !done(rows, method, size);
         // Lazy: the guest's first touch of a page maps it (a KVM stage-2
         // fault); eager: the VMM pre-faults the memslot first.
-        for (huge, pages) in [(false, "4K"), (true, "2M")] {
+        // 1 GiB blocks only where the size holds one.
+        let block_sizes = [(Blocks::Page, "4K"), (Blocks::Huge2M, "2M"), (Blocks::Huge1G, "1G")];
+        for (blocks, pages) in block_sizes.into_iter().filter(|&(b, _)| b != Blocks::Huge1G || size >= 1 << 30) {
             for eager in [false, true] {
                 let label = |what: &str| format!("vmbeam {pages}: {what}");
                 if !to_run(&rows, &label(handover_rows(eager)[0])) {
@@ -177,7 +180,7 @@ fn main() {
                 }
                 let runs: Vec<methods::Handover> = (0..runs)
                     .filter_map(|_| {
-                        methods::vmbeam(&dev, size, huge, eager)
+                        methods::vmbeam(&dev, size, blocks, eager)
                             .map_err(|e| eprintln!("bench: vmbeam {pages} {name} (eager {eager}): {e}"))
                             .ok()
                     })

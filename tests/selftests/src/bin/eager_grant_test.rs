@@ -9,6 +9,7 @@
 //! cannot pre-fault the region (`EFAULT`), and that costs the new owner
 //! nothing. `make bench` has the time it saves ("KVM pre-fault" rows).
 
+use vmbeam::Blocks;
 use vmbeam_selftests::{
     check,
     pair::{count, run, Pair, CLEAN_GPA, MIB, SLOT},
@@ -24,7 +25,7 @@ const BLOCK: u64 = 2 * MIB;
 fn main() {
     let dev = require::vmbeam_and_kvm();
     let mut tap = Tap::new(5);
-    for (huge, pages) in [(false, "4k"), (true, "2m")] {
+    for (huge, pages) in [(Blocks::Page, "4k"), (Blocks::Huge2M, "2m")] {
         for (eager, name, seed) in [
             (true, "a_pre_faulted_new_owner_takes_no_stage2_fault", 0xea6e_0001),
             (false, "without_it_each_first_touch_is_a_stage2_fault", 0xea6e_0002),
@@ -39,13 +40,13 @@ fn main() {
         }
     }
     tap.test("a_revoked_owner_cannot_pre_fault_and_the_new_owner_loses_nothing", || {
-        let mut pair = Pair::with_pages(SIZE, PAGE as u32, 0xea6e_0003, false)?;
+        let mut pair = Pair::with_pages(SIZE, PAGE as u32, 0xea6e_0003, Blocks::Page)?;
         dev.transfer_batch(&[pair.transfer()]).map_err(|e| e.to_string())?;
         let refused = pair.aged.call(&Request::PreFault { slot: SLOT }, &[]);
         let result = check(matches!(refused, Err((libc::EFAULT, _))), || {
             format!("the aged VMM pre-faulted a region it lost: {refused:?} (expected EFAULT)")
         })
-        .and_then(|()| take_over(&mut pair, true, false));
+        .and_then(|()| take_over(&mut pair, true, Blocks::Page));
         pair.finish();
         result
     });
@@ -55,7 +56,8 @@ fn main() {
 /// The clean VMM maps the region it was given, pre-faults it if `eager`,
 /// and its guest sums every page while KVM counts the vCPU's stage-2
 /// faults: none when eager, one per page (per block when `huge`) when not.
-fn take_over(pair: &mut Pair, eager: bool, huge: bool) -> TestResult {
+fn take_over(pair: &mut Pair, eager: bool, blocks: Blocks) -> TestResult {
+    let huge = blocks != Blocks::Page;
     pair.clean.ok(&Request::Attach { slot: SLOT, gpa: CLEAN_GPA }, &[std::os::fd::AsFd::as_fd(&pair.region)])?;
     // A first run over the region's first page maps the guest's code page
     // (and that page), so the count below is the rest of the region's.

@@ -14,7 +14,7 @@ use std::os::{
     unix::fs::FileExt,
 };
 
-use vmbeam::{uapi, MappedFrame, Region};
+use vmbeam::{uapi, Blocks, MappedFrame, Region};
 
 use vmbeam_probes::{Kind, Options, Probes, Summary};
 use vmbeam_selftests::{
@@ -30,8 +30,8 @@ const BLOCK: u64 = 2 * MIB;
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(8);
-    let mut pair = match Pair::with_pages(SIZE, 4096, 0x4a9e_0001, true) {
+    let mut tap = Tap::new(7);
+    let mut pair = match Pair::with_pages(SIZE, 4096, 0x4a9e_0001, Blocks::Huge2M) {
         Ok(p) => p,
         Err(e) => Tap::skip_all(&format!("set-up: {e}")),
     };
@@ -146,7 +146,7 @@ fn main() {
     pair.finish();
 
     tap.test("gather_takes_single_pages_out_of_a_block", || {
-        let mut src = Pair::with_pages(4 * MIB, 64, 0x4a9e_0002, true)?;
+        let mut src = Pair::with_pages(4 * MIB, 64, 0x4a9e_0002, Blocks::Huge2M)?;
         // One page from each block, each summed first by the source guest.
         let picks = [5u64, 600];
         let sums: Vec<u32> = picks

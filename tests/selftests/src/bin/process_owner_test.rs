@@ -22,7 +22,7 @@ use nix::{
     errno::Errno,
     sys::{signal::Signal, wait::waitpid},
 };
-use vmbeam::{uapi, Device, Region, Transfer};
+use vmbeam::{uapi, Blocks, Device, Region, Transfer};
 use vmbeam_selftests::{
     check, exe,
     guest::{programs::fill_sum, TestVm},
@@ -222,7 +222,8 @@ fn launcher(dev: &Device) -> TestResult {
     // own, which then moves (zero copy) into the ownerless region.
     let mut feeder = Vmm::spawn();
     let (_, _feeder_vm) = feeder.ok(&Request::CreateVm, &[])?;
-    let (feeder_hva, src) = feeder.ok(&Request::CreateRegion { size, slot: SLOT, gpa: GPA, huge: false }, &[])?;
+    let (feeder_hva, src) =
+        feeder.ok(&Request::CreateRegion { size, slot: SLOT, gpa: GPA, blocks: Blocks::Page }, &[])?;
     let src = src.ok_or("no region fd")?;
     let written = run(&mut feeder, Program::Fill { seed: 0xfeed }, 0, size)?;
     let frames = pfns(feeder.pid, feeder_hva, size)?;
@@ -299,7 +300,7 @@ fn transfers(
     errno_is("TRANSFER naming another VM", dev.transfer(t2), Errno::EPERM)?;
     // In a batch with a valid entry, before and after it: nothing moves.
     let (_, other) =
-        stranger.ok(&Request::CreateRegion { size: 16 * PAGE, slot: 2, gpa: 0x800_0000, huge: false }, &[])?;
+        stranger.ok(&Request::CreateRegion { size: 16 * PAGE, slot: 2, gpa: 0x800_0000, blocks: Blocks::Page }, &[])?;
     let other = other.ok_or("no region fd")?;
     let valid = Transfer { region: other.as_fd(), from_vm: stranger_vm.as_fd(), to_vm: test_vm.vm_borrowed() };
     errno_is("a batch, valid entry first", dev.transfer_batch(&[valid, t]), Errno::EPERM)?;

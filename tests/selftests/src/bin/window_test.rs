@@ -21,7 +21,7 @@ use nix::{
     sys::wait::{waitpid, WaitStatus},
     unistd::{fork, setgid, setuid, ForkResult, Gid, Uid},
 };
-use vmbeam::{Device, Region};
+use vmbeam::{Blocks, Device, Region};
 use vmbeam_selftests::{
     check,
     guest::programs::fill_sum,
@@ -85,7 +85,8 @@ fn main() {
 
 fn reopened(dev: &Device) -> TestResult {
     let (mut vmm, vm) = vmm_with_vm()?;
-    let (hva, region) = vmm.ok(&Request::CreateRegion { size: MIB, slot: SLOT, gpa: GPA, huge: false }, &[])?;
+    let (hva, region) =
+        vmm.ok(&Request::CreateRegion { size: MIB, slot: SLOT, gpa: GPA, blocks: Blocks::Page }, &[])?;
     let region = region.ok_or("no region fd")?;
     let written = run(&mut vmm, SLOT, Program::Fill { seed: 7 }, MIB)?;
     check(written == fill_sum(7, (MIB / 4) as u32), || format!("fill reported {written:#x}"))?;
@@ -212,7 +213,8 @@ impl Windows {
     fn new(dev: &Device, size: u64, seed: u32) -> Result<Self, String> {
         let (mut aged, aged_vm) = vmm_with_vm()?;
         let (mut clean, clean_vm) = vmm_with_vm()?;
-        let (aged_hva, region) = aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: GPA, huge: false }, &[])?;
+        let (aged_hva, region) =
+            aged.ok(&Request::CreateRegion { size, slot: SLOT, gpa: GPA, blocks: Blocks::Page }, &[])?;
         let written = run(&mut aged, SLOT, Program::Fill { seed }, size)?;
         let window = dev.create_empty_region(size).map_err(|e| e.to_string())?;
         let info = window.info().map_err(|e| e.to_string())?;

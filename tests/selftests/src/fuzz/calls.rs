@@ -15,7 +15,7 @@ impl Worker {
         }
         let arg = uapi::vmbeam_region_create {
             size: self.size(),
-            flags: self.flags(uapi::VMBEAM_CREATE_EMPTY | uapi::VMBEAM_CREATE_HUGE),
+            flags: self.flags(uapi::VMBEAM_CREATE_EMPTY | uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G),
             pad: u32::from(self.rng.gen_range(0..30) == 0),
             reserved: self.reserved(),
         };
