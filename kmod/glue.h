@@ -65,6 +65,9 @@ int vmbeam_vma_insert_page(struct vm_area_struct *vma, unsigned long addr, struc
 int vmbeam_vmf_insert_huge(struct vm_fault *vmf, unsigned long pfn, unsigned int order);
 int vmbeam_page_alloc_block(struct page **pages);
 int vmbeam_page_alloc_gigantic(struct page **pages);
+void vmbeam_page_free_gigantic(struct page *first);
+unsigned int vmbeam_pool_fill(void);
+void vmbeam_pool_drain(void);
 
 /* --- Rust, called from C. Return 0 or a negative errno unless noted. --- */
 long vmbeam_rs_ioctl(unsigned int cmd, unsigned long arg);

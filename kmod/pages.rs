@@ -6,7 +6,7 @@
 //! them goes.
 
 use core::{
-    ffi::{c_int, c_ulong},
+    ffi::{c_int, c_uint, c_ulong},
     ptr,
 };
 
@@ -27,6 +27,9 @@ extern "C" {
     fn vmbeam_should_stop() -> c_int;
     fn vmbeam_page_alloc_block(pages: *mut *mut Page) -> c_int;
     fn vmbeam_page_alloc_gigantic(pages: *mut *mut Page) -> c_int;
+    fn vmbeam_page_free_gigantic(first: *mut Page);
+    fn vmbeam_pool_fill() -> c_uint;
+    fn vmbeam_pool_drain();
     fn vmbeam_page_to_pfn(page: *mut Page) -> c_ulong;
 }
 
@@ -179,8 +182,30 @@ impl Pages {
     }
 }
 
+/// Takes the 1 GiB pool (`gigantic_pool=` at load); how many GiBs it holds.
+pub(crate) fn pool_fill() -> u32 {
+    // SAFETY: no preconditions; module init (process context).
+    unsafe { vmbeam_pool_fill() }
+}
+
+/// Gives the pool back; at unload, when no region (no `Pages`) is left.
+pub(crate) fn pool_drain() {
+    // SAFETY: no preconditions; module exit.
+    unsafe { vmbeam_pool_drain() }
+}
+
 impl Drop for Pages {
     fn drop(&mut self) {
+        // Each GiB still whole goes back whole (to the pool, if it has room).
+        for first in (0..self.0.len()).step_by(GIGANTIC_PAGES) {
+            if self.block_pfn(first, BlockSize::Pud).is_some() {
+                // SAFETY: the GiB's pages are ours alone (type invariant)
+                // and an aligned run of physical memory (just checked);
+                // its slots are cleared so none is freed twice.
+                unsafe { vmbeam_page_free_gigantic(self.0[first]) };
+                self.0[first..first + GIGANTIC_PAGES].fill(ptr::null_mut());
+            }
+        }
         for &page in self.0.iter().filter(|p| !p.is_null()) {
             // SAFETY: ours alone, by the type invariant; freed once.
             unsafe { vmbeam_page_free(page) };

@@ -35,9 +35,10 @@ struct VmBeam {
 
 impl kernel::Module for VmBeam {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        let device = device::Registration::new()?;
+        let pool = pages::pool_fill();
+        let device = device::Registration::new().inspect_err(|_| pages::pool_drain())?;
         pr_info!(
-            "loaded: /dev/vmbeam, uAPI version {}\n",
+            "loaded: /dev/vmbeam, uAPI version {}, {pool} GiB in the 1 GiB pool\n",
             uapi::VMBEAM_API_VERSION
         );
         Ok(VmBeam { _device: device })
@@ -46,6 +47,8 @@ impl kernel::Module for VmBeam {
 
 impl Drop for VmBeam {
     fn drop(&mut self) {
+        // Regions pin the module: none is left, so the pool is whole.
+        pages::pool_drain();
         pr_info!("unloading\n");
     }
 }

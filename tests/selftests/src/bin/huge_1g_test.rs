@@ -24,7 +24,7 @@ const PAGES: u64 = GIB / PAGE;
 
 fn main() {
     let dev = require::vmbeam_and_kvm();
-    let mut tap = Tap::new(6);
+    let mut tap = Tap::new(7);
     let mut pair = match Pair::with_pages(GIB, PAGE as u32, 0x1619_0001, Blocks::Huge1G) {
         Ok(p) => p,
         Err(e) => Tap::skip_all(&format!("set-up: {e}")),
@@ -116,7 +116,44 @@ fn main() {
         check(moved == want, || format!("the gathered page sums {moved:#x}, it held {want:#x}"))
     });
 
+    let first_frame = aged_frames.first().map_or(0, |f| f.pfn);
     pair.finish();
+
+    // The harness loads the module with gigantic_pool=1: the GiB above came
+    // from the pool, went back whole when its region went, and comes out
+    // again (zeroed) for the next region.
+    tap.test("a_freed_gib_goes_back_to_the_pool_and_out_again_zeroed", || {
+        let pool = std::fs::read_to_string("/sys/module/vmbeam/parameters/gigantic_pool").map_err(|e| e.to_string())?;
+        if pool.trim() == "0" {
+            println!("# no pool (gigantic_pool=0): the GiB is sought again");
+        }
+        // The gather above took a page out: that GiB went back page by page.
+        let mut again = Pair::with_pages(GIB, PAGE as u32, 0x1619_0002, Blocks::Huge1G)?;
+        let region = Region::from_fd(again.region.try_clone().map_err(|e| e.to_string())?);
+        let frames = region.mapped_frames(0, PAGES).map_err(|e| e.to_string())?;
+        let result = one_gib_by_pud(&frames);
+        // Every dword of its last page written, for the zeroing check below.
+        run(&mut again.aged, Program::Fill { seed: 0x1619_0004 }, GIB - PAGE, 1024, 4)?;
+        println!(
+            "# gigantic_pool={}: the first GiB at pfn {first_frame:#x}, this one at {:#x}",
+            pool.trim(),
+            frames[0].pfn
+        );
+        drop(region); // the region's last fd: its GiB goes back now
+        again.finish();
+        result?;
+        let mut third = Pair::with_pages(GIB, PAGE as u32, 0x1619_0003, Blocks::Huge1G)?;
+        let region = Region::from_fd(third.region.try_clone().map_err(|e| e.to_string())?);
+        let reused = region.mapped_frames(0, 1).map_err(|e| e.to_string())?[0].pfn;
+        // Zeroed on the way out: what the last region wrote past the first
+        // dword of its last page (this one's guest wrote only that dword).
+        let stray = run(&mut third.aged, Program::Sum, GIB - PAGE + 4, 1023, 4)?;
+        third.finish();
+        check(pool.trim() == "0" || reused == frames[0].pfn, || {
+            format!("a GiB back in the pool at {:#x}, the next region got {reused:#x}", frames[0].pfn)
+        })?;
+        check(stray == 0, || format!("a page of a reused GiB held {stray:#x}"))
+    });
     tap.finish();
 }
 
