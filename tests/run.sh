@@ -23,13 +23,15 @@ export VMBEAM_L1_KERNEL="$kdir/arch/x86/boot/bzImage"
 VMBEAM_L1_INITRD=$(VMBEAM_AGENT="$bin/vmbeam-agent" "$VMBEAM_ROOT/scripts/l1-image.sh")
 export VMBEAM_L1_INITRD
 out=$(mktemp /tmp/vmbeam-guest.XXXXXX)
-# 6 GiB: huge_1g_test needs one aligned GiB the allocator can empty; in
-# 4 GiB (RAM at 0-2 GiB and 4-6 GiB here) the GiB at 1 GiB ends in
-# firmware-reserved pages, the last GiB holds the boot allocations (struct
-# pages) and the one at 4 GiB unmovable kernel pages. The bench needs room
+# 7 GiB: the selftests' 1 GiB pool (two aligned GiBs the allocator can
+# empty at load: tests/guest.sh) and 4 GiB for the rest, as before. In
+# 4 GiB (RAM at 0-2 GiB and 4-6 GiB here) there is no such GiB: the one at
+# 1 GiB ends in firmware-reserved pages, the last holds the boot
+# allocations (struct pages), the one at 4 GiB unmovable kernel pages. The
+# bench needs room
 # for two 1 GiB QEMUs and a file of their RAM, and a directory it can
 # write its results to.
-memory=6G extra=()
+memory=7G extra=()
 # The nested tests' L0 runs KVM without nested paging (kvm_amd.npt=0:
 # shadow paging for the L1s, none offered to them): QEMU's TCG (7.2.22)
 # loses an L1's page walk right after a VMRUN now and then with nested

@@ -103,9 +103,12 @@ struct vmbeam_stats {
  *
  * VMBEAM_CREATE_HUGE_1G (since version 8): as
  * VMBEAM_CREATE_HUGE, and each whole 1 GiB of the region is first tried
- * as one naturally aligned 1 GiB of physical memory, taken from the
- * allocator's movable memory (alloc_contig_range(): pages in the way are
- * migrated out; where none can be had, 2 MiB blocks, then 4 KiB pages).
+ * as one naturally aligned 1 GiB of physical memory: from the module's
+ * pool (the gigantic_pool=N module parameter takes N GiBs at load, while
+ * memory is least fragmented; a region gives back each GiB it still holds
+ * whole), else sought with alloc_contig_range() (movable pages in the way
+ * are migrated out); where none can be had, 2 MiB blocks, then 4 KiB
+ * pages.
  * Mappings that are 1 GiB-aligned (mmap picks such an address for 1 GiB
  * and more) map such a block with one PUD, and KVM with one 1 GiB stage-2
  * entry, so a revocation zaps one entry per GiB (a revocation of part of

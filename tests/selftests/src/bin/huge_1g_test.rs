@@ -119,15 +119,15 @@ fn main() {
     let first_frame = aged_frames.first().map_or(0, |f| f.pfn);
     pair.finish();
 
-    // The harness loads the module with gigantic_pool=1: the GiB above came
-    // from the pool, went back whole when its region went, and comes out
-    // again (zeroed) for the next region.
+    // The harness loads the module with gigantic_pool=2: the GiB above came
+    // from the pool and the gather broke it up; the next region takes the
+    // pool's other GiB, gives it back whole when it goes, and the one after
+    // it gets that GiB again, zeroed.
     tap.test("a_freed_gib_goes_back_to_the_pool_and_out_again_zeroed", || {
         let pool = std::fs::read_to_string("/sys/module/vmbeam/parameters/gigantic_pool").map_err(|e| e.to_string())?;
         if pool.trim() == "0" {
-            println!("# no pool (gigantic_pool=0): the GiB is sought again");
+            println!("# no pool (gigantic_pool=0): each GiB is sought");
         }
-        // The gather above took a page out: that GiB went back page by page.
         let mut again = Pair::with_pages(GIB, PAGE as u32, 0x1619_0002, Blocks::Huge1G)?;
         let region = Region::from_fd(again.region.try_clone().map_err(|e| e.to_string())?);
         let frames = region.mapped_frames(0, PAGES).map_err(|e| e.to_string())?;
