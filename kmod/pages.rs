@@ -72,15 +72,24 @@ impl BlockSize {
 ///
 /// # Invariants
 ///
-/// Every non-null entry is an order-0 page allocated by `vmbeam_page_alloc`
-/// and referenced by no other `Pages`; it is freed only by `Drop`.
-pub(crate) struct Pages(KVVec<*mut Page>);
+/// Every non-null entry of `slots` is an order-0 page the module allocated
+/// (alone or in a block) and referenced by no other `Pages`; it is freed
+/// only by `Drop`. Once `alloc` returns, `present` is the number of
+/// non-null entries (so a transfer counts a GiB's pages without walking
+/// them).
+pub(crate) struct Pages {
+    slots: KVVec<*mut Page>,
+    present: usize,
+}
 
 impl Pages {
     /// `n` missing pages.
     pub(crate) fn empty(n: usize) -> Result<Self> {
-        // INVARIANT: no non-null entry.
-        Ok(Self(KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?))
+        // INVARIANT: no non-null entry, none present.
+        Ok(Self {
+            slots: KVVec::from_elem(ptr::null_mut(), n, GFP_KERNEL)?,
+            present: 0,
+        })
     }
 
     /// `n` fresh zeroed pages: each whole 1 GiB (`BlockSize::Pud`, not
@@ -95,7 +104,12 @@ impl Pages {
         if size >= BlockSize::Pmd {
             pages.alloc_blocks(BLOCK_PAGES, vmbeam_page_alloc_block)?;
         }
-        for (i, slot) in pages.0.iter_mut().enumerate().filter(|(_, s)| s.is_null()) {
+        for (i, slot) in pages
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.is_null())
+        {
             // SAFETY: no preconditions; process context.
             if i % 512 == 0 && unsafe { vmbeam_should_stop() } != 0 {
                 return Err(EINTR); // `pages` frees what was allocated
@@ -108,6 +122,8 @@ impl Pages {
             // INVARIANT: a fresh page, in this slot only.
             *slot = page;
         }
+        // INVARIANT: every slot is filled.
+        pages.present = n;
         Ok(pages)
     }
 
@@ -120,7 +136,7 @@ impl Pages {
         block: usize,
         alloc: unsafe extern "C" fn(*mut *mut Page) -> c_int,
     ) -> Result {
-        for run in self.0.chunks_exact_mut(block) {
+        for run in self.slots.chunks_exact_mut(block) {
             if !run[0].is_null() {
                 continue; // a bigger block holds it
             }
@@ -141,18 +157,18 @@ impl Pages {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.slots.len()
     }
 
     pub(crate) fn get(&self, index: usize) -> Option<*mut Page> {
-        self.0.get(index).copied().filter(|p| !p.is_null())
+        self.slots.get(index).copied().filter(|p| !p.is_null())
     }
 
     /// The first pfn of pages `first..first + size.pages()` if they are
     /// one naturally aligned block of that size of physical memory.
     pub(crate) fn block_pfn(&self, first: usize, size: BlockSize) -> Option<c_ulong> {
         let pages = size.pages();
-        let block = self.0.get(first..first.checked_add(pages)?)?;
+        let block = self.slots.get(first..first.checked_add(pages)?)?;
         // SAFETY: non-null entries are live pages (type invariant).
         let pfn = |p: *mut Page| (!p.is_null()).then(|| unsafe { vmbeam_page_to_pfn(p) });
         let base = pfn(block[0])?;
@@ -164,12 +180,12 @@ impl Pages {
     }
 
     pub(crate) fn present(&self) -> usize {
-        self.0.iter().filter(|p| !p.is_null()).count()
+        self.present
     }
 
     /// Whether every slot in `range` is missing (and in range).
     pub(crate) fn all_missing(&self, range: core::ops::Range<usize>) -> bool {
-        self.0
+        self.slots
             .get(range)
             .is_some_and(|s| s.iter().all(|p| p.is_null()))
     }
@@ -177,8 +193,14 @@ impl Pages {
     /// Moves page `from` of `src` into slot `to` of `self`. Both slots must be
     /// in range, `from` present and `to` empty.
     pub(crate) fn take_from(&mut self, to: usize, src: &mut Pages, from: usize) {
-        // INVARIANT: the page moves; exactly one `Pages` refers to it.
-        self.0[to] = core::mem::take(&mut src.0[from]);
+        // INVARIANT: the page moves; exactly one `Pages` refers to it, and
+        // each count follows it.
+        let page = core::mem::take(&mut src.slots[from]);
+        if !page.is_null() {
+            src.present -= 1;
+            self.present += 1;
+        }
+        self.slots[to] = page;
     }
 }
 
@@ -197,16 +219,16 @@ pub(crate) fn pool_drain() {
 impl Drop for Pages {
     fn drop(&mut self) {
         // Each GiB still whole goes back whole (to the pool, if it has room).
-        for first in (0..self.0.len()).step_by(GIGANTIC_PAGES) {
+        for first in (0..self.slots.len()).step_by(GIGANTIC_PAGES) {
             if self.block_pfn(first, BlockSize::Pud).is_some() {
                 // SAFETY: the GiB's pages are ours alone (type invariant)
                 // and an aligned run of physical memory (just checked);
                 // its slots are cleared so none is freed twice.
-                unsafe { vmbeam_page_free_gigantic(self.0[first]) };
-                self.0[first..first + GIGANTIC_PAGES].fill(ptr::null_mut());
+                unsafe { vmbeam_page_free_gigantic(self.slots[first]) };
+                self.slots[first..first + GIGANTIC_PAGES].fill(ptr::null_mut());
             }
         }
-        for &page in self.0.iter().filter(|p| !p.is_null()) {
+        for &page in self.slots.iter().filter(|p| !p.is_null()) {
             // SAFETY: ours alone, by the type invariant; freed once.
             unsafe { vmbeam_page_free(page) };
         }

@@ -145,6 +145,8 @@ fn main() {
     }
     // A point a boot before this one finished (only when resuming).
     let done = |rows: &[Row], method: &str, size| rows.iter().any(|r| r.method == method && r.size == size);
+    // A point this run wants (VMBEAM_BENCH_ONLY) and has not got yet.
+    let to_run = |rows: &[Row], method: &str, size| want(method) && !done(rows, method, size);
     let push = |rows: &mut Vec<Row>, method: &str, size, samples: &[Sample]| {
         if let Some(row) = Row::of(method, size, samples) {
             eprintln!(
@@ -167,7 +169,6 @@ fn main() {
         if !done(&rows, "memcpy", size) {
             push(&mut rows, "memcpy", size, &sample("memcpy", runs, || Ok(methods::memcpy(size))));
         }
-        let to_run = |rows: &[Row], method: &str| want(method) && !done(rows, method, size);
         // Lazy: the guest's first touch of a page maps it (a KVM stage-2
         // fault); eager: the VMM pre-faults the memslot first.
         // 1 GiB blocks only where the size holds one.
@@ -175,7 +176,7 @@ fn main() {
         for (blocks, pages) in block_sizes.into_iter().filter(|&(b, _)| b != Blocks::Huge1G || size >= 1 << 30) {
             for eager in [false, true] {
                 let label = |what: &str| format!("vmbeam {pages}: {what}");
-                if !to_run(&rows, &label(handover_rows(eager)[0])) {
+                if !to_run(&rows, &label(handover_rows(eager)[0]), size) {
                     continue;
                 }
                 let runs: Vec<methods::Handover> = (0..runs)
@@ -191,7 +192,7 @@ fn main() {
             }
         }
         let gathers: Vec<bench::gather::GatherRun> = (0..runs)
-            .filter(|_| to_run(&rows, "vmbeam gather: scattered 4K pages out of a RAM region"))
+            .filter(|_| to_run(&rows, "vmbeam gather: scattered 4K pages out of a RAM region", size))
             .filter_map(|_| bench::gather::gather(&dev, size).map_err(|e| eprintln!("bench: gather {name}: {e}")).ok())
             .collect();
         let gathered: Vec<Sample> = gathers.iter().map(|g| g.gather).collect();
@@ -202,7 +203,7 @@ fn main() {
         push(&mut rows, "vmbeam gather + fill the holes (new region + one scatter)", size, &filled);
         for eager in [false, true] {
             let label = |what: &str| format!("memfd handover + {}", what.trim_start_matches("transfer + "));
-            if !to_run(&rows, &label(handover_rows(eager)[1])) {
+            if !to_run(&rows, &label(handover_rows(eager)[1]), size) {
                 continue;
             }
             let runs: Vec<methods::Handover> = (0..runs)
@@ -214,10 +215,10 @@ fn main() {
                 push(&mut rows, &label(what), size, &samples);
             }
         }
-        if to_run(&rows, "QEMU pre-copy migration") {
+        if to_run(&rows, "QEMU pre-copy migration", size) {
             push(&mut rows, "QEMU pre-copy migration", size, &sample("QEMU pre-copy", runs, || qemu::precopy(size)));
         }
-        if to_run(&rows, "QEMU x-ignore-shared migration") {
+        if to_run(&rows, "QEMU x-ignore-shared migration", size) {
             push(
                 &mut rows,
                 "QEMU x-ignore-shared migration",
@@ -232,7 +233,7 @@ fn main() {
             }
             for (huge, pages) in [(false, "4K"), (true, "2M")] {
                 let method = format!("lab migrate-all, {n} L2 of this size, {pages} windows");
-                if to_run(&rows, &method) {
+                if to_run(&rows, &method, size) {
                     push(&mut rows, &method, size, &sample(&method, runs, || lab::migrate_all(n, size, huge)));
                 }
             }
@@ -243,7 +244,6 @@ fn main() {
     // Known flakiness), and a boot lost there must not cost the rest.
     for &size in &sizes {
         let name = bench::size_name(size);
-        let to_run = |rows: &[Row], method: &str| want(method) && !done(rows, method, size);
         // Real L1s hold the L2 twice at L0 (window, then the gathered one
         // in the L1's RAM): 1 GiB is as far as the bench kernel goes.
         // The states move through the L1s' state windows, unless over_link.
@@ -255,7 +255,7 @@ fn main() {
                 }
                 _ => "real-L1 migrate-all, 2 L2s of this size at once",
             };
-            if !to_run(&rows, &format!("{both}: the one on a window")) || size > 1 << 30 {
+            if !to_run(&rows, &format!("{both}: the one on a window"), size) || size > 1 << 30 {
                 continue;
             }
             // TCG loses about one real-L1 run in two (README, Known
