@@ -29,6 +29,20 @@ struct page *vmbeam_page_alloc(void)
  * reference on the page behind a pfn), or -ENOMEM. No reclaim or retry:
  * the caller falls back to 4 KiB pages.
  */
+int vmbeam_page_alloc_block(struct page **pages)
+{
+	struct page *page = alloc_pages(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN |
+					__GFP_NORETRY, PMD_ORDER);
+	int i;
+
+	if (!page)
+		return -ENOMEM;
+	split_page(page, PMD_ORDER);
+	for (i = 0; i < (1 << PMD_ORDER); i++)
+		pages[i] = page + i;
+	return 0;
+}
+
 /* Whether [@pfn, @pfn + @nr) may be had from @zone (alloc_contig_range()
  * checks again): online, in the zone, nothing reserved or hugetlb. */
 static bool vmbeam_contig_candidate(struct zone *zone, unsigned long pfn, unsigned long nr)
@@ -42,20 +56,6 @@ static bool vmbeam_contig_candidate(struct zone *zone, unsigned long pfn, unsign
 			return false;
 	}
 	return true;
-}
-
-int vmbeam_page_alloc_block(struct page **pages)
-{
-	struct page *page = alloc_pages(GFP_KERNEL_ACCOUNT | __GFP_ZERO | __GFP_NOWARN |
-					__GFP_NORETRY, PMD_ORDER);
-	int i;
-
-	if (!page)
-		return -ENOMEM;
-	split_page(page, PMD_ORDER);
-	for (i = 0; i < (1 << PMD_ORDER); i++)
-		pages[i] = page + i;
-	return 0;
 }
 
 /*

@@ -90,16 +90,6 @@ impl Device {
         self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE)
     }
 
-    /// A new region of `size` bytes whose every whole GiB is first tried as
-    /// one aligned GiB of physical memory (`VMBEAM_CREATE_HUGE_1G`, taken
-    /// with `alloc_contig_range()`: slower to allocate), then 2 MiB blocks,
-    /// then 4 KiB pages; mapped by PUD where a mapping is 1 GiB-aligned
-    /// (mmap picks such an address for 1 GiB and more): one stage-2 entry
-    /// and one revocation per GiB. Not charged to the caller's memcg.
-    pub fn create_huge_1g_region(&self, size: u64) -> Result<Region, Error> {
-        self.create_region_flags(size, uapi::VMBEAM_CREATE_HUGE | uapi::VMBEAM_CREATE_HUGE_1G)
-    }
-
     /// A new region, empty ([`Device::create_empty_region`]) and/or in 2 MiB
     /// blocks ([`Device::create_huge_region`]): an empty huge region takes
     /// in whole blocks a gather moves there in order, and maps them by PMD.
@@ -108,7 +98,12 @@ impl Device {
         self.create_region_blocks(size, empty, blocks)
     }
 
-    /// A new region, empty or not, in blocks of up to `blocks`.
+    /// A new region, empty or not, in blocks of up to `blocks`. With
+    /// [`Blocks::Huge1G`] (`VMBEAM_CREATE_HUGE_1G`) each whole GiB is first
+    /// one aligned GiB (from the module's `gigantic_pool`, else sought with
+    /// `alloc_contig_range()`: slower), mapped by PUD where a mapping is
+    /// 1 GiB-aligned (mmap picks such an address for 1 GiB and more); not
+    /// charged to the caller's memcg.
     pub fn create_region_blocks(&self, size: u64, empty: bool, blocks: Blocks) -> Result<Region, Error> {
         let flags = match blocks {
             Blocks::Page => 0,
