@@ -8,14 +8,14 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 use vmbeam::{
     control::{Handoff, L1Status, Regs, Window},
     Device, Region,
 };
 
-use crate::{cpu, kvm_util, l2::L2, workload};
+use crate::{cpu, kvm_util, l2::L2, saved_state::SavedState, workload};
 
 /// L2 windows start here (above the L1's RAM) and end below 4 GiB: the
 /// workload runs in 32-bit flat mode.
@@ -38,6 +38,11 @@ pub struct L1 {
     staged: Vec<(u64, Checked)>,
     next_slot: u32,
     next_vcpu: u64,
+    /// A vCPU that never runs: it maps L2 memory into the VM while their
+    /// own vCPUs already run (`KVM_PRE_FAULT_MEMORY` is a vCPU ioctl, and a
+    /// running vCPU holds its own). Set up in the L2s' flat mode, so its
+    /// stage-2 root is theirs. Made on first use.
+    prefaulter: Option<VcpuFd>,
     seed: u32,
 }
 
@@ -65,6 +70,7 @@ impl L1 {
             staged: Vec::new(),
             next_slot: 0,
             next_vcpu: 0,
+            prefaulter: None,
             seed: cpu::monotonic_ns() as u32 | 1,
         };
         let ram_ptr = l1.ram.as_ptr() as u64;
@@ -181,17 +187,20 @@ impl L1 {
     /// Drops the L2s that were sent away and now belong to another VM, or
     /// are coming back (`incoming`): memslot first, then the vCPU thread and
     /// the mapping. Their names and windows are free again.
-    fn forget_sent(&mut self, incoming: &[&str]) {
+    /// Returns them, for their threads to stop when convenient (dropped).
+    #[must_use]
+    fn forget_sent(&mut self, incoming: &[&str]) -> Vec<L2> {
         let (gone, kept): (Vec<L2>, Vec<L2>) = std::mem::take(&mut self.l2s).into_iter().partition(|l| {
             l.sent
                 && (incoming.contains(&l.name.as_str())
                     || l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving))
         });
         self.l2s = kept;
-        for l2 in gone {
+        for l2 in &gone {
             tracing::info!("{}: forgotten (it lives in another VM now)", l2.name);
             self.remove_memslot(l2.slot, l2.window.gpa);
         }
+        gone
     }
 
     fn remove_memslot(&self, slot: u32, gpa: u64) {
@@ -294,9 +303,9 @@ impl L1 {
             if checked.iter().map(|c| &c.window).chain(staged_windows).any(|w| w.overlaps(&window)) {
                 bail!("{}: its window overlaps another L2 received or staged with it", h.name);
             }
-            let code = workload::CODE_GPA..workload::CODE_GPA + workload::CODE.len() as u64;
-            ensure!(code.contains(&h.regs.rip), "{}: rip {:#x} is not in the workload", h.name, h.regs.rip);
-            ensure!(h.regs.rsi == h.window.gpa, "{}: rsi is not its window (not a lab workload?)", h.name);
+            if let Some(regs) = &h.regs {
+                check_regs(regs, h)?;
+            }
             checked.push(Checked { handoff: h.clone(), window, region });
         }
         Ok(checked)
@@ -304,38 +313,83 @@ impl L1 {
 
     /// Sets up and starts checked L2s whose regions are this VM's (or
     /// ownerless: bound here), all or none.
+    ///
+    /// Inside the L2s' downtime: as little as can be. The old L2s it
+    /// replaces (an L2 coming back) lose their memslots first but stop
+    /// their threads after; windows of 2 MiB (1 GiB) blocks are mapped into
+    /// the VM after their vCPUs run (their first instructions wait for a
+    /// few nested faults at most), 4 KiB windows before (one fault per
+    /// page otherwise, and under TCG a storm of them now and then resumes
+    /// a vCPU at a wild rip: README, Known flakiness).
     fn start(&mut self, checked: Vec<Checked>) -> Result<Vec<Window>> {
         let incoming: Vec<&str> = checked.iter().map(|c| c.handoff.name.as_str()).collect();
-        self.forget_sent(&incoming);
+        let replaced = self.forget_sent(&incoming);
         let mut ready = Vec::new();
         for Checked { handoff: h, window, region } in checked {
-            let set_up = (|| -> Result<L2> {
-                if !region.info()?.owned {
+            let set_up = (|| -> Result<(L2, Regs, bool)> {
+                let info = region.info()?;
+                if !info.owned {
                     region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
                 }
-                self.attach(h.name.clone(), window, region, None)
+                let l2 = self.attach(h.name.clone(), window, region, None)?;
+                match registers(&h, &l2) {
+                    Ok(regs) => Ok((l2, relocate(&regs, h.window.gpa, window.gpa), info.huge)),
+                    Err(e) => {
+                        self.remove_memslot(l2.slot, l2.window.gpa);
+                        Err(e)
+                    }
+                }
             })();
             match set_up {
-                Ok(l2) => ready.push((l2, relocate(&h.regs, h.window.gpa, window.gpa))),
+                Ok(ready_l2) => ready.push(ready_l2),
                 Err(e) => {
-                    for (l2, _) in ready {
+                    for (l2, _, _) in ready {
                         self.remove_memslot(l2.slot, l2.window.gpa);
                     }
                     return Err(e.context(format!("setting up {}", h.name)));
                 }
             }
         }
-        let windows = ready.iter().map(|(l2, _)| l2.window).collect();
-        for (l2, _) in &ready {
-            if let Err(e) = l2.prefault() {
-                tracing::warn!("{}: {e}", l2.name);
+        let windows = ready.iter().map(|(l2, _, _)| l2.window).collect();
+        for (l2, _, huge) in &ready {
+            if !huge {
+                if let Err(e) = l2.prefault() {
+                    tracing::warn!("{}: {e}", l2.name);
+                }
             }
         }
-        for (l2, regs) in ready {
+        let mut after = Vec::new();
+        for (l2, regs, huge) in ready {
+            // Read: a state left in the window would be stale once it runs.
+            if let Err(e) = l2.clear_saved_state() {
+                tracing::warn!("{}: {e}", l2.name);
+            }
             l2.start(&regs, true).with_context(|| format!("starting {}", l2.name))?;
+            if huge {
+                after.push(l2.window);
+            }
             self.l2s.push(l2);
         }
+        for w in after {
+            let mapped = self
+                .prefaulter()
+                .and_then(|v| kvm_util::pre_fault_memory(v, w.gpa, w.size).map_err(|e| anyhow!("{e}")));
+            if let Err(e) = mapped {
+                tracing::warn!("the window at {:#x}: {e}", w.gpa);
+            }
+        }
+        drop(replaced);
         Ok(windows)
+    }
+
+    fn prefaulter(&mut self) -> Result<&VcpuFd> {
+        if self.prefaulter.is_none() {
+            let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU (prefaulter)")?;
+            self.next_vcpu += 1;
+            kvm_util::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
+            self.prefaulter = Some(vcpu);
+        }
+        self.prefaulter.as_ref().ok_or_else(|| anyhow!("no prefaulter vCPU"))
     }
 
     /// # Safety
@@ -352,6 +406,28 @@ struct Checked {
     handoff: Handoff,
     window: Window,
     region: Region,
+}
+
+/// An L2's registers: those handed over, or else those its sender saved
+/// in its window at the pause (`saved_state`), now readable here.
+fn registers(h: &Handoff, l2: &L2) -> Result<Regs> {
+    if let Some(regs) = h.regs {
+        return Ok(regs);
+    }
+    let saved = SavedState::read(&l2.memory).context("reading the saved state")?;
+    let saved = saved.ok_or_else(|| {
+        anyhow!("{}: no CPU state in its window (handed over without registers, never paused with save_state)", h.name)
+    })?;
+    check_regs(&saved.regs, h)?;
+    Ok(saved.regs)
+}
+
+/// The registers of a lab workload running over `h`'s window.
+fn check_regs(regs: &Regs, h: &Handoff) -> Result<()> {
+    let code = workload::CODE_GPA..workload::CODE_GPA + workload::CODE.len() as u64;
+    ensure!(code.contains(&regs.rip), "{}: rip {:#x} is not in the workload", h.name, regs.rip);
+    ensure!(regs.rsi == h.window.gpa, "{}: rsi is not its window (not a lab workload?)", h.name);
+    Ok(())
 }
 
 /// Moves the workload's window pointers (rsi: header, rdi: cursor) from

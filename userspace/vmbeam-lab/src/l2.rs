@@ -22,6 +22,7 @@ use vmbeam::{
 
 use crate::{
     cpu, kvm_util, probe,
+    saved_state::SavedState,
     workload::{self, Header},
 };
 
@@ -91,7 +92,8 @@ pub struct L2 {
     pub slot: u32,
     pub region: Region,
     pub memory: GuestRegionMmap<()>,
-    /// Its region fds went out with `send-regions`.
+    /// Its state went out (`send-regions`, or `pause` with `save_state`):
+    /// whoever holds its region fds may take the memory at any moment.
     pub sent: bool,
     /// The header as last read (kept for when the window is not ours).
     last: Header,
@@ -208,6 +210,29 @@ impl L2 {
 
     pub fn is_running(&self) -> bool {
         self.shared.ctl().state == VcpuState::Running
+    }
+
+    /// Writes the paused L2's registers into its own window, for the L1
+    /// its memory moves to (`pause` with `save_state`), and marks it sent:
+    /// from now on whoever holds its region fds may take the memory.
+    pub fn save_state(&mut self) -> Result<(), String> {
+        // A region lent out could be taken before the pause; a store to a
+        // revoked window would be a SIGBUS for the whole L1.
+        let region = self.region.info().map_err(|e| format!("VMBEAM_REGION_INFO: {e}"))?;
+        if !region.mine || region.moving {
+            return Err("its region is no longer this L1's".into());
+        }
+        let paused_at_ns = self.shared.ctl().paused_at_ns.ok_or("it never ran")?;
+        let state = SavedState { regs: self.regs()?, paused_at_ns, passes: self.last.passes() };
+        state.write(&self.memory).map_err(|e| format!("saving the state in the window: {e}"))?;
+        self.sent = true;
+        Ok(())
+    }
+
+    /// Forgets a state [`L2::save_state`] left in the window; for an L2
+    /// about to run here again, whose region must be this L1's.
+    pub fn clear_saved_state(&self) -> Result<(), String> {
+        SavedState::clear(&self.memory).map_err(|e| format!("clearing the saved state: {e}"))
     }
 
     /// The paused vCPU's registers.

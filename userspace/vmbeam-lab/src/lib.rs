@@ -20,5 +20,6 @@ pub mod kvm_util;
 pub mod l1;
 pub mod l2;
 pub mod probe;
+pub mod saved_state;
 pub mod server;
 pub mod workload;

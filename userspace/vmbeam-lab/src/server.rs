@@ -17,8 +17,8 @@ use anyhow::Result;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vmbeam::control::{
-    CodecError, Connection, ErrorBody, ErrorClass, Greeting, Handoff, L2State, Paused, Probe, ReceiveArgs, Reply,
-    Request, Selection, Sent, ServerInfo, COMMANDS,
+    CodecError, Connection, ErrorBody, ErrorClass, Greeting, Handoff, L2State, PauseArgs, Paused, Probe, ReceiveArgs,
+    Reply, Request, Selection, Sent, ServerInfo, COMMANDS,
 };
 
 use crate::l1::L1;
@@ -184,20 +184,7 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
         "query-commands" => ret(COMMANDS),
         "query-status" => ret(l1.status()),
         "query-vms" => ret(l1.l2s.iter_mut().map(|l| l.info()).collect::<Vec<_>>()),
-        "pause" => {
-            let picked: Vec<usize> = select(l1, &args(req)?)?.into_iter().filter(|&i| !l1.l2s[i].sent).collect();
-            for &i in &picked {
-                l1.l2s[i].request_pause();
-            }
-            let mut paused = Vec::new();
-            for i in picked {
-                let l2 = &mut l1.l2s[i];
-                let at = l2.wait_paused().map_err(|e| ErrorBody::generic(format!("pausing {}: {e}", l2.name)))?;
-                l2.refresh();
-                paused.push(Paused { name: l2.name.clone(), paused_at_ns: at, passes: l2.header().passes() });
-            }
-            ret(paused)
-        }
+        "pause" => pause(l1, &args(req)?),
         "resume" => {
             let names: Vec<String> = select(l1, &args(req)?)?.into_iter().map(|i| l1.l2s[i].name.clone()).collect();
             let mut resumed = Vec::new();
@@ -212,8 +199,11 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
             let fd = l1.vm_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?;
             Ok(Outcome::Return(json!({}), vec![fd]))
         }
-        "send-regions" => {
-            // Every check before any L2 is marked sent: an error changes nothing.
+        "send-regions" | "lend-regions" => {
+            // Every check before any L2 is marked sent: an error changes
+            // nothing. Lent L2s run on, unmarked: their registers will come
+            // in their windows (`pause` with `save_state`).
+            let lend = req.execute == "lend-regions";
             let picked = select(l1, &args(req)?)?;
             if picked.len() >= vmbeam::control::MAX_FDS {
                 return Err(ErrorBody::generic(format!(
@@ -227,10 +217,19 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
             for &i in &picked {
                 let l2 = &mut l1.l2s[i];
                 let info = l2.info();
-                if !matches!(info.state, L2State::Paused | L2State::Sent) {
+                let ready = if lend {
+                    matches!(info.state, L2State::Running | L2State::Paused | L2State::Sent)
+                } else {
+                    matches!(info.state, L2State::Paused | L2State::Sent)
+                };
+                if !ready {
                     return Err(ErrorBody::generic(format!("{} is {:?}: pause it first", l2.name, info.state)));
                 }
-                let regs = l2.regs().map_err(|e| ErrorBody::generic(format!("{}: {e}", l2.name)))?;
+                let regs = if lend {
+                    None
+                } else {
+                    Some(l2.regs().map_err(|e| ErrorBody::generic(format!("{}: {e}", l2.name)))?)
+                };
                 let fd = l2.region.as_fd().try_clone_to_owned().map_err(|e| ErrorBody::generic(e.to_string()))?;
                 vms.push(Handoff {
                     name: l2.name.clone(),
@@ -243,7 +242,7 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
                 });
                 out.push(fd);
             }
-            for i in picked {
+            for i in picked.into_iter().filter(|_| !lend) {
                 l1.l2s[i].sent = true;
             }
             let v = serde_json::to_value(Sent { vm_fd: 0, vms }).map_err(|e| ErrorBody::generic(e.to_string()))?;
@@ -288,6 +287,43 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
     }
 }
 
+/// Stops the selected L2s together (and saves each one's state in its
+/// window if asked). All or none: on an error the ones it stopped run on,
+/// since only a pause that returned is undone when the connection closes.
+fn pause(l1: &mut L1, a: &PauseArgs) -> Handled {
+    let picked: Vec<usize> = select(l1, &a.selection())?.into_iter().filter(|&i| !l1.l2s[i].sent).collect();
+    for &i in &picked {
+        l1.l2s[i].request_pause();
+    }
+    let mut paused = Vec::new();
+    let mut failed = None;
+    for &i in &picked {
+        let l2 = &mut l1.l2s[i];
+        let stopped = l2.wait_paused().map_err(|e| format!("pausing {}: {e}", l2.name)).and_then(|at| {
+            l2.refresh();
+            if a.save_state {
+                l2.save_state().map_err(|e| format!("{}: {e}", l2.name))?;
+            }
+            Ok(Paused { name: l2.name.clone(), paused_at_ns: at, passes: l2.header().passes() })
+        });
+        match stopped {
+            Ok(p) => paused.push(p),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let Some(e) = failed else { return ret(paused) };
+    let names: Vec<String> = picked.iter().map(|&i| l1.l2s[i].name.clone()).collect();
+    for name in names {
+        if let Err(r) = resume(l1, &name) {
+            tracing::warn!("{name}: not resumed after a failed pause: {}", r.desc);
+        }
+    }
+    Err(ErrorBody::generic(e))
+}
+
 /// Resumes one L2 unless it runs already (false then). Its region must be
 /// this L1's again; an ownerless one (the VM it went to has exited) is
 /// bound back first.
@@ -308,6 +344,11 @@ fn resume(l1: &mut L1, name: &str) -> Result<bool, ErrorBody> {
         }
         l2.region.bind(vm.as_fd()).map_err(|e| ErrorBody::generic(format!("{name}: {e}")))?;
         tracing::info!("{name}: its region was ownerless; bound to this L1 again");
+    }
+    // A state saved for a receiver (`pause` with `save_state`) is stale
+    // once the L2 runs here again.
+    if let Err(e) = l2.clear_saved_state() {
+        tracing::warn!("{name}: {e}");
     }
     // Its memory may have been away (revoked, moved back): map it into the
     // VM again before the vCPU runs, not one nested page fault at a time.

@@ -7,9 +7,9 @@
 //! | step     | what happens                                    | on failure                          |
 //! |----------|-------------------------------------------------|-------------------------------------|
 //! | plan     | query both L1s, place every L2                   | nothing changed                     |
-//! | prepare  | ready the clean side out of the downtime (real: the receiving L2 QEMUs start, `-incoming defer`) | what it started goes |
-//! | pause    | the aged L1 stops the L2s                        | L2s resumed on the aged L1          |
-//! | send     | the aged L1 hands over what moves besides memory; the clean L1 holds it (lab: staged) | L2s resumed on the aged L1 |
+//! | prepare  | ready the clean side out of the downtime (real: the receiving L2 QEMUs start, `-incoming defer`; lab: the region fds are lent and staged) | what it started goes |
+//! | pause    | the aged L1 stops the L2s (lab: and writes each one's registers into its window) | L2s resumed on the aged L1 |
+//! | send     | the aged L1 hands over what moves besides memory; the clean L1 holds it (lab: nothing left) | L2s resumed on the aged L1 |
 //! | transfer | the memory moves at L0 (lab: one `VMBEAM_TRANSFER_BATCH`; real: `VMBEAM_GATHER_INTO` into windows plugged ahead) | all or nothing: resumed on the aged |
 //! | receive  | the clean L1 takes the L2s and resumes them      | memory moved back, resumed on the aged |
 //! | verify   | a full workload pass on the clean L1, the aged L1 denied, same page frames | reported |

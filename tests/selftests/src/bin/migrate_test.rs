@@ -5,7 +5,10 @@
 //! messages and an L1 killed mid-migration leave every L2 intact somewhere.
 
 use std::{
-    os::unix::net::UnixStream,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -20,7 +23,9 @@ use nix::{
 };
 use serde_json::{json, Value};
 use vmbeam::{
-    control::{Client, ErrorClass, L1Status, L2Info, L2State, ReceiveArgs, Selection},
+    control::{
+        Client, ControlError, ErrorClass, Handoff, L1Status, L2Info, L2State, PauseArgs, ReceiveArgs, Selection, Sent,
+    },
     Device,
 };
 use vmbeam_selftests::{check, exe, Tap, TestResult};
@@ -164,7 +169,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(18);
+    let mut tap = Tap::new(20);
 
     tap.test_retrying_on(WILD_RIP, "migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -398,7 +403,6 @@ fn main() {
             "rax": 0, "rbx": 0, "rcx": 0, "rdx": 0, "rsi": 0x3000_0000u64, "rdi": 0, "rbp": 0, "rsp": 0, "rip": 0x1043, "rflags": 2},
             "paused_at_ns": 0, "passes": 0, "fd": 0}]});
         let args: ReceiveArgs = serde_json::from_value(handoff).map_err(|e| e.to_string())?;
-        use std::os::fd::AsFd;
         let got = c.call_with_fds::<Value>("receive-regions", &args, &[null.as_fd()]);
         check(matches!(&got, Err(vmbeam::control::ControlError::Remote { desc, .. }) if desc.contains("not a vmbeam region")), || {
             format!("non-region fd: {got:?}")
@@ -430,6 +434,38 @@ fn main() {
         lab.client()?.call::<Value>("quit", ()).map_err(|e| e.to_string())?;
         let status = lab.child.wait().map_err(|e| e.to_string())?;
         check(status.success(), || format!("after quit: {status}"))
+    });
+
+    // The lab's downtime path: lent while running, staged without
+    // registers, which must then come in the window (`pause` with
+    // `save_state`). Without them the commit fails and loses nothing.
+    tap.test_retrying_on(WILD_RIP, "a_commit_without_a_saved_state_fails_and_loses_nothing", || {
+        let (aged, clean) = (Lab::start("aged", 1)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let (mut a, mut c) = (aged.client()?, clean.client()?);
+        let (lent, fds): (Sent, Vec<OwnedFd>) =
+            a.call_with_fds("lend-regions", Selection::all(), &[]).map_err(|e| e.to_string())?;
+        check(lent.vms.len() == 1 && fds.len() == 2 && lent.vms[0].regs.is_none(), || format!("lent: {lent:?}"))?;
+        let state = aged.vms()?[0].state;
+        check(state == L2State::Running, || format!("lent L2 is {state:?}, not running on"))?;
+        let (_, mut vm) = c.call_with_fds::<Value>("get-vm-fd", (), &[]).map_err(|e| e.to_string())?;
+        let clean_vm = vm.pop().ok_or("get-vm-fd: no fd")?;
+        let staged = ReceiveArgs { vms: vec![Handoff { fd: 0, ..lent.vms[0].clone() }] };
+        c.call_with_fds::<Value>("stage-regions", &staged, &[fds[1].as_fd()]).map_err(|e| e.to_string())?;
+        a.call::<Value>("pause", PauseArgs::of([&lent.vms[0].name], false)).map_err(|e| e.to_string())?;
+        let move_to = |from: &OwnedFd, to: &OwnedFd| {
+            let t = vmbeam::Transfer { region: fds[1].as_fd(), from_vm: from.as_fd(), to_vm: to.as_fd() };
+            dev.transfer_batch(&[t]).map_err(|e| e.to_string())
+        };
+        move_to(&fds[0], &clean_vm)?;
+        let got = c.call::<Value>("commit-staged", ());
+        let no_state = matches!(&got, Err(ControlError::Remote { desc, .. }) if desc.contains("no CPU state"));
+        move_to(&clean_vm, &fds[0])?;
+        check(no_state, || format!("commit without registers in the window: {got:?}"))?;
+        let left = clean.vms()?;
+        check(left.is_empty(), || format!("the clean L1 kept {left:?}"))?;
+        a.call::<Value>("resume", Selection::all()).map_err(|e| e.to_string())?;
+        all_home(&aged, 1)
     });
 
     tap.test_retrying_on(WILD_RIP, "clean_l1_killed_mid_migration_every_l2_back_on_the_aged", || {
@@ -474,7 +510,7 @@ fn main() {
     // where the L2s run (the transfer is the one commit point), and no L2
     // is left stopped or lost.
     for (step, lands_in_clean) in
-        [("plan", false), ("pause", false), ("send", false), ("transfer", true), ("receive", true)]
+        [("plan", false), ("prepare", false), ("pause", false), ("send", false), ("transfer", true), ("receive", true)]
     {
         let side = if lands_in_clean { "run_on_in_the_clean" } else { "resume_on_the_aged" };
         tap.test_retrying_on(WILD_RIP, &format!("vmbeamctl_killed_after_{step}_its_l2s_{side}"), || {

@@ -84,7 +84,18 @@ impl Worker {
             // binds or moves.
             self.pool.close_kind(&mut self.rng, Kind::Region);
         }
-        let Some(kvm) = self.pool.pick(&mut self.rng, Some(Kind::Kvm)) else { return };
+        // Another worker may have closed the last /dev/kvm fd: open one
+        // again, or the pool runs out of VMs for good and nothing moves
+        // (a run at seed 956673 made 11 binds and no transfer that way).
+        let kvm = match self.pool.pick(&mut self.rng, Some(Kind::Kvm)) {
+            Some(kvm) => kvm,
+            None => {
+                let Ok(raw) = open("/dev/kvm") else { return };
+                self.pool.add(Fd::new(raw, Kind::Kvm));
+                let Some(kvm) = self.pool.pick(&mut self.rng, Some(Kind::Kvm)) else { return };
+                kvm
+            }
+        };
         if let Ok(vm) = self.ioctl(kvm.raw, KVM_CREATE_VM, 0, false) {
             if self.rng.gen_bool(0.3) {
                 let id = self.rng.gen_range(0..4);

@@ -5,17 +5,31 @@
 //! | `query-commands`  | –                         | `[name]`         | –            |
 //! | `query-status`    | –                         | [`L1Status`]     | –            |
 //! | `query-vms`       | –                         | `[`[`L2Info`]`]` | –            |
-//! | `pause`           | [`Selection`]             | `[`[`Paused`]`]` | –            |
+//! | `pause`           | [`PauseArgs`]             | `[`[`Paused`]`]` | –            |
 //! | `resume`          | [`Selection`]             | `[name]`         | –            |
 //! | `get-vm-fd`       | –                         | `{}`             | out: VM fd   |
 //! | `send-regions`    | [`Selection`] (paused)    | [`Sent`]         | out: VM fd, then one region fd per L2 |
+//! | `lend-regions`    | [`Selection`] (any state) | [`Sent`] (no registers) | out: VM fd, then one region fd per L2 |
 //! | `receive-regions` | [`ReceiveArgs`]           | `[`[`Window`]`]` | in: one region fd per L2 |
+//! | `stage-regions`   | [`ReceiveArgs`]           | `[`[`Window`]`]` | in: one region fd per L2 |
+//! | `commit-staged`   | –                         | `[`[`Window`]`]` | –            |
+//! | `drop-staged`     | –                         | count            | –            |
 //! | `probe`           | [`Selection`] (not running) | `[`[`Probe`]`]` | –          |
 //! | `quit`            | –                         | `{}`             | –            |
 //!
 //! A pause lasts as long as the connection that asked for it: when that
 //! connection closes, the L2s it paused that still belong to the L1 resume
 //! (a migration whose driver died leaves no VM stopped).
+//!
+//! Two ways to hand an L2 over. `send-regions` (paused L2s) returns the
+//! registers with the fds, and the receiver gets both in one
+//! `receive-regions` once the memory is its own, or `stage-regions` before
+//! and `commit-staged` after the transfer. Or, keeping every round trip
+//! but one out of the L2's downtime: `lend-regions` while the L2 still
+//! runs, `stage-regions` of handoffs without registers, then `pause` with
+//! `save_state`, which writes the registers into the L2's own window (they
+//! move with the memory, as the real L1s' state windows do), the transfer,
+//! and `commit-staged`, which reads them there.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,6 +43,7 @@ pub const COMMANDS: &[&str] = &[
     "resume",
     "get-vm-fd",
     "send-regions",
+    "lend-regions",
     "receive-regions",
     "stage-regions",
     "commit-staged",
@@ -151,8 +166,8 @@ pub struct L1Status {
 pub enum L2State {
     Running,
     Paused,
-    /// Paused, its region fds handed out by `send-regions`; resumable until
-    /// the regions change owner.
+    /// Paused, its state handed out (`send-regions`, or `pause` with
+    /// `save_state`); resumable until the regions change owner.
     Sent,
     /// Its regions belong to another VM now.
     Migrated,
@@ -221,6 +236,28 @@ impl Selection {
     }
 }
 
+/// `pause`: which L2s, and whether to write each one's CPU state into its
+/// own window once stopped (for a receiver that staged it without
+/// registers; the L2 then counts as sent, see [`L2State::Sent`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PauseArgs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub save_state: bool,
+}
+
+impl PauseArgs {
+    pub fn of(names: impl IntoIterator<Item = impl Into<String>>, save_state: bool) -> Self {
+        Self { vms: Selection::of(names).vms, save_state }
+    }
+
+    pub fn selection(&self) -> Selection {
+        Selection { vms: self.vms.clone() }
+    }
+}
+
 /// `pause`: one L2 stopped.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Paused {
@@ -253,7 +290,10 @@ pub struct Handoff {
     pub name: String,
     /// The window on the sending L1.
     pub window: Window,
-    pub regs: Regs,
+    /// Absent from `lend-regions`: the registers then come in the window,
+    /// written by `pause` with `save_state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regs: Option<Regs>,
     pub paused_at_ns: u64,
     pub passes: u64,
     pub fd: usize,
@@ -330,7 +370,7 @@ mod tests {
         let h = Handoff {
             name: "vm0".into(),
             window: Window { gpa: 0x1000_0000, size: 1 << 24 },
-            regs: Regs { rip: 0x1043, rsi: 0x1000_0000, ..Default::default() },
+            regs: Some(Regs { rip: 0x1043, rsi: 0x1000_0000, ..Default::default() }),
             paused_at_ns: 5,
             passes: 3,
             fd: 1,
@@ -339,6 +379,21 @@ mod tests {
         let v = serde_json::to_value(&h).unwrap();
         assert!(v.get("target_gpa").is_none());
         assert_eq!(serde_json::from_value::<Handoff>(v).unwrap(), h);
+        let lent = Handoff { regs: None, ..h };
+        let v = serde_json::to_value(&lent).unwrap();
+        assert!(v.get("regs").is_none(), "a lent handoff carries no registers: {v}");
+        assert_eq!(serde_json::from_value::<Handoff>(v).unwrap(), lent);
+    }
+
+    #[test]
+    fn pause_saves_state_only_when_asked() {
+        let plain: PauseArgs = serde_json::from_value(json!({"vms": ["a"]})).unwrap();
+        assert!(!plain.save_state);
+        assert_eq!(plain.selection(), Selection::of(["a"]));
+        let saving = PauseArgs::of(["a"], true);
+        assert_eq!(serde_json::to_value(&saving).unwrap(), json!({"vms": ["a"], "save_state": true}));
+        assert_eq!(serde_json::to_value(PauseArgs::of(["a"], false)).unwrap(), json!({"vms": ["a"]}));
+        assert!(serde_json::from_value::<PauseArgs>(json!({"save": true})).is_err());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
-    Client, CodecError, ControlError, Handoff, L1Status, L2Info, L2State, Paused, Probe, ReceiveArgs, Selection, Sent,
-    Window,
+    Client, CodecError, ControlError, Handoff, L1Status, L2Info, L2State, PauseArgs, Paused, Probe, ReceiveArgs,
+    Selection, Sent, Window,
 };
 
 use super::Pair;
@@ -33,7 +33,7 @@ pub struct LabPair {
     moving: Vec<Moving>,
     names: Vec<String>,
     clean_vm: Option<OwnedFd>,
-    /// What `send-regions` returned: the aged VM fd, then the region fds.
+    /// What `lend-regions` returned: the aged VM fd, then the region fds.
     sent: Option<(Sent, Vec<OwnedFd>)>,
 }
 
@@ -74,15 +74,38 @@ impl Pair for LabPair {
         Ok(())
     }
 
+    /// Everything but the CPU state, while the L2s still run: the clean
+    /// VM's fd, the aged L1's VM and region fds (`lend-regions`), staged on
+    /// the clean L1 without registers. From then on, whichever L1 owns a
+    /// region runs its L2 if this process dies (`settle` in the lab L1):
+    /// the transfer is the one commit point.
     fn prepare(&mut self, _report: &mut Report) -> Result<()> {
         let (_, mut fds) = self.clean.call_with_fds::<serde_json::Value>("get-vm-fd", (), &[])?;
         let name = &self.clean.server().name;
         self.clean_vm = Some(fds.pop().ok_or_else(|| anyhow!("{name}: get-vm-fd sent no fd"))?);
+        let (lent, fds): (Sent, Vec<OwnedFd>) =
+            self.aged.call_with_fds("lend-regions", Selection::of(&self.names), &[])?;
+        ensure!(fds.len() == lent.vms.len() + 1, "lend-regions: {} fds for {} L2s", fds.len(), lent.vms.len());
+        let (lent, fds) = self.sent.insert((lent, fds));
+        let handoffs: Vec<Handoff> = lent
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let target = self.moving.iter().find(|m| m.info.name == h.name).map(|m| m.target.gpa);
+                Handoff { fd: i, target_gpa: target, ..h.clone() }
+            })
+            .collect();
+        let region_fds: Vec<_> = lent.vms.iter().map(|h| fds[h.fd].as_fd()).collect();
+        self.clean.call_with_fds::<Vec<Window>>("stage-regions", ReceiveArgs { vms: handoffs }, &region_fds)?;
         Ok(())
     }
 
+    /// Stops the L2s; each one's registers go into its own window, to move
+    /// with its memory (so no round trip between the L1s is left inside
+    /// the downtime but the clean L1's `commit-staged`).
     fn pause(&mut self, report: &mut Report) -> Result<()> {
-        let paused: Vec<Paused> = self.aged.call("pause", Selection::of(&self.names))?;
+        let paused: Vec<Paused> = self.aged.call("pause", PauseArgs::of(&self.names, true))?;
         for p in paused {
             if let Some(l) = report.l2.iter_mut().find(|l| l.name == p.name) {
                 l.paused_at_ns = p.paused_at_ns;
@@ -92,27 +115,10 @@ impl Pair for LabPair {
         Ok(())
     }
 
-    /// Takes the L2s' state and region fds from the aged L1 and stages them
-    /// on the clean one before any memory moves. From then on, whichever L1
-    /// owns a region runs its L2 if this process dies (`settle` in the lab
-    /// L1): the transfer is the one commit point.
+    /// Nothing left to send: the fds went and were staged ahead
+    /// (`prepare`), the registers went into the windows (`pause`).
     fn send(&mut self, _report: &mut Report) -> Result<()> {
-        let (sent, fds): (Sent, Vec<OwnedFd>) =
-            self.aged.call_with_fds("send-regions", Selection::of(&self.names), &[])?;
-        ensure!(fds.len() == sent.vms.len() + 1, "send-regions: {} fds for {} L2s", fds.len(), sent.vms.len());
-        let (sent, fds) = self.sent.insert((sent, fds));
-        let handoffs: Vec<Handoff> = sent
-            .vms
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let target = self.moving.iter().find(|m| m.info.name == h.name).map(|m| m.target.gpa);
-                Handoff { fd: i, target_gpa: target, ..h.clone() }
-            })
-            .collect();
-        let region_fds: Vec<_> = sent.vms.iter().map(|h| fds[h.fd].as_fd()).collect();
-        self.clean.call_with_fds::<Vec<Window>>("stage-regions", ReceiveArgs { vms: handoffs }, &region_fds)?;
-        Ok(())
+        self.sent().map(|_| ())
     }
 
     fn move_memory(&mut self, report: &mut Report) -> Result<()> {
@@ -155,7 +161,8 @@ impl Pair for LabPair {
             return Ok(());
         }
         let (sent, fds) = self.sent.as_ref().ok_or_else(|| anyhow!("no region fds from the aged L1"))?;
-        let passes_at_pause: BTreeMap<String, u64> = sent.vms.iter().map(|h| (h.name.clone(), h.passes)).collect();
+        let passes_at_pause: BTreeMap<String, u64> =
+            report.l2.iter().map(|l| (l.name.clone(), l.passes_at_pause)).collect();
         let after = wait_for(&mut self.clean, &self.names, deadline, |vm| {
             vm.state != L2State::Running || vm.passes >= passes_at_pause[&vm.name] + 2
         })?;
