@@ -92,10 +92,18 @@ impl L1 {
             ram_bytes: self.ram.len(),
             l2_vms: self.l2s.len(),
             running: self.l2s.iter().filter(|l| l.is_running()).count(),
-            windows: self.l2s.iter().map(|l| l.window).collect(),
+            windows: self.holding_windows().map(|l| l.window).collect(),
             window_base: WINDOW_BASE,
             window_limit: WINDOW_LIMIT,
         }
+    }
+
+    /// The L2s whose windows are taken: all but those that left for
+    /// another VM (sent, their regions another's), which the next start
+    /// forgets (`forget_sent`), so that an L2 can come back to where it
+    /// was, or another take its place.
+    fn holding_windows(&self) -> impl Iterator<Item = &L2> {
+        self.l2s.iter().filter(|l| !(l.sent && l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving)))
     }
 
     pub fn find(&mut self, name: &str) -> Option<&mut L2> {
@@ -104,7 +112,7 @@ impl L1 {
 
     /// The lowest free window of `size` bytes.
     pub fn free_window(&self, size: u64) -> Option<Window> {
-        let mut used: Vec<Window> = self.l2s.iter().map(|l| l.window).collect();
+        let mut used: Vec<Window> = self.holding_windows().map(|l| l.window).collect();
         used.sort_by_key(|w| w.gpa);
         let mut gpa = WINDOW_BASE;
         for w in used {
@@ -130,7 +138,7 @@ impl L1 {
             w.gpa,
             w.size
         );
-        if let Some(other) = self.l2s.iter().find(|l| l.window.overlaps(w)) {
+        if let Some(other) = self.holding_windows().find(|l| l.window.overlaps(w)) {
             bail!("window {:#x}+{:#x} overlaps {}'s", w.gpa, w.size, other.name);
         }
         Ok(())
@@ -148,7 +156,7 @@ impl L1 {
         region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
         self.seed = self.seed.wrapping_mul(0x2c9277b5).wrapping_add(0xac564b05);
         let regs = Regs { rsi: window.gpa, rip: workload::CODE_GPA + workload::INIT, ..Default::default() };
-        let l2 = self.attach(name, window, region, Some(self.seed))?;
+        let l2 = self.attach(name, window, region, Some(self.seed), None)?;
         if let Err(e) = l2.prefault() {
             tracing::warn!("{}: {e}", l2.name);
         }
@@ -157,9 +165,21 @@ impl L1 {
         Ok(())
     }
 
-    /// Maps `region` at `window`, registers it, and makes a paused vCPU for
-    /// it. With `seed`, writes a fresh workload header first.
-    fn attach(&mut self, name: String, window: Window, region: Region, seed: Option<u32>) -> Result<L2> {
+    /// Maps `region` at `window`, registers it, and gives it a paused
+    /// vCPU: `vcpu` (made ahead, by `stage`) or a new one. With `seed`,
+    /// writes a fresh workload header first.
+    fn attach(
+        &mut self,
+        name: String,
+        window: Window,
+        region: Region,
+        seed: Option<u32>,
+        vcpu: Option<VcpuFd>,
+    ) -> Result<L2> {
+        let vcpu = match vcpu {
+            Some(v) => v,
+            None => self.new_vcpu()?,
+        };
         let memory = map(&region, window.gpa, window.size)?;
         if let Some(seed) = seed {
             workload::Header::new(seed, window.size).write(&memory).context("writing the workload header")?;
@@ -171,17 +191,17 @@ impl L1 {
         unsafe { self.set_memslot(slot, window.gpa, memory.as_ptr() as u64, window.size) }
             .with_context(|| format!("memslot for {name}"))?;
         self.next_slot += 1;
-        let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU");
-        let vcpu = match vcpu {
-            Ok(v) => v,
-            Err(e) => {
-                self.remove_memslot(slot, window.gpa);
-                return Err(e);
-            }
-        };
+        Ok(L2::new(name, window, slot, region, memory, vcpu))
+    }
+
+    /// A vCPU in the workload's flat mode, paused. KVM never frees a vCPU
+    /// before its VM, so each one made here is for good (an L1 process can
+    /// receive about a thousand L2s: `KVM_MAX_VCPUS`).
+    fn new_vcpu(&mut self) -> Result<VcpuFd> {
+        let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU")?;
         self.next_vcpu += 1;
         kvm_util::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
-        Ok(L2::new(name, window, slot, region, memory, vcpu))
+        Ok(vcpu)
     }
 
     /// Drops the L2s that were sent away and now belong to another VM, or
@@ -222,7 +242,15 @@ impl L1 {
     /// session ends first, [`L1::settle`] decides. Returns their windows.
     pub fn stage(&mut self, session: u64, handoffs: &[Handoff], fds: Vec<OwnedFd>) -> Result<Vec<Window>> {
         ensure!(!self.staged.iter().any(|(s, _)| *s == session), "L2s are staged already: commit or drop them first");
-        let checked = self.check_handoffs(handoffs, fds, false)?;
+        // L2s that left for good take their memslots (and vCPU threads)
+        // with them now, not in `commit`: deleting a memslot of GiBs is
+        // milliseconds of the downtime of an L2 coming back to its window.
+        drop(self.forget_sent(&[]));
+        let mut checked = self.check_handoffs(handoffs, fds, false)?;
+        // Their vCPUs now, out of the downtime (`commit` runs inside it).
+        for c in &mut checked {
+            c.vcpu = Some(self.new_vcpu().with_context(|| c.handoff.name.clone())?);
+        }
         let windows = checked.iter().map(|c| c.window).collect();
         self.staged.extend(checked.into_iter().map(|c| (session, c)));
         Ok(windows)
@@ -306,7 +334,7 @@ impl L1 {
             if let Some(regs) = &h.regs {
                 check_regs(regs, h)?;
             }
-            checked.push(Checked { handoff: h.clone(), window, region });
+            checked.push(Checked { handoff: h.clone(), window, region, vcpu: None });
         }
         Ok(checked)
     }
@@ -325,13 +353,13 @@ impl L1 {
         let incoming: Vec<&str> = checked.iter().map(|c| c.handoff.name.as_str()).collect();
         let replaced = self.forget_sent(&incoming);
         let mut ready = Vec::new();
-        for Checked { handoff: h, window, region } in checked {
+        for Checked { handoff: h, window, region, vcpu } in checked {
             let set_up = (|| -> Result<(L2, Regs, bool)> {
                 let info = region.info()?;
                 if !info.owned {
                     region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
                 }
-                let l2 = self.attach(h.name.clone(), window, region, None)?;
+                let l2 = self.attach(h.name.clone(), window, region, None, vcpu)?;
                 match registers(&h, &l2) {
                     Ok(regs) => Ok((l2, relocate(&regs, h.window.gpa, window.gpa), info.huge)),
                     Err(e) => {
@@ -384,10 +412,7 @@ impl L1 {
 
     fn prefaulter(&mut self) -> Result<&VcpuFd> {
         if self.prefaulter.is_none() {
-            let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU (prefaulter)")?;
-            self.next_vcpu += 1;
-            kvm_util::set_flat_protected_mode(&vcpu).context("KVM_SET_SREGS")?;
-            self.prefaulter = Some(vcpu);
+            self.prefaulter = Some(self.new_vcpu().context("the prefaulter")?);
         }
         self.prefaulter.as_ref().ok_or_else(|| anyhow!("no prefaulter vCPU"))
     }
@@ -406,6 +431,8 @@ struct Checked {
     handoff: Handoff,
     window: Window,
     region: Region,
+    /// Made when it was staged.
+    vcpu: Option<VcpuFd>,
 }
 
 /// An L2's registers: those handed over, or else those its sender saved
