@@ -81,9 +81,12 @@ fn plot(points: &[(&str, f64, f64)], caption: &str, y_desc: &str, path: &Path) -
     let points: Vec<&(&str, f64, f64)> = points.iter().filter(|p| p.1 > 0.0 && p.2 > 0.0).collect();
     let (x_lo, x_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let (y_lo, y_hi) = points.iter().fold((f64::MAX, 0f64), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
-    // Tall enough for one legend line per method.
+    // Tall enough for one legend line per method, wide enough for the
+    // longest name (DejaVu Sans at 14 px: ~7.5 px a character).
     let height = 760.max(80 + 22 * methods.len() as u32);
-    let root = BitMapBackend::new(path, (1600, height)).into_drawing_area();
+    let longest = methods.iter().map(|m| m.chars().count()).max().unwrap_or(0) as u32;
+    let legend_width = 600.max(70 + longest * 15 / 2);
+    let root = BitMapBackend::new(path, (1000 + legend_width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     // The legend gets its own column: over the plot it hid the lines.
     let (plot_area, legend_area) = root.split_horizontally(1000);
@@ -104,15 +107,66 @@ fn plot(points: &[(&str, f64, f64)], caption: &str, y_desc: &str, path: &Path) -
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, method) in methods.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        // Up to 40 lines: no two share both colour and marker.
+        let (color, marker) = (COLORS[i % COLORS.len()], Marker::of(i / COLORS.len()));
+        let style = ShapeStyle::from(&color).filled();
         let line: Vec<(f64, f64)> = points.iter().filter(|p| p.0 == *method).map(|p| (p.1, p.2)).collect();
         chart.draw_series(LineSeries::new(line.clone(), color.stroke_width(2))).map_err(|e| e.to_string())?;
-        chart.draw_series(line.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| e.to_string())?;
+        for &p in &line {
+            marker.draw(chart.plotting_area(), p, style)?;
+        }
         let y = 60 + 22 * i as i32;
         legend_area
             .draw(&PathElement::new(vec![(10, y), (40, y)], color.stroke_width(3)))
             .map_err(|e| e.to_string())?;
+        marker.draw(&legend_area, (25, y), style)?;
         legend_area.draw(&Text::new(method.to_string(), (48, y - 8), ("sans-serif", 14))).map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
+}
+
+/// Ten colours far apart (Tableau 10): with 36 lines, the 99 of
+/// `Palette99` gave neighbours one could not tell apart.
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// The point marker of each round of [`COLORS`].
+#[derive(Clone, Copy)]
+enum Marker {
+    Circle,
+    Triangle,
+    Square,
+    Cross,
+}
+
+impl Marker {
+    fn of(round: usize) -> Self {
+        [Self::Circle, Self::Triangle, Self::Square, Self::Cross][round % 4]
+    }
+
+    /// Draws the marker at `at`, in the coordinates of `area`.
+    fn draw<DB: DrawingBackend, CT: plotters::coord::CoordTranslate>(
+        self,
+        area: &DrawingArea<DB, CT>,
+        at: CT::From,
+        style: ShapeStyle,
+    ) -> Result<(), String> {
+        let drawn = match self {
+            Self::Circle => area.draw(&Circle::new(at, 4, style)),
+            Self::Triangle => area.draw(&TriangleMarker::new(at, 6, style)),
+            Self::Square => area.draw(&(EmptyElement::at(at) + Rectangle::new([(-4, -4), (4, 4)], style))),
+            Self::Cross => area.draw(&Cross::new(at, 5, style.stroke_width(2))),
+        };
+        drawn.map_err(|e| e.to_string())
+    }
 }
