@@ -15,7 +15,12 @@ use vmbeam::{
     Device, Region,
 };
 
-use crate::{cpu, kvm_util, l2::L2, saved_state::SavedState, workload};
+use crate::{
+    cpu, kvm_util,
+    l2::{Runner, L2},
+    saved_state::SavedState,
+    workload,
+};
 
 /// L2 windows start here (above the L1's RAM) and end below 4 GiB: the
 /// workload runs in 32-bit flat mode.
@@ -43,6 +48,8 @@ pub struct L1 {
     /// running vCPU holds its own). Set up in the L2s' flat mode, so its
     /// stage-2 root is theirs. Made on first use.
     prefaulter: Option<VcpuFd>,
+    /// Paused vCPU threads of L2s that left, for the next L2s (`give_back`).
+    spare_runners: Vec<Runner>,
     seed: u32,
 }
 
@@ -71,6 +78,7 @@ impl L1 {
             next_slot: 0,
             next_vcpu: 0,
             prefaulter: None,
+            spare_runners: Vec::new(),
             seed: cpu::monotonic_ns() as u32 | 1,
         };
         let ram_ptr = l1.ram.as_ptr() as u64;
@@ -166,7 +174,7 @@ impl L1 {
     }
 
     /// Maps `region` at `window`, registers it, and gives it a paused
-    /// vCPU: `vcpu` (made ahead, by `stage`) or a new one. With `seed`,
+    /// vCPU: `runner` (made ahead, by `stage`) or a new one. With `seed`,
     /// writes a fresh workload header first.
     fn attach(
         &mut self,
@@ -174,11 +182,11 @@ impl L1 {
         window: Window,
         region: Region,
         seed: Option<u32>,
-        vcpu: Option<VcpuFd>,
+        runner: Option<Runner>,
     ) -> Result<L2> {
-        let vcpu = match vcpu {
-            Some(v) => v,
-            None => self.new_vcpu()?,
+        let runner = match runner {
+            Some(r) => r,
+            None => self.new_runner()?,
         };
         let memory = map(&region, window.gpa, window.size)?;
         if let Some(seed) = seed {
@@ -191,7 +199,7 @@ impl L1 {
         unsafe { self.set_memslot(slot, window.gpa, memory.as_ptr() as u64, window.size) }
             .with_context(|| format!("memslot for {name}"))?;
         self.next_slot += 1;
-        Ok(L2::new(name, window, slot, region, memory, vcpu))
+        Ok(L2::new(name, window, slot, region, memory, runner))
     }
 
     /// A vCPU in the workload's flat mode, paused. KVM never frees a vCPU
@@ -204,10 +212,33 @@ impl L1 {
         Ok(vcpu)
     }
 
+    /// A vCPU with its thread, for an L2: one an L2 that left gave back,
+    /// or a new one.
+    fn new_runner(&mut self) -> Result<Runner> {
+        if let Some(r) = self.spare_runners.pop() {
+            return Ok(r);
+        }
+        let id = self.next_vcpu;
+        let vcpu = self.new_vcpu()?;
+        Runner::spawn(id, vcpu).context("spawning a vCPU thread")
+    }
+
+    /// Keeps the vCPUs of L2s that are gone for the next ones: KVM frees a
+    /// vCPU only with its VM, so an L1 that made one per L2 it received
+    /// would run out (`KVM_MAX_VCPUS`) after about a thousand.
+    fn give_back(&mut self, gone: Vec<L2>) {
+        for l2 in gone {
+            let runner = l2.into_runner();
+            if runner.recycle() {
+                self.spare_runners.push(runner);
+            }
+        }
+    }
+
     /// Drops the L2s that were sent away and now belong to another VM, or
     /// are coming back (`incoming`): memslot first, then the vCPU thread and
     /// the mapping. Their names and windows are free again.
-    /// Returns them, for their threads to stop when convenient (dropped).
+    /// Returns them, for their vCPUs to be given back when convenient.
     #[must_use]
     fn forget_sent(&mut self, incoming: &[&str]) -> Vec<L2> {
         let (gone, kept): (Vec<L2>, Vec<L2>) = std::mem::take(&mut self.l2s).into_iter().partition(|l| {
@@ -245,11 +276,13 @@ impl L1 {
         // L2s that left for good take their memslots (and vCPU threads)
         // with them now, not in `commit`: deleting a memslot of GiBs is
         // milliseconds of the downtime of an L2 coming back to its window.
-        drop(self.forget_sent(&[]));
+        let gone = self.forget_sent(&[]);
+        self.give_back(gone);
         let mut checked = self.check_handoffs(handoffs, fds, false)?;
-        // Their vCPUs now, out of the downtime (`commit` runs inside it).
+        // Their vCPUs and threads now, out of the downtime (`commit` runs
+        // inside it: 0.7 ms for the vCPU, as much for the thread, per L2).
         for c in &mut checked {
-            c.vcpu = Some(self.new_vcpu().with_context(|| c.handoff.name.clone())?);
+            c.runner = Some(self.new_runner().with_context(|| c.handoff.name.clone())?);
         }
         let windows = checked.iter().map(|c| c.window).collect();
         self.staged.extend(checked.into_iter().map(|c| (session, c)));
@@ -334,7 +367,7 @@ impl L1 {
             if let Some(regs) = &h.regs {
                 check_regs(regs, h)?;
             }
-            checked.push(Checked { handoff: h.clone(), window, region, vcpu: None });
+            checked.push(Checked { handoff: h.clone(), window, region, runner: None });
         }
         Ok(checked)
     }
@@ -353,13 +386,13 @@ impl L1 {
         let incoming: Vec<&str> = checked.iter().map(|c| c.handoff.name.as_str()).collect();
         let replaced = self.forget_sent(&incoming);
         let mut ready = Vec::new();
-        for Checked { handoff: h, window, region, vcpu } in checked {
+        for Checked { handoff: h, window, region, runner } in checked {
             let set_up = (|| -> Result<(L2, Regs, bool)> {
                 let info = region.info()?;
                 if !info.owned {
                     region.bind(borrow(&self.vm)).context("VMBEAM_REGION_BIND")?;
                 }
-                let l2 = self.attach(h.name.clone(), window, region, None, vcpu)?;
+                let l2 = self.attach(h.name.clone(), window, region, None, runner)?;
                 match registers(&h, &l2) {
                     Ok(regs) => Ok((l2, relocate(&regs, h.window.gpa, window.gpa), info.huge)),
                     Err(e) => {
@@ -406,7 +439,7 @@ impl L1 {
                 tracing::warn!("the window at {:#x}: {e}", w.gpa);
             }
         }
-        drop(replaced);
+        self.give_back(replaced);
         Ok(windows)
     }
 
@@ -431,8 +464,8 @@ struct Checked {
     handoff: Handoff,
     window: Window,
     region: Region,
-    /// Made when it was staged.
-    vcpu: Option<VcpuFd>,
+    /// Its vCPU and thread, made when it was staged.
+    runner: Option<Runner>,
 }
 
 /// An L2's registers: those handed over, or else those its sender saved

@@ -97,20 +97,22 @@ pub struct L2 {
     pub sent: bool,
     /// The header as last read (kept for when the window is not ours).
     last: Header,
+    runner: Runner,
+}
+
+/// A vCPU and the thread that runs it, paused until an L2 starts it: made
+/// with the L2, or ahead, when an L2 is staged (`L1::stage`), so that a
+/// commit inside the L2's downtime neither creates a vCPU nor a thread.
+/// Dropping it stops the thread.
+pub struct Runner {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl L2 {
-    /// Wraps a set-up vCPU; its thread starts paused.
-    pub fn new(
-        name: String,
-        window: Window,
-        slot: u32,
-        region: Region,
-        memory: GuestRegionMmap<()>,
-        vcpu: VcpuFd,
-    ) -> Self {
+impl Runner {
+    /// A thread for `vcpu` (KVM's vCPU `id`, set up in the workload's flat
+    /// mode), paused. Named after the vCPU, not an L2: it may run several.
+    pub fn spawn(id: u64, vcpu: VcpuFd) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
                 want: Want::Pause,
@@ -125,12 +127,66 @@ impl L2 {
             vcpu: Mutex::new(vcpu),
         });
         let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu-{name}"))
-            .spawn(move || vcpu_loop(&worker))
-            .expect("spawning a vCPU thread");
+        let thread = std::thread::Builder::new().name(format!("vcpu-{id}")).spawn(move || vcpu_loop(&worker))?;
+        Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// Readies a runner whose L2 left for another one; false if its vCPU
+    /// stopped on an error (then it is dropped, not reused). Its registers
+    /// are set when the next L2 starts; its segments are the flat mode
+    /// every lab L2 runs in.
+    pub fn recycle(&self) -> bool {
+        let mut ctl = self.shared.ctl();
+        if ctl.state != VcpuState::Paused || ctl.want != Want::Pause {
+            return false;
+        }
+        ctl.paused_at_ns = None;
+        ctl.resumed_at_ns = None;
+        ctl.resume_rip = None;
+        ctl.detail = None;
+        true
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the thread is alive until joined in `drop`.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.shared.ctl().want = Want::Stop;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                // SAFETY: not joined yet, so the thread is alive.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+impl L2 {
+    /// An L2 over `memory`, run by `runner` (paused).
+    pub fn new(
+        name: String,
+        window: Window,
+        slot: u32,
+        region: Region,
+        memory: GuestRegionMmap<()>,
+        runner: Runner,
+    ) -> Self {
         let last = Header::read(&memory).unwrap_or_default();
-        Self { name, window, slot, region, memory, sent: false, last, shared, thread: Some(thread) }
+        Self { name, window, slot, region, memory, sent: false, last, runner }
+    }
+
+    /// Its vCPU and thread, for another L2 (the mapping and region go).
+    pub fn into_runner(self) -> Runner {
+        self.runner
     }
 
     /// Loads `regs` and runs. With `via_resume_stub`, the first guest
@@ -142,18 +198,18 @@ impl L2 {
         if via_resume_stub {
             kvm_regs.rip = workload::CODE_GPA + workload::RESUME;
         }
-        self.shared.vcpu().set_regs(&kvm_regs)?;
-        let mut ctl = self.shared.ctl();
+        self.runner.shared.vcpu().set_regs(&kvm_regs)?;
+        let mut ctl = self.runner.shared.ctl();
         ctl.resume_rip = via_resume_stub.then_some(regs.rip);
         ctl.want = Want::Run;
-        self.shared.cv.notify_all();
+        self.runner.shared.cv.notify_all();
         Ok(())
     }
 
     /// Asks the vCPU to stop and kicks it; [`L2::wait_paused`] waits for it.
     /// Pausing several L2s asks them all first, so they stop together.
     pub fn request_pause(&self) {
-        let mut ctl = self.shared.ctl();
+        let mut ctl = self.runner.shared.ctl();
         if ctl.state == VcpuState::Running {
             ctl.want = Want::Pause;
             drop(ctl);
@@ -163,7 +219,7 @@ impl L2 {
 
     /// Waits until the vCPU stopped; returns when (CLOCK_MONOTONIC ns).
     pub fn wait_paused(&self) -> Result<u64, String> {
-        let mut ctl = self.shared.ctl();
+        let mut ctl = self.runner.shared.ctl();
         if ctl.state == VcpuState::Running && ctl.want != Want::Pause {
             return Err("not asked to pause".into());
         }
@@ -171,7 +227,8 @@ impl L2 {
         while ctl.state == VcpuState::Running {
             // Again and again: a kick that lands just before KVM_RUN is lost.
             self.kick();
-            ctl = self.shared.cv.wait_timeout(ctl, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            ctl =
+                self.runner.shared.cv.wait_timeout(ctl, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
             if Instant::now() > deadline {
                 return Err(format!("the vCPU did not stop within {PAUSE_TIMEOUT:?}"));
             }
@@ -184,12 +241,12 @@ impl L2 {
 
     /// Lets a paused vCPU run again where it stopped.
     pub fn resume(&mut self) -> Result<(), String> {
-        let mut ctl = self.shared.ctl();
+        let mut ctl = self.runner.shared.ctl();
         match ctl.state {
             VcpuState::Running => Ok(()),
             VcpuState::Paused => {
                 ctl.want = Want::Run;
-                self.shared.cv.notify_all();
+                self.runner.shared.cv.notify_all();
                 self.sent = false;
                 Ok(())
             }
@@ -205,11 +262,12 @@ impl L2 {
     /// resumes a vCPU at a wild rip (README, Tests). The vCPU must be
     /// paused; `Err` says why not (the L2 then faults its pages in lazily).
     pub fn prefault(&self) -> Result<(), String> {
-        kvm_util::pre_fault_memory(&self.shared.vcpu(), self.window.gpa, self.window.size).map_err(|e| e.to_string())
+        kvm_util::pre_fault_memory(&self.runner.shared.vcpu(), self.window.gpa, self.window.size)
+            .map_err(|e| e.to_string())
     }
 
     pub fn is_running(&self) -> bool {
-        self.shared.ctl().state == VcpuState::Running
+        self.runner.shared.ctl().state == VcpuState::Running
     }
 
     /// Writes the paused L2's registers into its own window, for the L1
@@ -222,7 +280,7 @@ impl L2 {
         if !region.mine || region.moving {
             return Err("its region is no longer this L1's".into());
         }
-        let paused_at_ns = self.shared.ctl().paused_at_ns.ok_or("it never ran")?;
+        let paused_at_ns = self.runner.shared.ctl().paused_at_ns.ok_or("it never ran")?;
         let state = SavedState { regs: self.regs()?, paused_at_ns, passes: self.last.passes() };
         state.write(&self.memory).map_err(|e| format!("saving the state in the window: {e}"))?;
         self.sent = true;
@@ -240,7 +298,7 @@ impl L2 {
         if self.is_running() {
             return Err("the vCPU is running".into());
         }
-        let regs = self.shared.vcpu().get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let regs = self.runner.shared.vcpu().get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         Ok(cpu::from_kvm(&regs))
     }
 
@@ -269,7 +327,7 @@ impl L2 {
 
     pub fn info(&mut self) -> L2Info {
         let region = self.refresh();
-        let ctl = self.shared.ctl();
+        let ctl = self.runner.shared.ctl();
         let state = match ctl.state {
             VcpuState::Corrupt => L2State::Corrupt,
             VcpuState::Failed => L2State::Failed,
@@ -290,7 +348,7 @@ impl L2 {
             hva: self.memory.as_ptr() as u64,
             paused_at_ns: ctl.paused_at_ns,
             resumed_at_ns: ctl.resumed_at_ns,
-            vcpu_tid: self.shared.tid.get().copied(),
+            vcpu_tid: self.runner.shared.tid.get().copied(),
             region,
             detail: ctl.detail.clone(),
         }
@@ -304,7 +362,7 @@ impl L2 {
         if self.is_running() {
             return Err("probe needs a paused L2".into());
         }
-        let vcpu = &mut *self.shared.vcpu();
+        let vcpu = &mut *self.runner.shared.vcpu();
         let saved = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         let step = 1 << 20;
         let mut offsets: Vec<u64> = (0..self.window.size).step_by(step).collect();
@@ -333,25 +391,7 @@ impl L2 {
     }
 
     fn kick(&self) {
-        if let Some(t) = &self.thread {
-            // SAFETY: the thread is alive until joined in `drop`.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
-        }
-    }
-}
-
-impl Drop for L2 {
-    fn drop(&mut self) {
-        self.shared.ctl().want = Want::Stop;
-        self.shared.cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            while !t.is_finished() {
-                // SAFETY: not joined yet, so the thread is alive.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGUSR1) };
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let _ = t.join();
-        }
+        self.runner.kick();
     }
 }
 
