@@ -107,9 +107,9 @@ impl L1 {
     }
 
     /// The L2s whose windows are taken: all but those that left for
-    /// another VM (sent, their regions another's), which the next start
-    /// forgets (`forget_sent`), so that an L2 can come back to where it
-    /// was, or another take its place.
+    /// another VM (sent, their regions another's), which the next stage or
+    /// start forgets (`forget_sent`), so that an L2 can come back to where
+    /// it was, or another take its place.
     fn holding_windows(&self) -> impl Iterator<Item = &L2> {
         self.l2s.iter().filter(|l| !(l.sent && l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving)))
     }
@@ -202,9 +202,9 @@ impl L1 {
         Ok(L2::new(name, window, slot, region, memory, runner))
     }
 
-    /// A vCPU in the workload's flat mode, paused. KVM never frees a vCPU
-    /// before its VM, so each one made here is for good (an L1 process can
-    /// receive about a thousand L2s: `KVM_MAX_VCPUS`).
+    /// A vCPU in the workload's flat mode. KVM never frees a vCPU before
+    /// its VM, so each one made here is for good: L2s give theirs back
+    /// (`give_back`) for the next.
     fn new_vcpu(&mut self) -> Result<VcpuFd> {
         let vcpu = self.vm.create_vcpu(self.next_vcpu).context("KVM_CREATE_VCPU")?;
         self.next_vcpu += 1;
@@ -225,13 +225,23 @@ impl L1 {
 
     /// Keeps the vCPUs of L2s that are gone for the next ones: KVM frees a
     /// vCPU only with its VM, so an L1 that made one per L2 it received
-    /// would run out (`KVM_MAX_VCPUS`) after about a thousand.
+    /// would run out (`KVM_MAX_VCPUS`, 1,024) after about a thousand.
     fn give_back(&mut self, gone: Vec<L2>) {
         for l2 in gone {
-            let runner = l2.into_runner();
-            if runner.recycle() {
-                self.spare_runners.push(runner);
-            }
+            self.keep_runner(l2.into_runner());
+        }
+    }
+
+    /// The same for L2s staged and never started (dropped, or forgotten).
+    fn keep_runners(&mut self, staged: Vec<Checked>) {
+        for runner in staged.into_iter().filter_map(|c| c.runner) {
+            self.keep_runner(runner);
+        }
+    }
+
+    fn keep_runner(&mut self, runner: Runner) {
+        if runner.recycle() {
+            self.spare_runners.push(runner);
         }
     }
 
@@ -303,7 +313,10 @@ impl L1 {
 
     /// Forgets what `session` staged; returns how many.
     pub fn drop_staged(&mut self, session: u64) -> usize {
-        self.take_staged(session).len()
+        let dropped = self.take_staged(session);
+        let n = dropped.len();
+        self.keep_runners(dropped);
+        n
     }
 
     /// The session that staged L2s ended without committing or dropping
@@ -314,9 +327,10 @@ impl L1 {
     pub fn settle(&mut self, session: u64) {
         let (ours, theirs): (Vec<_>, Vec<_>) =
             self.take_staged(session).into_iter().partition(|c| c.region.info().is_ok_and(|i| i.mine || !i.owned));
-        for c in theirs {
+        for c in &theirs {
             tracing::warn!("{}: staged, but its memory never came: forgotten", c.handoff.name);
         }
+        self.keep_runners(theirs);
         if ours.is_empty() {
             return;
         }
@@ -404,9 +418,10 @@ impl L1 {
             match set_up {
                 Ok(ready_l2) => ready.push(ready_l2),
                 Err(e) => {
-                    for (l2, _, _) in ready {
+                    for (l2, _, _) in &ready {
                         self.remove_memslot(l2.slot, l2.window.gpa);
                     }
+                    self.give_back(ready.into_iter().map(|(l2, _, _)| l2).collect());
                     return Err(e.context(format!("setting up {}", h.name)));
                 }
             }
