@@ -111,7 +111,7 @@ impl L1 {
     /// start forgets (`forget_sent`), so that an L2 can come back to where
     /// it was, or another take its place.
     fn holding_windows(&self) -> impl Iterator<Item = &L2> {
-        self.l2s.iter().filter(|l| !(l.sent && l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving)))
+        self.l2s.iter().filter(|l| !l.has_left())
     }
 
     pub fn find(&mut self, name: &str) -> Option<&mut L2> {
@@ -188,18 +188,27 @@ impl L1 {
             Some(r) => r,
             None => self.new_runner()?,
         };
-        let memory = map(&region, window.gpa, window.size)?;
-        if let Some(seed) = seed {
-            workload::Header::new(seed, window.size).write(&memory).context("writing the workload header")?;
+        let mapped = (|| {
+            let memory = map(&region, window.gpa, window.size)?;
+            if let Some(seed) = seed {
+                workload::Header::new(seed, window.size).write(&memory).context("writing the workload header")?;
+            }
+            let slot = self.next_slot;
+            // SAFETY: the mapping is owned by the L2 built below, which
+            // removes the memslot before it is dropped (see `detach`), or
+            // lives as long as the VM.
+            unsafe { self.set_memslot(slot, window.gpa, memory.as_ptr() as u64, window.size) }
+                .with_context(|| format!("memslot for {name}"))?;
+            self.next_slot += 1;
+            Ok((memory, slot))
+        })();
+        match mapped {
+            Ok((memory, slot)) => Ok(L2::new(name, window, slot, region, memory, runner)),
+            Err(e) => {
+                self.keep_runner(runner);
+                Err(e)
+            }
         }
-        let slot = self.next_slot;
-        // SAFETY: the mapping is owned by the L2 built below, which removes
-        // the memslot before it is dropped (see `detach`), or lives as long
-        // as the VM.
-        unsafe { self.set_memslot(slot, window.gpa, memory.as_ptr() as u64, window.size) }
-            .with_context(|| format!("memslot for {name}"))?;
-        self.next_slot += 1;
-        Ok(L2::new(name, window, slot, region, memory, runner))
     }
 
     /// A vCPU in the workload's flat mode. KVM never frees a vCPU before
@@ -251,11 +260,9 @@ impl L1 {
     /// Returns them, for their vCPUs to be given back when convenient.
     #[must_use]
     fn forget_sent(&mut self, incoming: &[&str]) -> Vec<L2> {
-        let (gone, kept): (Vec<L2>, Vec<L2>) = std::mem::take(&mut self.l2s).into_iter().partition(|l| {
-            l.sent
-                && (incoming.contains(&l.name.as_str())
-                    || l.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving))
-        });
+        let (gone, kept): (Vec<L2>, Vec<L2>) = std::mem::take(&mut self.l2s)
+            .into_iter()
+            .partition(|l| (l.sent && incoming.contains(&l.name.as_str())) || l.has_left());
         self.l2s = kept;
         for l2 in &gone {
             tracing::info!("{}: forgotten (it lives in another VM now)", l2.name);
@@ -390,8 +397,8 @@ impl L1 {
     /// ownerless: bound here), all or none.
     ///
     /// Inside the L2s' downtime: as little as can be. The old L2s it
-    /// replaces (an L2 coming back) lose their memslots first but stop
-    /// their threads after; windows of 2 MiB (1 GiB) blocks are mapped into
+    /// replaces (an L2 coming back) lose their memslots first but give
+    /// their vCPUs back after; windows of 2 MiB (1 GiB) blocks are mapped into
     /// the VM after their vCPUs run (their first instructions wait for a
     /// few nested faults at most), 4 KiB windows before (one fault per
     /// page otherwise, and under TCG a storm of them now and then resumes

@@ -135,16 +135,13 @@ impl Runner {
     /// stopped on an error (then it is dropped, not reused). Its registers
     /// are set when the next L2 starts; its segments are the flat mode
     /// every lab L2 runs in.
+    /// A paused vCPU holds no pending `out` (`complete_pending_io`), so
+    /// the next L2's first `out` cannot be taken for the last one's.
     pub fn recycle(&self) -> bool {
-        {
-            let ctl = self.shared.ctl();
-            if ctl.state != VcpuState::Paused || ctl.want != Want::Pause {
-                return false;
-            }
-        }
-        // No I/O is left pending in a paused vCPU (`vcpu_loop`), so the
-        // next L2's first `out` cannot be taken for the last one's.
         let mut ctl = self.shared.ctl();
+        if ctl.state != VcpuState::Paused || ctl.want != Want::Pause {
+            return false;
+        }
         ctl.paused_at_ns = None;
         ctl.resumed_at_ns = None;
         ctl.resume_rip = None;
@@ -192,6 +189,12 @@ impl L2 {
     /// Its vCPU and thread, for another L2 (the mapping and region go).
     pub fn into_runner(self) -> Runner {
         self.runner
+    }
+
+    /// Whether it left for another VM for good: sent, and its region now
+    /// another's (not in the middle of a move). Its window is free then.
+    pub fn has_left(&self) -> bool {
+        self.sent && self.region.info().is_ok_and(|i| i.owned && !i.mine && !i.moving)
     }
 
     /// Loads `regs` and runs. With `via_resume_stub`, the first guest
