@@ -12,12 +12,14 @@
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
 //! | `save-l2s`     | [`SaveL2s`]      | `[`[`AgentL2`]`]`  |
+//! | `save-all`     | [`SaveL2s`]      | `[`[`Saved`]`]`    |
 //! | `query-l2-frames` | [`FramesQuery`] | [`L2Frames`]     |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
 //! | `restore-l2`   | [`RestoreL2`]    | [`Restored`]       |
 //! | `stage-l2`     | [`RestoreL2`]    | `{}`               |
 //! | `load-l2`      | [`RestoreL2`]    | [`AgentL2`]        |
+//! | `load-l2s`     | [`RestoreL2s`]   | `[`[`AgentL2`]`]`  |
 //! | `restore-l2s`  | [`Names`]        | `[`[`Restored`]`]` |
 //! | `kill-l2`      | [`Named`]        | `{}`               |
 //! | `mark-l2s`     | [`Names`]        | `{}`               |
@@ -38,6 +40,11 @@
 //! that both have a state window ([`state_window`]) no state crosses the
 //! links at all: the aged agent leaves it in its window, L0 moves those
 //! pages into the clean L1's, and `load-l2` names where they arrived.
+//! There `save-all` does what `save-l2s` and one `save-l2` per L2 do, in
+//! one request (a state that does not fit in the window is held for a
+//! `save-l2`: [`Saved::state_held`]), and `load-l2s` begins every load in
+//! one request (none may carry a state): under TCG each request costs an
+//! L2's downtime 15–45 ms of trips through two L1 QEMUs' serial ports.
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -77,12 +84,14 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "start-l2",
     "save-l2",
     "save-l2s",
+    "save-all",
     "query-l2-frames",
     "resume-l2",
     "prepare-l2",
     "restore-l2",
     "stage-l2",
     "load-l2",
+    "load-l2s",
     "restore-l2s",
     "kill-l2",
     "mark-l2s",
@@ -312,6 +321,10 @@ pub struct Saved {
     /// rest is the agent's wait for `save-l2` and the state's encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_save_ms: Option<u64>,
+    /// `save-all` kept this state (it did not fit in the state window, and
+    /// a reply holding several could outgrow a line): `save-l2` returns it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub state_held: bool,
 }
 
 /// The receiving QEMU of an L2 that is to arrive on `window`.
@@ -336,6 +349,13 @@ pub struct RestoreL2 {
     /// whose pages have not arrived).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_at: Option<StateAt>,
+}
+
+/// `load-l2s`: loads to begin, each with its state in the state window
+/// (`state_at`) or staged before (`stage-l2`), so that none carries one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoreL2s {
+    pub l2s: Vec<RestoreL2>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -385,5 +405,28 @@ mod tests {
         let bomb = serde_json::json!({"name": "g0", "size": 0, "frame_runs": [[5, 1u64 << 32]], "thp_bytes": 0});
         let refused = serde_json::from_value::<L2Frames>(bomb).unwrap_err().to_string();
         assert!(refused.contains("more than the 65536 allowed"), "{refused}");
+    }
+
+    #[test]
+    fn a_held_state_says_so_and_an_older_agents_save_reads_as_not_held() {
+        let older = serde_json::json!({"name": "vm0", "window": 0, "state": "", "state_bytes": 7,
+                                       "stopped_us_ago": 5, "workload": null});
+        let saved: Saved = serde_json::from_value(older).unwrap();
+        assert!(!saved.state_held);
+        // Not held: not on the wire, so an older vmbeamctl reads it as before.
+        assert!(serde_json::to_value(&saved).unwrap().get("state_held").is_none());
+        let held = Saved { state_held: true, ..saved };
+        assert_eq!(serde_json::to_value(&held).unwrap()["state_held"], true);
+        let loads = RestoreL2s {
+            l2s: vec![RestoreL2 {
+                name: "vm0".into(),
+                window: 1,
+                state: String::new(),
+                state_at: Some(StateAt { offset: 8 << 20, bytes: 4096 }),
+            }],
+        };
+        let json = serde_json::to_value(&loads).unwrap();
+        assert_eq!(json["l2s"][0]["state_at"]["offset"], 8 << 20);
+        assert_eq!(serde_json::from_value::<RestoreL2s>(json).unwrap(), loads);
     }
 }

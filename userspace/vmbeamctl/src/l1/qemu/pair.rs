@@ -30,8 +30,8 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use vmbeam::control::{
     agent::{
-        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Names, PrepareL2, RestoreL2, Restored, SaveL2s,
-        Saved, StateAt, Workload, MAX_FRAMES_PER_REPLY,
+        AgentL2, AgentL2State, AgentStatus, FramesQuery, L2Frames, Names, PrepareL2, Restored, SaveL2s, Saved, StateAt,
+        Workload, MAX_FRAMES_PER_REPLY,
     },
     Probe,
 };
@@ -95,6 +95,9 @@ pub struct QemuPair {
     journal: Option<journal::JournalFile>,
     /// Both L1s have a state window, and the states go through them.
     states_in_windows: bool,
+    /// And both agents take the pause in one request and the loads in
+    /// another (`save-all`, `load-l2s`; older agents do not).
+    one_request_each: bool,
 }
 
 mod recover;
@@ -120,6 +123,7 @@ impl QemuPair {
             aged_ram_frames: Vec::new(),
             journal: None,
             states_in_windows: false,
+            one_request_each: false,
         }
     }
 
@@ -376,9 +380,15 @@ impl Pair for QemuPair {
     fn pause(&mut self, report: &mut Report) -> Result<()> {
         // All stop at once and save side by side: one L2's save does not
         // lengthen another's downtime.
-        let names = self.moves.iter().map(|m| m.name.clone()).collect();
-        self.aged.agent.call::<Vec<AgentL2>>("save-l2s", SaveL2s { names, state_window: self.states_in_windows })?;
-        save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
+        if self.one_request_each {
+            save::save_all(&mut self.aged.agent, &mut self.moves, report)?;
+        } else {
+            let names = self.moves.iter().map(|m| m.name.clone()).collect();
+            self.aged
+                .agent
+                .call::<Vec<AgentL2>>("save-l2s", SaveL2s { names, state_window: self.states_in_windows })?;
+            save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
+        }
         for i in 0..self.moves.len() {
             if self.moves[i].is_ordinary() {
                 self.locate(i, report)?;
@@ -411,12 +421,7 @@ impl Pair for QemuPair {
 
     fn receive(&mut self, report: &mut Report) -> Result<()> {
         // Every state starts loading, then each L2 resumes once its own has.
-        for m in &self.moves {
-            let saved = m.saved.as_ref().ok_or_else(|| anyhow!("{}: not saved", m.name))?;
-            let state = if m.staged || m.arrived.is_some() { String::new() } else { saved.state.clone() };
-            let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
-            self.clean.agent.call::<AgentL2>("load-l2", args)?;
-        }
+        self.begin_loads()?;
         // `load-l2` read each state out of the inbox before it answered:
         // empty the inbox now, while the clean L1 runs none of these L2s.
         // A zap at L0 while an L1 runs an L2 makes L0's KVM kick the L1's
