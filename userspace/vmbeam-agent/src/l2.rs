@@ -321,7 +321,6 @@ impl L2 {
             workload: self.saved_workload,
             stopped_us_ago: stopped.elapsed().as_micros() as u64,
             qemu_save_ms,
-            state_held: false,
         })
     }
 

@@ -80,8 +80,6 @@ struct Agent {
     state_window: Option<StateWindow>,
     /// The L2s `save-l2s` began saving into the state window.
     saving_into_window: BTreeSet<String>,
-    /// States `save-all` could not put in the state window, for `save-l2`.
-    held_states: BTreeMap<String, Saved>,
 }
 
 fn main() -> Result<()> {
@@ -97,14 +95,7 @@ fn main() -> Result<()> {
         run_dir: args.run_dir.clone(),
         timeout: Duration::from_secs(args.timeout_s),
     };
-    let mut agent = Agent {
-        args,
-        cfg,
-        l2s: BTreeMap::new(),
-        state_window: None,
-        saving_into_window: BTreeSet::new(),
-        held_states: BTreeMap::new(),
-    };
+    let mut agent = Agent { args, cfg, l2s: BTreeMap::new(), state_window: None, saving_into_window: BTreeSet::new() };
     let mut link = match &agent.args.listen {
         Some(path) => port::Link::listen(path)?,
         None => port::Link::virtio(&agent.args.port)?,
@@ -187,14 +178,7 @@ impl Agent {
             }
             "save-l2" => {
                 let a: Named = args(req)?;
-                if let Some(held) = self.held_states.remove(&a.name) {
-                    return Ok(json!(held));
-                }
                 self.save(&a.name)?.map(|s| json!(s)).map_err(generic)
-            }
-            "save-all" => {
-                let a: SaveL2s = args(req)?;
-                self.save_all(&a.names, a.state_window).map(|s| json!(s)).map_err(generic)
             }
             "save-l2s" => {
                 let a: SaveL2s = args(req)?;
@@ -222,7 +206,6 @@ impl Agent {
             }
             "resume-l2" => {
                 let a: Named = args(req)?;
-                self.held_states.remove(&a.name);
                 let l2 = self.l2(&a.name)?;
                 l2.resume().map_err(generic)?;
                 Ok(json!(l2.info()))
@@ -237,7 +220,6 @@ impl Agent {
             }
             "kill-l2" => {
                 let a: Named = args(req)?;
-                self.held_states.remove(&a.name);
                 self.l2(&a.name)?.kill();
                 Ok(json!({}))
             }
@@ -430,37 +412,6 @@ impl Agent {
             }
         }
         Ok(names.iter().filter_map(|n| self.l2s.get_mut(n).map(L2::info)).collect())
-    }
-
-    /// `save-l2s` and a `save-l2` for each, in one request. A state that
-    /// does not fit in the state window is held for `save-l2`: a reply
-    /// carrying several could outgrow a line. Every save is collected even
-    /// if one fails (that L2 runs again); the first failure is the answer,
-    /// the others stay stopped for L0 to resume.
-    fn save_all(&mut self, names: &[String], into_window: bool) -> Result<Vec<Saved>> {
-        self.begin_saves(names, into_window)?;
-        self.held_states.clear();
-        let mut saved = Vec::new();
-        let mut failed = None;
-        for name in names {
-            match self.save(name).map_err(|e| anyhow!(e.desc)).and_then(|r| r) {
-                Ok(mut s) => {
-                    if s.state_at.is_none() {
-                        self.held_states.insert(name.clone(), s.clone());
-                        s.state = String::new();
-                        s.state_held = true;
-                    }
-                    saved.push(s);
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(saved),
-        }
     }
 
     /// Keeps a state for the L2 `prepare-l2` started on its window, so

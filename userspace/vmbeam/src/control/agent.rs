@@ -12,7 +12,6 @@
 //! | `start-l2`     | [`StartL2`]      | [`AgentL2`]        |
 //! | `save-l2`      | [`Named`]        | [`Saved`]          |
 //! | `save-l2s`     | [`SaveL2s`]      | `[`[`AgentL2`]`]`  |
-//! | `save-all`     | [`SaveL2s`]      | `[`[`Saved`]`]`    |
 //! | `query-l2-frames` | [`FramesQuery`] | [`L2Frames`]     |
 //! | `resume-l2`    | [`Named`]        | [`AgentL2`]        |
 //! | `prepare-l2`   | [`PrepareL2`]    | [`AgentL2`]        |
@@ -40,11 +39,12 @@
 //! that both have a state window ([`state_window`]) no state crosses the
 //! links at all: the aged agent leaves it in its window, L0 moves those
 //! pages into the clean L1's, and `load-l2` names where they arrived.
-//! There `save-all` does what `save-l2s` and one `save-l2` per L2 do, in
-//! one request (a state that does not fit in the window is held for a
-//! `save-l2`: [`Saved::state_held`]), and `load-l2s` begins every load in
-//! one request (none may carry a state): under TCG each request costs an
-//! L2's downtime 15–45 ms of trips through two L1 QEMUs' serial ports.
+//! There `load-l2s` begins every load in one request (none may carry a
+//! state): the loads come one after the other inside every L2's downtime,
+//! and under TCG each request costs 15–45 ms of trips through two L1
+//! QEMUs' serial ports. (The saves' `save-l2`s need no such batch: each
+//! waits while the next L2 still saves; one `save-all` request for the
+//! whole pause was tried and left the L1 kernels' downtime as it was.)
 //!
 //! `save-l2` stops the L2 and saves its CPU and device state with QEMU's
 //! own migration and the `x-ignore-shared` capability: its RAM is the
@@ -84,7 +84,6 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "start-l2",
     "save-l2",
     "save-l2s",
-    "save-all",
     "query-l2-frames",
     "resume-l2",
     "prepare-l2",
@@ -321,10 +320,6 @@ pub struct Saved {
     /// rest is the agent's wait for `save-l2` and the state's encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_save_ms: Option<u64>,
-    /// `save-all` kept this state (it did not fit in the state window, and
-    /// a reply holding several could outgrow a line): `save-l2` returns it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub state_held: bool,
 }
 
 /// The receiving QEMU of an L2 that is to arrive on `window`.
@@ -408,15 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_held_state_says_so_and_an_older_agents_save_reads_as_not_held() {
-        let older = serde_json::json!({"name": "vm0", "window": 0, "state": "", "state_bytes": 7,
-                                       "stopped_us_ago": 5, "workload": null});
-        let saved: Saved = serde_json::from_value(older).unwrap();
-        assert!(!saved.state_held);
-        // Not held: not on the wire, so an older vmbeamctl reads it as before.
-        assert!(serde_json::to_value(&saved).unwrap().get("state_held").is_none());
-        let held = Saved { state_held: true, ..saved };
-        assert_eq!(serde_json::to_value(&held).unwrap()["state_held"], true);
+    fn loads_in_one_request_name_where_each_state_arrived() {
         let loads = RestoreL2s {
             l2s: vec![RestoreL2 {
                 name: "vm0".into(),

@@ -95,9 +95,9 @@ pub struct QemuPair {
     journal: Option<journal::JournalFile>,
     /// Both L1s have a state window, and the states go through them.
     states_in_windows: bool,
-    /// And both agents take the pause in one request and the loads in
-    /// another (`save-all`, `load-l2s`; older agents do not).
-    one_request_each: bool,
+    /// And the clean agent begins every load in one request (`load-l2s`;
+    /// an older agent does not).
+    loads_in_one_request: bool,
 }
 
 mod recover;
@@ -123,7 +123,7 @@ impl QemuPair {
             aged_ram_frames: Vec::new(),
             journal: None,
             states_in_windows: false,
-            one_request_each: false,
+            loads_in_one_request: false,
         }
     }
 
@@ -380,15 +380,9 @@ impl Pair for QemuPair {
     fn pause(&mut self, report: &mut Report) -> Result<()> {
         // All stop at once and save side by side: one L2's save does not
         // lengthen another's downtime.
-        if self.one_request_each {
-            save::save_all(&mut self.aged.agent, &mut self.moves, report)?;
-        } else {
-            let names = self.moves.iter().map(|m| m.name.clone()).collect();
-            self.aged
-                .agent
-                .call::<Vec<AgentL2>>("save-l2s", SaveL2s { names, state_window: self.states_in_windows })?;
-            save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
-        }
+        let names = self.moves.iter().map(|m| m.name.clone()).collect();
+        self.aged.agent.call::<Vec<AgentL2>>("save-l2s", SaveL2s { names, state_window: self.states_in_windows })?;
+        save::collect_and_stage(&mut self.aged.agent, &mut self.clean.agent, &mut self.moves, report)?;
         for i in 0..self.moves.len() {
             if self.moves[i].is_ordinary() {
                 self.locate(i, report)?;

@@ -76,7 +76,6 @@ impl Move {
             stopped_us_ago: 0,
             qemu_save_ms: None,
             workload: None,
-            state_held: false,
         });
         Self {
             name: e.name,

@@ -1,11 +1,10 @@
 //! How the saved states travel. Between L1s that both have a state window
 //! ([`super::super::state_window`]) the aged agent leaves each in its
 //! outbox and `send` moves the pages into the clean L1's inbox at L0, with
-//! no byte crossing a link, and the pause is one request to the aged agent
-//! (`save-all`) and the loads one to the clean agent (`load-l2s`): each
-//! request costs the downtime a trip through both L1 QEMUs' serial ports,
-//! 15–45 ms under TCG. Where one has none (or `--states-over-link`), over
-//! the links:
+//! no byte crossing a link, and every load begins with one request to the
+//! clean agent (`load-l2s`): each request costs every L2's downtime a trip
+//! through both L1 QEMUs' serial ports, 15–45 ms under TCG. Where one has
+//! none (or `--states-over-link`), over the links:
 //!
 //! The pause's two links at once: each L2's saved state is collected from
 //! the aged agent (`save-l2`, after `save-l2s` stopped them all) and passed
@@ -20,7 +19,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use vmbeam::control::{
-    agent::{AgentL2, Named, RestoreL2, RestoreL2s, SaveL2s, Saved, StateAt},
+    agent::{AgentL2, Named, RestoreL2, RestoreL2s, Saved, StateAt},
     Client, ControlError,
 };
 
@@ -59,6 +58,13 @@ pub(super) fn collect_and_stage(
         });
         for m in moves.iter_mut() {
             let s: Saved = aged.call("save-l2", Named { name: m.name.clone() })?;
+            let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
+            l.paused_at_ns = monotonic_ns().saturating_sub(s.stopped_us_ago * 1000);
+            l.save_ms = Some(s.stopped_us_ago as f64 / 1e3);
+            l.qemu_save_ms = s.qemu_save_ms;
+            l.state_bytes = Some(s.state_bytes);
+            l.state_via = Some(if s.state_at.is_some() { "state window" } else { "link" }.into());
+            l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
             // In a state window: it moves with the pages (`send`).
             if s.state_at.is_none() {
                 // A stager that ended on an error has dropped its end: the
@@ -66,7 +72,7 @@ pub(super) fn collect_and_stage(
                 let state = s.state.clone();
                 let _ = states.send(RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: None });
             }
-            record(m, s, monotonic_ns(), report)?;
+            m.saved = Some(s);
         }
         drop(states);
         stager.join().map_err(|_| anyhow!("the thread staging states panicked"))?
@@ -77,43 +83,6 @@ pub(super) fn collect_and_stage(
             Some(e) => report.warnings.push(format!("{name}: its state goes with the load: {e}")),
         }
     }
-    Ok(())
-}
-
-/// The pause in one request, where the states go through the state
-/// windows (`save-all`: each request costs the downtime a trip through two
-/// L1 QEMUs' serial ports). A state that did not fit in the aged outbox is
-/// held by the agent: fetched with `save-l2` and carried by its `load-l2`.
-pub(super) fn save_all(aged: &mut Client, moves: &mut [Move], report: &mut Report) -> Result<()> {
-    let names = moves.iter().map(|m| m.name.clone()).collect();
-    let saved: Vec<Saved> = aged.call("save-all", SaveL2s { names, state_window: true })?;
-    let arrived_ns = monotonic_ns();
-    for mut s in saved {
-        if s.state_held {
-            s.state = aged.call::<Saved>("save-l2", Named { name: s.name.clone() })?.state;
-            s.state_held = false;
-        }
-        let m =
-            moves.iter_mut().find(|m| m.name == s.name).ok_or_else(|| anyhow!("save-all: {}: not moving", s.name))?;
-        record(m, s, arrived_ns, report)?;
-    }
-    if let Some(m) = moves.iter().find(|m| m.saved.is_none()) {
-        anyhow::bail!("save-all: no state of {}", m.name);
-    }
-    Ok(())
-}
-
-/// Notes a save on its move and in the report; `arrived_ns`: when its
-/// reply arrived (L0's clock), which places the L2's stop.
-fn record(m: &mut Move, s: Saved, arrived_ns: u64, report: &mut Report) -> Result<()> {
-    let l = report.l2.iter_mut().find(|l| l.name == s.name).context("report row")?;
-    l.paused_at_ns = arrived_ns.saturating_sub(s.stopped_us_ago * 1000);
-    l.save_ms = Some(s.stopped_us_ago as f64 / 1e3);
-    l.qemu_save_ms = s.qemu_save_ms;
-    l.state_bytes = Some(s.state_bytes);
-    l.state_via = Some(if s.state_at.is_some() { "state window" } else { "link" }.into());
-    l.passes_at_pause = s.workload.map_or(0, |w| u64::from(w.pass));
-    m.saved = Some(s);
     Ok(())
 }
 
@@ -150,6 +119,7 @@ impl QemuPair {
     /// a region is stopped.
     pub(super) fn plan_states(&mut self, clean_agent_has_one: bool, report: &mut Report) -> Result<()> {
         self.states_in_windows = false;
+        self.loads_in_one_request = false;
         if self.options.states_over_link || self.moves.is_empty() {
             return Ok(());
         }
@@ -168,12 +138,8 @@ impl QemuPair {
             Some(why) => report.warnings.push(format!("the states go over the agents' links: {why}")),
             None => self.states_in_windows = true,
         }
-        let knows = |agent: &mut Client, command: &str| {
-            agent.call::<Vec<String>>("query-commands", ()).is_ok_and(|c| c.iter().any(|c| c == command))
-        };
-        self.one_request_each = self.states_in_windows
-            && knows(&mut self.aged.agent, "save-all")
-            && knows(&mut self.clean.agent, "load-l2s");
+        let commands = self.clean.agent.call::<Vec<String>>("query-commands", ());
+        self.loads_in_one_request = self.states_in_windows && commands.is_ok_and(|c| c.iter().any(|c| c == "load-l2s"));
         Ok(())
     }
 
@@ -186,7 +152,7 @@ impl QemuPair {
             let saved = m.saved.as_ref().ok_or_else(|| anyhow!("{}: not saved", m.name))?;
             let state = if m.staged || m.arrived.is_some() { String::new() } else { saved.state.clone() };
             let args = RestoreL2 { name: m.name.clone(), window: m.to, state, state_at: m.arrived };
-            if self.one_request_each && args.state.is_empty() {
+            if self.loads_in_one_request && args.state.is_empty() {
                 in_one.push(args);
             } else {
                 self.clean.agent.call::<AgentL2>("load-l2", args)?;
