@@ -64,13 +64,48 @@ pub fn fds_linking_to(pid: u32, target: &str) -> io::Result<Vec<i32>> {
     Ok(found)
 }
 
-/// The number of a fd of `pid` open on the file with inode `ino` (stat
-/// through `/proc/PID/fd/N` follows to the file: anon inodes included).
-pub fn fd_of_inode(pid: u32, ino: u64) -> io::Result<Option<i32>> {
-    use std::os::unix::fs::MetadataExt;
+/// Which file a fd or mapping is: its filesystem's device and its inode.
+/// An inode number alone is not enough: a region's (on the anonymous-inode
+/// filesystem) may be the number of a file QEMU holds on tmpfs or 9p as
+/// well, and a match on it alone could give QEMU such a file's fd as a
+/// window's `mem-path` (seen once: "unable to map backing store for guest
+/// RAM: No such device").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file `fd` is open on.
+    pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Self> {
+        Ok(Self::from(&std::fs::File::from(fd.try_clone_to_owned()?).metadata()?))
+    }
+
+    /// Whether `/proc/PID/maps`' device field (`MM:mm`, hex) is this
+    /// file's device.
+    fn is_maps_dev(&self, field: &str) -> bool {
+        let Some((major, minor)) = field.split_once(':') else { return false };
+        let (Ok(major), Ok(minor)) = (u32::from_str_radix(major, 16), u32::from_str_radix(minor, 16)) else {
+            return false;
+        };
+        libc::makedev(major, minor) == self.dev
+    }
+}
+
+impl From<&std::fs::Metadata> for FileId {
+    fn from(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self { dev: m.dev(), ino: m.ino() }
+    }
+}
+
+/// The lowest number of a fd of `pid` open on `file` (stat through
+/// `/proc/PID/fd/N` follows to the file: anon inodes included).
+pub fn fd_of_file(pid: u32, file: FileId) -> io::Result<Option<i32>> {
     let mut found = None;
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
-        if std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == ino) {
+        if std::fs::metadata(entry.path()).is_ok_and(|m| FileId::from(&m) == file) {
             let n: Option<i32> = entry.file_name().to_str().and_then(|s| s.parse().ok());
             found = found.min(n).or(n);
         }
@@ -78,14 +113,37 @@ pub fn fd_of_inode(pid: u32, ino: u64) -> io::Result<Option<i32>> {
     Ok(found)
 }
 
-/// The start address of `pid`'s first mapping of the file with inode
-/// `ino` (a region's), from `/proc/PID/maps`.
-pub fn mapping_of_inode(pid: u32, ino: u64) -> io::Result<Option<u64>> {
+/// The start address of `pid`'s first mapping of `file` (a region's),
+/// from `/proc/PID/maps`.
+pub fn mapping_of_file(pid: u32, file: FileId) -> io::Result<Option<u64>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     Ok(maps.lines().find_map(|line| {
         let mut f = line.split_whitespace();
         let range = f.next()?;
-        let inode: u64 = f.nth(3)?.parse().ok()?;
-        (inode == ino).then(|| u64::from_str_radix(range.split('-').next()?, 16).ok()).flatten()
+        let dev = f.nth(2)?;
+        let inode: u64 = f.next()?.parse().ok()?;
+        (inode == file.ino && file.is_maps_dev(dev))
+            .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())
+            .flatten()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_file_is_found_by_device_and_inode_not_by_inode_alone() {
+        let exe = std::fs::File::open("/proc/self/exe").unwrap();
+        let id = FileId::of(exe.as_fd()).unwrap();
+        let pid = std::process::id();
+        // This process holds it open (above) and maps it (its own code).
+        assert!(fd_of_file(pid, id).unwrap().is_some());
+        assert!(mapping_of_file(pid, id).unwrap().is_some());
+        // The same inode number on another device is another file.
+        let elsewhere = FileId { dev: id.dev ^ 1, ino: id.ino };
+        assert_eq!(fd_of_file(pid, elsewhere).unwrap(), None);
+        assert_eq!(mapping_of_file(pid, elsewhere).unwrap(), None);
+    }
 }

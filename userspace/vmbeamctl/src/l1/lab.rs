@@ -221,11 +221,10 @@ impl Pair for LabPair {
 /// `VMBEAM_REGION_FRAMES`: pagemap shows none of a PFNMAP mapping);
 /// pagemap if no region fd maps there.
 fn window_frames(pid: u32, hva: u64, size: u64) -> Result<Vec<u64>> {
-    use std::os::unix::fs::MetadataExt;
     for fd in vmbeam::procfs::fds_linking_to(pid, "anon_inode:[vmbeam-region]")? {
         let path = format!("/proc/{pid}/fd/{fd}");
         let Ok(meta) = std::fs::metadata(&path) else { continue };
-        if vmbeam::procfs::mapping_of_inode(pid, meta.ino())? == Some(hva) {
+        if vmbeam::procfs::mapping_of_file(pid, (&meta).into())? == Some(hva) {
             let file = std::fs::File::open(&path)?;
             return Ok(vmbeam::Region::from_fd(file.into()).owner_frames(pid, hva, 0, size)?);
         }

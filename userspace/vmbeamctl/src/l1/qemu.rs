@@ -13,7 +13,7 @@
 use std::{
     os::{
         fd::{AsFd, AsRawFd, OwnedFd},
-        unix::{fs::MetadataExt, net::UnixStream, process::CommandExt},
+        unix::{net::UnixStream, process::CommandExt},
     },
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -27,7 +27,7 @@ use vmbeam::{
         agent::{AgentL2, Named, AGENT_SERVICE},
         Client,
     },
-    procfs,
+    procfs::{self, FileId},
     qmp::Qmp,
     Device, Region,
 };
@@ -54,8 +54,8 @@ pub struct Window {
     pub size: u64,
     /// A fd of the region (taken from QEMU).
     pub region: Region,
-    /// The region inode: names QEMU's mapping of it in `/proc/PID/maps`.
-    pub ino: u64,
+    /// The region's file: names QEMU's mapping of it in `/proc/PID/maps`.
+    pub file: FileId,
     /// In 2 MiB blocks, mapped by PMD (`l1 start --huge-windows`).
     pub huge: bool,
 }
@@ -65,7 +65,7 @@ impl Window {
     /// `qemu_pid` must be the window's owner (a huge window's frames are
     /// read from the owner's page tables by the module).
     pub fn frames(&self, qemu_pid: u32) -> Result<Vec<u64>> {
-        let hva = procfs::mapping_of_inode(qemu_pid, self.ino)?
+        let hva = procfs::mapping_of_file(qemu_pid, self.file)?
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map window {}", self.index))?;
         Ok(self.region.owner_frames(qemu_pid, hva, 0, self.size)?)
     }
@@ -181,10 +181,10 @@ fn windows(qmp: &mut Qmp, pid: u32) -> Result<Vec<Window>> {
         let Some(index) = obj["name"].as_str().and_then(|n| n.strip_prefix("win")).and_then(|n| n.parse().ok()) else {
             continue;
         };
-        let (region, size, ino) =
+        let (region, size, file) =
             backend_region(qmp, pid, &format!("win{index}")).with_context(|| format!("window {index}"))?;
         let huge = region.info().with_context(|| format!("window {index}"))?.huge;
-        windows.push(Window { index, size, region, ino, huge });
+        windows.push(Window { index, size, region, file, huge });
     }
     windows.sort_by_key(|w| w.index);
     Ok(windows)
@@ -192,8 +192,8 @@ fn windows(qmp: &mut Qmp, pid: u32) -> Result<Vec<Window>> {
 
 /// The region behind QEMU memory backend `id` (its mem-path is
 /// `/proc/self/fd/N`, a region fd): a fd of it taken from QEMU, its size
-/// and its inode (which names QEMU's mapping of it in `/proc/PID/maps`).
-pub(crate) fn backend_region(qmp: &mut Qmp, pid: u32, id: &str) -> Result<(Region, u64, u64)> {
+/// and its file (which names QEMU's mapping of it in `/proc/PID/maps`).
+pub(crate) fn backend_region(qmp: &mut Qmp, pid: u32, id: &str) -> Result<(Region, u64, FileId)> {
     let path = format!("/objects/{id}");
     let mem_path = qmp.execute("qom-get", json!({"path": path, "property": "mem-path"}))?;
     let size = qmp.execute("qom-get", json!({"path": path, "property": "size"}))?.as_u64().unwrap_or(0);
@@ -205,8 +205,8 @@ pub(crate) fn backend_region(qmp: &mut Qmp, pid: u32, id: &str) -> Result<(Regio
     let region = Region::from_fd(procfs::take_fd(pid, fd).with_context(|| format!("pidfd_getfd({pid}, {fd})"))?);
     let info = region.info().with_context(|| format!("QEMU's fd {fd} is not a vmbeam region"))?;
     ensure!(info.size == size, "a region of {} bytes behind a {size}-byte backend", info.size);
-    let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
-    Ok((region, size, ino))
+    let file = FileId::of(region.as_fd())?;
+    Ok((region, size, file))
 }
 
 /// What `vmbeamctl l1 start` boots.
@@ -428,8 +428,8 @@ fn plug_region(qmp: &mut Qmp, pid: u32, region: &Region, ids: &Ivshmem<'_>, alig
     // `/proc/self/fd/N` names this region for as long as QEMU runs and
     // a later vmbeamctl finds it again from the backend's mem-path.
     qmp.execute_with_fds("getfd", json!({"fdname": ids.backend}), &[region.as_fd()])?;
-    let ino = std::fs::File::from(region.as_fd().try_clone_to_owned()?).metadata()?.ino();
-    let fd = procfs::fd_of_inode(pid, ino)?.ok_or_else(|| anyhow!("QEMU {pid} did not keep {}'s fd", ids.backend))?;
+    let fd = procfs::fd_of_file(pid, FileId::of(region.as_fd())?)?
+        .ok_or_else(|| anyhow!("QEMU {pid} did not keep {}'s fd", ids.backend))?;
     let size = region.info()?.size;
     let mut backend = json!({"qom-type": "memory-backend-file", "id": ids.backend,
                              "mem-path": format!("/proc/self/fd/{fd}"), "share": true, "size": size});

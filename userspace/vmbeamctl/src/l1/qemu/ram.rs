@@ -20,7 +20,11 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
-use vmbeam::{procfs, qmp::Qmp, Region};
+use vmbeam::{
+    procfs::{self, FileId},
+    qmp::Qmp,
+    Region,
+};
 
 /// The QEMU object id of an L1's RAM backend.
 pub const RAM_ID: &str = "ram0";
@@ -32,7 +36,7 @@ pub struct RamRegion {
     pub region: Region,
     pub size: u64,
     /// The region inode: names QEMU's mapping of it in `/proc/PID/maps`.
-    pub ino: u64,
+    pub file: FileId,
 }
 
 impl RamRegion {
@@ -43,14 +47,14 @@ impl RamRegion {
         if !has_ram {
             return Ok(None);
         }
-        let (region, size, ino) = super::backend_region(qmp, pid, RAM_ID).context("the L1's RAM")?;
-        Ok(Some(Self { region, size, ino }))
+        let (region, size, file) = super::backend_region(qmp, pid, RAM_ID).context("the L1's RAM")?;
+        Ok(Some(Self { region, size, file }))
     }
 
     /// The L0 page frames behind QEMU `qemu_pid`'s mapping of the RAM, page
     /// by page (0: not present).
     pub fn frames(&self, qemu_pid: u32) -> Result<Vec<u64>> {
-        let hva = procfs::mapping_of_inode(qemu_pid, self.ino)?
+        let hva = procfs::mapping_of_file(qemu_pid, self.file)?
             .ok_or_else(|| anyhow!("QEMU {qemu_pid} does not map its RAM region"))?;
         Ok(self.region.owner_frames(qemu_pid, hva, 0, self.size)?)
     }
