@@ -65,11 +65,12 @@ pub fn fds_linking_to(pid: u32, target: &str) -> io::Result<Vec<i32>> {
 }
 
 /// Which file a fd or mapping is: its filesystem's device and its inode.
-/// An inode number alone is not enough: a region's (on the anonymous-inode
-/// filesystem) may be the number of a file QEMU holds on tmpfs or 9p as
-/// well, and a match on it alone could give QEMU such a file's fd as a
-/// window's `mem-path` (seen once: "unable to map backing store for guest
-/// RAM: No such device").
+/// An inode number alone is not enough: filesystems count their inodes
+/// apart, so a region's (on the anonymous-inode filesystem) may be the
+/// number of another file QEMU holds, `/dev/kvm` on devtmpfs say, and a
+/// match on it alone gives QEMU that fd as a window's `mem-path` (the
+/// likely cause of one "unable to map backing store for guest RAM: No
+/// such device": `/dev/kvm` has no `mmap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
     pub dev: u64,

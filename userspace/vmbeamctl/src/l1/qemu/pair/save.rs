@@ -138,8 +138,17 @@ impl QemuPair {
             Some(why) => report.warnings.push(format!("the states go over the agents' links: {why}")),
             None => self.states_in_windows = true,
         }
-        let commands = self.clean.agent.call::<Vec<String>>("query-commands", ());
-        self.loads_in_one_request = self.states_in_windows && commands.is_ok_and(|c| c.iter().any(|c| c == "load-l2s"));
+        if self.states_in_windows {
+            // An agent that refuses to list its commands is an older one;
+            // one that does not answer must fail the plan here, not leave
+            // its late reply to answer the next request.
+            let commands = match self.clean.agent.call::<Vec<String>>("query-commands", ()) {
+                Ok(commands) => commands,
+                Err(ControlError::Remote { .. }) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            self.loads_in_one_request = commands.iter().any(|c| c == "load-l2s");
+        }
         Ok(())
     }
 
