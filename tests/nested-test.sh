@@ -83,6 +83,8 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 # Bounded: an L1 whose agent stopped answering would hold each call for
 # vmbeamctl's 60 s greeting timeout; a live one answers in about a second.
 status_json() { timeout 20 "$ctl" l1 status --qmp "$dir/$1.qmp" --json; }
+# L2 $2 of L1 $1, as its agent lists it (JSON)
+vm_json() { status_json "$1" | json "next(json.dumps(v) for v in d['vms'] if v['name']=='$2')"; }
 # pass of L2 $2 on L1 $1, or -1
 pass_of() { status_json "$1" | json "next((v['workload'] or {}).get('pass',-1) for v in d['vms'] if v['name']=='$2' and v['state']=='running')" 2>/dev/null || echo -1; }
 # Waits up to 30 s for L2 $2 on L1 $1 to finish its first pass (the
@@ -279,6 +281,15 @@ if [ "$gather" -gt 0 ]; then
 	if [ "$started" = 1 ] && [ "$g0" -ge 1 ]; then ok "l2_qemus_run_the_workload_on_ordinary_l1_memory"
 	else not_ok "l2_qemus_run_the_workload_on_ordinary_l1_memory" "g0 pass $g0" "$(tail -3 "$dir"/aged.console)"; fi
 
+	# QEMU's local upgrade needs RAM that both QEMUs map: refused for an L2
+	# on ordinary memory before anything starts or stops; it runs on.
+	out=$(timeout 60 "$ctl" l1 upgrade-l2s --qmp "$dir/aged.qmp" --name g0 2>&1); rc=$?
+	if [ $rc != 0 ] && grep -q "ordinary memory" <<<"$out" && [ "$(vm_json aged g0 | json "d['state']")" = running ]; then
+		ok "a_local_qemu_upgrade_of_an_l2_on_ordinary_memory_is_refused"
+	else
+		not_ok "a_local_qemu_upgrade_of_an_l2_on_ordinary_memory_is_refused" "rc $rc" "$out"
+	fi
+
 	# A frame list that is wrong is refused before anything moves: every
 	# L2 runs on in the aged L1, its RAM region whole. (One kind here: each
 	# try stops and resumes every L2, which TCG's nested SVM does not
@@ -450,6 +461,28 @@ else
 	not_ok "l2_runs_on_in_the_clean_l1_and_the_aged_l1_holds_nothing" "pass $before -> $after; window 0 of $src has $aged0 pages" "$dst console: $(tail -5 "$dir/$dst.console" 2>/dev/null)"
 fi
 
+# QEMU's own local upgrade in the L1 that now runs vm0 (`l1 upgrade-l2s`,
+# the peer of a move at the same level, `make bench`): a new QEMU takes
+# vm0 over on the same window, its stream carries CPU and devices but none
+# of the RAM, the window keeps its pages at L0, and the workload goes on
+# verifying every dword of its RAM in the new QEMU. An L2 on ordinary
+# memory is refused (both QEMUs must map its RAM), nothing stopped.
+win=$(vm_json $dst vm0 | json "d['window']")
+size=$(vm_json $dst vm0 | json "d['size']")
+pages0=$(pages_at_l0 $dst "$win")
+p0=$(pass_of $dst vm0)
+up=$(timeout 240 "$ctl" l1 upgrade-l2s --qmp "$dir/$dst.qmp" --name vm0 --json 2>&1); rc=$?
+sleep 2
+p1=$(pass_of $dst vm0)
+errors=$(vm_json $dst vm0 | json "d['workload']['errors']" 2>/dev/null)
+pages1=$(pages_at_l0 $dst "$win")
+if [ $rc = 0 ] && [ "$p1" -gt "$p0" ] && [ "$errors" = 0 ] && [ "$pages1" = "$pages0" ] &&
+	echo "$up" | json "len(d)==1 and d[0]['l2']['state']=='running' and d[0]['l2']['window']==$win and d[0]['l2']['pid']!=d[0]['old_pid'] and 0 < d[0]['state_bytes'] < $size // 16 and d[0]['downtime_us'] > 0 and d[0]['marks']['first_guest_entry_ns'] > d[0]['marks']['last_guest_exit_ns'] > 0" | grep -q True; then
+	ok "a_local_qemu_upgrade_keeps_the_l2_on_its_window_pages"
+else
+	not_ok "a_local_qemu_upgrade_keeps_the_l2_on_its_window_pages" "rc $rc, pass $p0 -> $p1, errors $errors, window $win pages at L0 $pages0 -> $pages1" "$up"
+fi
+
 # The L2 that came back into the aged L1's huge window (smoke: the verified
 # move goes clean -> aged) has its 2 MiB blocks whole again: pages that
 # went out in order through a 4 KiB window come back in order, and the
@@ -470,11 +503,13 @@ for line in (b"this is not json\n", b'{"execute": "no-such-command"}\n', b'{"exe
              b'{"execute": "load-l2", "arguments": {"name": "nobody", "window": 0, "state": "", "state_at": {"offset": 0, "bytes": 4096}}}\n',
              b'{"execute": "load-l2s", "arguments": {"l2s": [{"name": "nobody", "window": 0, "state": "H4sI"}]}}\n',
              b'{"execute": "load-l2s", "arguments": {"l2s": [{"name": "x", "window": 0, "state": ""}, {"name": "x", "window": 1, "state": ""}]}}\n',
+             b'{"execute": "upgrade-l2s", "arguments": {"names": ["nobody"]}}\n',
+             b'{"execute": "upgrade-l2s", "arguments": {"names": ["vm0", "vm0"]}}\n',
              b'{"execute": "query-commands"}\n'):
     f.write(line); f.flush(); print(json.loads(f.readline()))
 EOF
 )
-if [ "$(grep -c "'error'" <<<"$reply")" = 7 ] && grep -q "'return'" <<<"$reply"; then
+if [ "$(grep -c "'error'" <<<"$reply")" = 9 ] && grep -q "'return'" <<<"$reply"; then
 	ok "malformed_agent_messages_get_error_objects"
 else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"

@@ -106,6 +106,16 @@ struct Marks {
     error: Option<String>,
 }
 
+/// A state [`L2::collect_save`] collected.
+pub struct SavedStream {
+    /// QEMU's migration stream: CPU and devices, no shared RAM.
+    pub bytes: Vec<u8>,
+    /// When the L2 stopped.
+    pub stopped: Instant,
+    /// QEMU's own migration (its `total-time`).
+    pub qemu_save_ms: Option<u64>,
+}
+
 /// What an L2's QEMU is doing in the background, begun by `save-l2s` or
 /// `load-l2`, until `save-l2` or `restore-l2s` collects it.
 enum Pending {
@@ -120,7 +130,15 @@ impl L2 {
     /// Starts an L2 on `ram`; with `incoming`, one that waits for a
     /// migration stream (`-incoming defer`) instead of booting.
     pub fn start(cfg: &Config, name: &str, ram: &Ram, incoming: bool) -> Result<Self> {
-        let qmp_path = cfg.run_dir.join(format!("{name}.qmp"));
+        Self::start_as(cfg, name, name, ram, incoming)
+    }
+
+    /// [`Self::start`], with its QMP socket and log named `files` in the
+    /// run directory: a second QEMU of the same L2 (`upgrade-l2s`) starts
+    /// while the first still has `name`'s.
+    pub fn start_as(cfg: &Config, name: &str, files: &str, ram: &Ram, incoming: bool) -> Result<Self> {
+        let qmp_path = cfg.run_dir.join(format!("{files}.qmp"));
+        let log_path = cfg.run_dir.join(format!("{files}.log"));
         let _ = std::fs::remove_file(&qmp_path);
         let size = ram.size();
         let mut cmd = Command::new(&cfg.qemu);
@@ -142,7 +160,7 @@ impl L2 {
             // gathers them.
             cmd.args(["-overcommit", "mem-lock=on"]);
         }
-        let log = std::fs::File::create(cfg.run_dir.join(format!("{name}.log")))?;
+        let log = std::fs::File::create(&log_path)?;
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -155,7 +173,7 @@ impl L2 {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let log = std::fs::read_to_string(cfg.run_dir.join(format!("{name}.log"))).unwrap_or_default();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(e.context(format!("L2 {name}: QEMU log: {}", log.trim())));
             }
         };
@@ -293,23 +311,7 @@ impl L2 {
     /// Waits for the save [`Self::begin_save`] started; resumes the L2 if
     /// it failed.
     fn finish_save(&mut self, cfg: &Config, into: Option<&mut StateWindow>) -> Result<Saved> {
-        let Some(Pending::Save { stopped, out }) = self.pending.take() else {
-            bail!("L2 {} has no save under way", self.name);
-        };
-        let migrated = self.qmp.wait_migration(cfg.timeout);
-        let qemu_save_ms = migrated.as_ref().ok().and_then(|info| info["total-time"].as_u64());
-        let saved = out.collect(migrated.is_ok()).and_then(|bytes| {
-            migrated?;
-            anyhow::Ok(bytes)
-        });
-        let bytes = match saved {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = self.resume();
-                return Err(e.context(format!("saving L2 {} (resumed)", self.name)));
-            }
-        };
-        self.saved_workload = self.read_header().ok();
+        let SavedStream { bytes, stopped, qemu_save_ms } = self.collect_save(cfg)?;
         let state_at = into.and_then(|w| w.put(&bytes));
         let state = if state_at.is_some() { String::new() } else { crate::state::encode(&bytes)? };
         Ok(Saved {
@@ -350,6 +352,29 @@ impl L2 {
             // of the QEMU, and this runs inside the L2's downtime.
             thp_bytes: if first == 0 { ram::thp_bytes(self.pid(), hva)? } else { 0 },
         })
+    }
+
+    /// Waits for the save [`Self::begin_save`] started and returns its
+    /// stream; resumes the L2 if it failed.
+    pub fn collect_save(&mut self, cfg: &Config) -> Result<SavedStream> {
+        let Some(Pending::Save { stopped, out }) = self.pending.take() else {
+            bail!("L2 {} has no save under way", self.name);
+        };
+        let migrated = self.qmp.wait_migration(cfg.timeout);
+        let qemu_save_ms = migrated.as_ref().ok().and_then(|info| info["total-time"].as_u64());
+        let saved = out.collect(migrated.is_ok()).and_then(|bytes| {
+            migrated?;
+            anyhow::Ok(bytes)
+        });
+        let bytes = match saved {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.resume();
+                return Err(e.context(format!("saving L2 {} (resumed)", self.name)));
+            }
+        };
+        self.saved_workload = self.read_header().ok();
+        Ok(SavedStream { bytes, stopped, qemu_save_ms })
     }
 
     /// Resumes a saved L2 where it was (a migration rolled back).
@@ -502,6 +527,23 @@ impl L2 {
             bail!("L2 {}: query-cpus-fast named no vCPU thread", self.name);
         }
         Ok(tids)
+    }
+
+    /// This QEMU's downtime marks, for an L2 that `old` ran until it was
+    /// saved into this one (`upgrade-l2s`): `old`'s last guest exit, this
+    /// one's first entry (waiting up to `wait` for it). Kept, so that
+    /// `query-l2-marks` reports both.
+    pub fn marks_after(&mut self, old: &mut L2, wait: Duration) -> L2Marks {
+        let exit = old.marks(Duration::ZERO);
+        let mut marks = self.marks(wait);
+        marks.last_guest_exit_ns = exit.last_guest_exit_ns;
+        self.marks.last_guest_exit_ns = exit.last_guest_exit_ns;
+        if let Some(e) = exit.error {
+            let e = marks.error.map_or(e.clone(), |mine| format!("{mine}; {e}"));
+            self.marks.error = Some(e.clone());
+            marks.error = Some(e);
+        }
+        marks
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).

@@ -1,7 +1,7 @@
 //! vmbeam-agent: runs inside a real L1 hypervisor (Linux + KVM + QEMU) and
 //! drives its L2 QEMUs for L0's `vmbeamctl`: starts L2s on windows, saves
 //! an L2's CPU and device state, restores one on a window, kills the ones
-//! that moved away. It speaks `vmbeam::control::agent` over a virtio-serial
+//! that moved away, replaces an L2's QEMU in place (`upgrade-l2s`). It speaks `vmbeam::control::agent` over a virtio-serial
 //! port (`vmbeam.agent`), which the L1's QEMU exposes at L0 as a Unix socket.
 //!
 //! ```text
@@ -35,6 +35,7 @@ mod ram;
 mod state;
 mod state_window;
 mod stream;
+mod upgrade;
 mod window;
 
 use l2::{Config, Ram, L2};
@@ -238,6 +239,11 @@ impl Agent {
                 let marks: Result<Vec<L2Marks>, ErrorBody> =
                     a.names.iter().map(|n| Ok(self.l2(n)?.marks(Duration::from_secs(1)))).collect();
                 marks.map(|m| json!(m))
+            }
+            "upgrade-l2s" => {
+                let a: Names = args(req)?;
+                self.check_names(&a.names).map_err(generic)?;
+                upgrade::upgrade(&self.cfg, &mut self.l2s, &a.names).map(|u| json!(u)).map_err(generic)
             }
             "poweroff" => {
                 for l2 in self.l2s.values_mut() {

@@ -27,10 +27,13 @@ use crate::{
     exe,
 };
 
-/// One migration's two L2s: the window one and the gathered one.
+/// One migration's two L2s: the window one and the gathered one; then
+/// QEMU's local upgrade of both in the clean L1, one sample per L2 (empty
+/// if it failed: the move's samples stand on their own).
 pub struct RealRun {
     pub window: Sample,
     pub gathered: Sample,
+    pub upgrade: Vec<Sample>,
 }
 
 /// A directory of L1s (QMP sockets, consoles, logs) whose QEMUs are killed
@@ -156,5 +159,47 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRu
         let downtime = l2["downtime_ms"].as_f64().ok_or(format!("{name}: no downtime"))?;
         Ok(Sample { downtime_ms: Some(downtime), ..sample })
     };
-    Ok(RealRun { window: of("vm0")?, gathered: of("vm1")? })
+    let (window, gathered) = (of("vm0")?, of("vm1")?);
+    let upgrade = local_upgrade(&clean_qmp, size).unwrap_or_else(|e| {
+        eprintln!("bench: real L1s {}: the local upgrade: {e}", size_name(size));
+        Vec::new()
+    });
+    Ok(RealRun { window, gathered, upgrade })
+}
+
+/// QEMU's own local upgrade (`vmbeamctl l1 upgrade-l2s`: x-ignore-shared
+/// from each L2's QEMU to a new one on the same window) of every L2 in the
+/// L1 that just received them: what the same L1 needs to restart the
+/// L2s' QEMU with nothing moved at L0, the peer of the move at its level.
+/// One sample per L2: its downtime (stop to `cont`, the agent's clock).
+fn local_upgrade(qmp: &Path, size: u64) -> Result<Vec<Sample>, String> {
+    let watch = MemWatch::start();
+    let (out, sample) = timed(|| vmbeamctl(&["l1", "upgrade-l2s", "--qmp", path(qmp), "--json"]));
+    let upgraded: Value = serde_json::from_slice(&out?.stdout).map_err(|e| format!("upgrade-l2s' reply: {e}"))?;
+    let l2s = upgraded.as_array().ok_or("upgrade-l2s' reply is no list")?;
+    let line: Vec<String> = l2s
+        .iter()
+        .map(|u| {
+            let marks = &u["marks"];
+            let kernel = match (marks["last_guest_exit_ns"].as_u64(), marks["first_guest_entry_ns"].as_u64()) {
+                (Some(exit), Some(entry)) => format!("{:.1}", entry.saturating_sub(exit) as f64 / 1e6),
+                _ => "-".into(),
+            };
+            format!(
+                "{} downtime {:.1} qemu_save {} state {} KiB kernel-marked {kernel}",
+                u["l2"]["name"],
+                u["downtime_us"].as_f64().unwrap_or(0.0) / 1e3,
+                u["qemu_save_ms"],
+                u["state_bytes"].as_u64().unwrap_or(0) >> 10
+            )
+        })
+        .collect();
+    eprintln!("bench: real L1s {}: local upgrade in the clean L1 (ms): {}", size_name(size), line.join("; "));
+    let sample = Sample { peak_extra_mib: peak(&watch), ..sample };
+    l2s.iter()
+        .map(|u| {
+            let downtime = u["downtime_us"].as_f64().ok_or("no downtime_us")? / 1e3;
+            Ok(Sample { downtime_ms: Some(downtime), ..sample })
+        })
+        .collect()
 }

@@ -275,6 +275,15 @@ fn main() {
             push(&mut rows, &format!("{both}: the one on a window"), size, &window);
             let gathered: Vec<Sample> = real.iter().map(|r| r.gathered).collect();
             push(&mut rows, &format!("{both}: the one gathered from L1 RAM"), size, &gathered);
+            // The peer at the same level, after the moves with state
+            // windows: both L2s run on windows in the clean L1 then.
+            if !over_link {
+                let windows = if huge { ", 2M windows and RAM" } else { "" };
+                let upgrade: Vec<Sample> = real.iter().flat_map(|r| r.upgrade.iter().copied()).collect();
+                let method =
+                    format!("real-L1 QEMU x-ignore-shared inside the L1 (local upgrade){windows}, 2 L2s at once");
+                push(&mut rows, &method, size, &upgrade);
+            }
         }
     }
     let Some(dir) = out_dir else {

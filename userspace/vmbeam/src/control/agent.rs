@@ -24,6 +24,7 @@
 //! | `mark-l2s`     | [`Names`]        | `{}`               |
 //! | `query-clock`  | –                | [`AgentClock`]     |
 //! | `query-l2-marks` | [`Names`]      | `[`[`L2Marks`]`]`  |
+//! | `upgrade-l2s`  | [`Names`]        | `[`[`Upgraded`]`]` |
 //! | `poweroff`     | –                | `{}` (then the L1 powers off) |
 //!
 //! Several L2s move side by side, so that one's downtime does not hold
@@ -64,6 +65,14 @@
 //! CLOCK_MONOTONIC, and `query-clock` lets L0 relate that clock to its own
 //! (the round trip bounds the error).
 //!
+//! `upgrade-l2s` replaces the QEMU of L2s on windows with a new one in the
+//! same L1: QEMU's own local upgrade (`x-ignore-shared` from one QEMU to
+//! the next, both mapping the window), no pages moved at L0. It is what
+//! rejuvenating only the L2s' QEMU costs, and the peer that `migrate-all`
+//! is measured against at the same level (`make bench`): the new QEMUs
+//! start before any L2 stops, then the stops, saves, loads and `cont`s run
+//! as in a move, without the trips to L0 and the pages' move between.
+//!
 //! An L2 started without a window runs on *ordinary* memory of the L1
 //! (`memory-backend-ram,share=on`, locked with `-overcommit mem-lock=on`):
 //! what an operator's existing L2s look like. `query-l2-frames` tells L0
@@ -96,6 +105,7 @@ pub const AGENT_COMMANDS: &[&str] = &[
     "mark-l2s",
     "query-clock",
     "query-l2-marks",
+    "upgrade-l2s",
     "poweroff",
 ];
 
@@ -379,6 +389,25 @@ pub struct L2Marks {
     pub first_guest_entry_ns: Option<u64>,
     /// Why a mark is missing (no tracefs in this L1, no event yet).
     pub error: Option<String>,
+}
+
+/// An L2 whose QEMU `upgrade-l2s` replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Upgraded {
+    /// The L2 as its new QEMU runs it.
+    pub l2: AgentL2,
+    /// The QEMU it left (killed).
+    pub old_pid: u32,
+    /// Microseconds from the old QEMU's `stop` to the new one's `cont`
+    /// returning, on the agent's clock.
+    pub downtime_us: u64,
+    /// Of those, the old QEMU's own save (its `total-time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_save_ms: Option<u64>,
+    /// The state stream's size: CPU and devices, none of the RAM.
+    pub state_bytes: u64,
+    /// The old QEMU's last guest exit and the new one's first entry.
+    pub marks: L2Marks,
 }
 
 #[cfg(test)]

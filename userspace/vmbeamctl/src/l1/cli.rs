@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use serde_json::json;
-use vmbeam::control::agent::{start_timeout, AgentL2, AgentStatus, StartL2};
+use vmbeam::control::agent::{start_timeout, AgentL2, AgentL2State, AgentStatus, Names, StartL2, Upgraded};
 
 use super::qemu::{self, LaunchArgs, QemuL1};
 
@@ -55,6 +55,22 @@ pub enum Command {
         #[arg(long, hide = true)]
         after_pid: Option<u32>,
     },
+    /// Replace the QEMU of L2s on windows with a new QEMU in the same L1:
+    /// QEMU's own local upgrade (x-ignore-shared; the RAM stays in its
+    /// window, only CPU and device state is copied), nothing moved at L0.
+    /// What rejuvenating just the L2s' QEMU costs: the peer of migrate-all
+    /// at the same level. Prints each L2's downtime.
+    UpgradeL2s {
+        /// The L1's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// An L2 to upgrade (again for more); default: every running L2 on
+        /// a window.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an L1's windows and L2 VMs (as its agent sees them).
     Status {
         #[arg(long)]
@@ -100,6 +116,7 @@ pub fn run(cmd: &Command) -> Result<()> {
                 println!("recover: {line}");
             }
         }
+        Command::UpgradeL2s { qmp, names, json } => upgrade_l2s(qmp, names, *json, timeout)?,
         Command::Status { qmp, json } => {
             let mut l1 = QemuL1::connect(qmp, timeout)?;
             let status: AgentStatus = l1.agent.call("query-status", ())?;
@@ -186,6 +203,46 @@ pub fn run(cmd: &Command) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `l1 upgrade-l2s`: the agent starts every new QEMU, then stops, saves,
+/// loads and resumes the L2s side by side.
+fn upgrade_l2s(qmp: &std::path::Path, names: &[String], json: bool, timeout: Duration) -> Result<()> {
+    // The new QEMUs' start, the saves and the loads, and the reply's trip.
+    let mut l1 = QemuL1::connect(qmp, 3 * timeout + Duration::from_secs(10))?;
+    let names = if names.is_empty() {
+        let vms: Vec<AgentL2> = l1.agent.call("query-vms", ())?;
+        let on_windows: Vec<String> = vms
+            .into_iter()
+            .filter(|v| v.window.is_some() && v.state == AgentL2State::Running)
+            .map(|v| v.name)
+            .collect();
+        anyhow::ensure!(!on_windows.is_empty(), "no running L2 on a window in this L1: nothing to upgrade");
+        on_windows
+    } else {
+        names.to_vec()
+    };
+    let upgraded: Vec<Upgraded> = l1.agent.call("upgrade-l2s", Names { names })?;
+    if json {
+        println!("{}", serde_json::to_string(&upgraded)?);
+        return Ok(());
+    }
+    for u in &upgraded {
+        let kernel = match (u.marks.last_guest_exit_ns, u.marks.first_guest_entry_ns) {
+            (Some(exit), Some(entry)) => format!("{:.1} ms", entry.saturating_sub(exit) as f64 / 1e6),
+            _ => format!("not marked ({})", u.marks.error.as_deref().unwrap_or("no trace")),
+        };
+        println!(
+            "{}: QEMU {} -> {}, downtime {:.1} ms (QEMU's save {} ms, state {} KiB; by the L1 kernel {kernel})",
+            u.l2.name,
+            u.old_pid,
+            u.l2.pid,
+            u.downtime_us as f64 / 1e3,
+            u.qemu_save_ms.map_or("?".into(), |m| m.to_string()),
+            u.state_bytes.div_ceil(1024),
+        );
     }
     Ok(())
 }
