@@ -68,26 +68,33 @@ pub fn upgrade(cfg: &Config, l2s: &mut BTreeMap<String, L2>, names: &[String]) -
             Err(e) => failed.push(give_back(p, e)),
         }
     }
-    let mut done = Vec::new();
+    // Each resumes as soon as its own state has loaded; the marks are read
+    // and the old QEMUs killed only once every L2 runs (neither may hold
+    // up the next one's resume).
+    let mut resumed = Vec::new();
     for (mut p, s) in loading {
         match p.new.finish_restore(cfg) {
             Ok(_) => {
                 let downtime_us = s.stopped.elapsed().as_micros() as u64;
-                let marks = p.new.marks_after(&mut p.old, FIRST_ENTRY_WAIT);
-                let old_pid = p.old.pid();
-                p.old.kill();
-                done.push(Upgraded {
-                    l2: p.new.info(),
-                    old_pid,
-                    downtime_us,
-                    qemu_save_ms: s.qemu_save_ms,
-                    state_bytes: s.state_bytes,
-                    marks,
-                });
-                l2s.insert(p.name, p.new);
+                resumed.push((p, s, downtime_us));
             }
             Err(e) => failed.push(give_back(p, e)),
         }
+    }
+    let mut done = Vec::new();
+    for (mut p, s, downtime_us) in resumed {
+        let marks = p.new.marks_after(&mut p.old, FIRST_ENTRY_WAIT);
+        let old_pid = p.old.pid();
+        p.old.kill();
+        done.push(Upgraded {
+            l2: p.new.info(),
+            old_pid,
+            downtime_us,
+            qemu_save_ms: s.qemu_save_ms,
+            state_bytes: s.state_bytes,
+            marks,
+        });
+        l2s.insert(p.name, p.new);
     }
     // The ones not upgraded run on in their old QEMU.
     let not_upgraded: Vec<String> = failed
