@@ -29,7 +29,8 @@ use crate::{
 
 /// One migration's two L2s: the window one and the gathered one; then
 /// QEMU's local upgrade of both in the clean L1, one sample per L2 (empty
-/// if it failed: the move's samples stand on their own).
+/// if it failed, the move's samples standing on their own, or not run:
+/// states over the links).
 pub struct RealRun {
     pub window: Sample,
     pub gathered: Sample,
@@ -63,26 +64,30 @@ fn path(p: &Path) -> &str {
 
 /// Boots an aged L1 with one L2 of `size` on a window and one on its own
 /// memory, a clean L1 with an empty window, and moves both L2s. A failed
-/// run's error ends with the last lines of both L1s' consoles (the agents
-/// log every request there).
+/// run's error ends with where the L1s stand ([`L1Dir::where_things_stand`]).
 pub fn migrate_all(size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
     let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
-    one_run(&dir, size, huge, over_link).map_err(|e| {
+    one_run(&dir, size, huge, over_link).map_err(|e| format!("{e}\n{}", dir.where_things_stand()))
+}
+
+impl L1Dir {
+    /// The last lines of both L1s' consoles (the agents log every request
+    /// there) and where their vCPUs are (tests/nested/l1-cpus.py; the bench
+    /// runs from the project root): is a silent L1 hung or busy?
+    fn where_things_stand(&self) -> String {
         let tail = |name: &str| {
-            let console = std::fs::read_to_string(dir.0.join(format!("{name}.console"))).unwrap_or_default();
+            let console = std::fs::read_to_string(self.0.join(format!("{name}.console"))).unwrap_or_default();
             let lines: Vec<&str> = console.lines().collect();
             lines[lines.len().saturating_sub(8)..].join(" | ")
         };
-        // Where the L1s' vCPUs are (tests/nested/l1-cpus.py; the bench
-        // runs from the project root): is a silent L1 hung or busy?
         let cpus = std::process::Command::new("python3")
             .arg("tests/nested/l1-cpus.py")
-            .args(["aged", "clean"].map(|n| dir.0.join(format!("{n}.qmp"))).iter().filter(|p| p.exists()))
+            .args(["aged", "clean"].map(|n| self.0.join(format!("{n}.qmp"))).iter().filter(|p| p.exists()))
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        format!("{e}\n  aged console: {}\n  clean console: {}\n{}", tail("aged"), tail("clean"), cpus.trim_end())
-    })
+        format!("  aged console: {}\n  clean console: {}\n{}", tail("aged"), tail("clean"), cpus.trim_end())
+    }
 }
 
 fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
@@ -160,10 +165,15 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRu
         Ok(Sample { downtime_ms: Some(downtime), ..sample })
     };
     let (window, gathered) = (of("vm0")?, of("vm1")?);
-    let upgrade = local_upgrade(&clean_qmp, size).unwrap_or_else(|e| {
-        eprintln!("bench: real L1s {}: the local upgrade: {e}", size_name(size));
+    // (Its row is the peer of the runs with state windows.)
+    let upgrade = if over_link {
         Vec::new()
-    });
+    } else {
+        local_upgrade(&clean_qmp, size).unwrap_or_else(|e| {
+            eprintln!("bench: real L1s {}: the local upgrade: {e}\n{}", size_name(size), dir.where_things_stand());
+            Vec::new()
+        })
+    };
     Ok(RealRun { window, gathered, upgrade })
 }
 
