@@ -535,15 +535,13 @@ impl L2 {
     /// `query-l2-marks` reports both.
     pub fn marks_after(&mut self, old: &mut L2, wait: Duration) -> L2Marks {
         let exit = old.marks(Duration::ZERO);
-        let mut marks = self.marks(wait);
-        marks.last_guest_exit_ns = exit.last_guest_exit_ns;
+        self.read_marks(wait);
         self.marks.last_guest_exit_ns = exit.last_guest_exit_ns;
         if let Some(e) = exit.error {
-            let e = marks.error.map_or(e.clone(), |mine| format!("{mine}; {e}"));
-            self.marks.error = Some(e.clone());
-            marks.error = Some(e);
+            self.marks.error = Some(self.marks.error.take().map_or(e.clone(), |mine| format!("{mine}; {e}")));
         }
-        marks
+        // Nothing is traced any more: this only reports.
+        self.marks(Duration::ZERO)
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).

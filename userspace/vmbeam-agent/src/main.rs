@@ -1,8 +1,9 @@
 //! vmbeam-agent: runs inside a real L1 hypervisor (Linux + KVM + QEMU) and
 //! drives its L2 QEMUs for L0's `vmbeamctl`: starts L2s on windows, saves
 //! an L2's CPU and device state, restores one on a window, kills the ones
-//! that moved away, replaces an L2's QEMU in place (`upgrade-l2s`). It speaks `vmbeam::control::agent` over a virtio-serial
-//! port (`vmbeam.agent`), which the L1's QEMU exposes at L0 as a Unix socket.
+//! that moved away, replaces an L2's QEMU in place (`upgrade-l2s`). It
+//! speaks `vmbeam::control::agent` over a virtio-serial port
+//! (`vmbeam.agent`), which the L1's QEMU exposes at L0 as a Unix socket.
 //!
 //! ```text
 //! vmbeam-agent [--port NAME | --listen SOCKET] [--name L1NAME]

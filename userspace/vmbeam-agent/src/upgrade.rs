@@ -45,13 +45,15 @@ pub fn upgrade(cfg: &Config, l2s: &mut BTreeMap<String, L2>, names: &[String]) -
     // side, each in its old QEMU's migration thread.
     for i in 0..pairs.len() {
         if let Err(e) = pairs[i].old.begin_save(cfg) {
-            for begun in &mut pairs[..i] {
-                let _ = begun.old.resume();
-            }
-            for p in &mut pairs {
+            // (The one that failed resumed itself, if it had stopped.)
+            for (j, mut p) in pairs.into_iter().enumerate() {
+                if j < i {
+                    let _ = p.old.resume();
+                }
                 p.new.kill();
+                l2s.insert(p.name, p.old);
             }
-            return Err(e.context("no L2 stays stopped"));
+            return Err(e.context("no L2 stays stopped; each runs on in its old QEMU"));
         }
     }
     let saved: Vec<Result<SavedStream>> = pairs.iter_mut().map(|p| p.old.collect_save(cfg)).collect();
