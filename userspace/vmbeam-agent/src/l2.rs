@@ -17,12 +17,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vmbeam::{
-    control::agent::{start_timeout, AgentL2, AgentL2State, L2Frames, L2Marks, Saved, Workload, MAX_FRAMES_PER_REPLY},
+    control::agent::{start_timeout, AgentL2, AgentL2State, L2Frames, Saved, Workload, MAX_FRAMES_PER_REPLY},
     qmp::Qmp,
 };
 
+mod tracing;
+
 use crate::{
-    marks::{GuestMarks, Mark},
+    marks::Mark,
     ram,
     state_window::StateWindow,
     stream,
@@ -90,20 +92,13 @@ pub struct L2 {
     /// A save or a load QEMU is doing in the background.
     pending: Option<Pending>,
     /// Its downtime as this L1's kernel saw it (`query-l2-marks`).
-    marks: Marks,
+    marks: tracing::Marks,
     /// A state sent ahead (`stage-l2`) for an incoming L2, decoded, until
     /// `load-l2` loads it.
     staged: Option<Vec<u8>>,
-}
-
-/// The kernel-event marks of one L2 ([`crate::marks`]): what is being
-/// traced, and what was read.
-#[derive(Default)]
-struct Marks {
-    tracing: Option<GuestMarks>,
-    last_guest_exit_ns: Option<u64>,
-    first_guest_entry_ns: Option<u64>,
-    error: Option<String>,
+    /// Where an incoming QEMU listens for its state (`migrate-incoming`
+    /// is given at its start, out of the downtime).
+    incoming: Option<PathBuf>,
 }
 
 /// A state [`L2::collect_save`] collected.
@@ -199,8 +194,9 @@ impl L2 {
             detail: None,
             saved_workload: None,
             pending: None,
-            marks: Marks::default(),
+            marks: tracing::Marks::default(),
             staged: None,
+            incoming: None,
         };
         if incoming {
             l2.state = AgentL2State::Incoming;
@@ -213,6 +209,17 @@ impl L2 {
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
         )?;
+        if incoming {
+            // Listening from now on: the load only connects and writes. A
+            // `migrate-incoming` in the load was a QMP round trip inside
+            // the downtime (20-50 ms in an L1 under TCG).
+            let path = cfg.run_dir.join(format!("{files}.in.sock"));
+            let _ = std::fs::remove_file(&path);
+            l2.qmp
+                .execute("migrate-incoming", json!({"uri": stream::Incoming::uri(&path)}))
+                .with_context(|| format!("L2 {name}: migrate-incoming"))?;
+            l2.incoming = Some(path);
+        }
         Ok(l2)
     }
 
@@ -391,7 +398,7 @@ impl L2 {
         self.qmp.execute("cont", json!({}))?;
         self.state = AgentL2State::Running;
         // It runs on here: a last exit traced for a move means nothing now.
-        self.marks = Marks::default();
+        self.marks = tracing::Marks::default();
         Ok(())
     }
 
@@ -399,18 +406,15 @@ impl L2 {
     /// staged) into an L2 started with `incoming` (QEMU loads it in the
     /// background; its QEMU took `start_us` to start);
     /// [`Self::finish_restore`] runs it.
-    pub fn begin_restore(&mut self, cfg: &Config, given: Option<Vec<u8>>, start_us: u64) -> Result<()> {
+    pub fn begin_restore(&mut self, given: Option<Vec<u8>>, start_us: u64) -> Result<()> {
         let bytes = match (given, self.staged.take()) {
             (Some(given), _) => given,
             (None, Some(staged)) => staged,
             (None, None) => bail!("L2 {}: no state given and none staged (stage-l2)", self.name),
         };
-        let path = cfg.run_dir.join(format!("{}.in.sock", self.name));
-        let _ = std::fs::remove_file(&path);
-        // QEMU listens once the command returns.
-        self.qmp
-            .execute("migrate-incoming", json!({"uri": stream::Incoming::uri(&path)}))
-            .with_context(|| format!("restoring L2 {}", self.name))?;
+        let Some(path) = self.incoming.clone() else {
+            bail!("L2 {} was not started to take a state (-incoming)", self.name);
+        };
         let into = stream::Incoming::send(path, bytes);
         self.pending = Some(Pending::Load { start_us, into });
         if !self.is_marking(Mark::FirstEntry) {
@@ -451,108 +455,26 @@ impl L2 {
             self.qmp.execute("cont", json!({}))?;
             anyhow::Ok(())
         })();
-        let _ = std::fs::remove_file(cfg.run_dir.join(format!("{}.in.sock", self.name)));
+        if let Some(path) = self.incoming.take() {
+            let _ = std::fs::remove_file(path);
+        }
         loaded.with_context(|| format!("restoring L2 {}", self.name))?;
         self.state = AgentL2State::Running;
         Ok(start_us)
-    }
-
-    /// Starts tracing its last guest exit ahead of a save (`mark-l2s`).
-    pub fn mark_before_save(&mut self) -> Result<()> {
-        if self.state != AgentL2State::Running {
-            bail!("L2 {} is {:?}, not running", self.name, self.state);
-        }
-        self.trace_marks(Mark::LastExit);
-        Ok(())
-    }
-
-    fn is_marking(&self, mark: Mark) -> bool {
-        self.marks.tracing.as_ref().is_some_and(|t| t.mark() == mark)
-    }
-
-    /// Starts tracing `mark` of this L2's vCPU threads (forgetting earlier
-    /// marks); a failure is kept for `query-l2-marks` to report, never
-    /// fails the move. The trace is read by [`Self::marks`], after the
-    /// downtime: a stopped vCPU makes no new exit, and a first entry is
-    /// never overwritten.
-    fn trace_marks(&mut self, mark: Mark) {
-        self.marks = Marks::default();
-        let pid = self.pid();
-        let started = self.vcpu_threads().and_then(|tids| GuestMarks::start(&self.name, pid, mark, &tids));
-        match started {
-            Ok(t) => self.marks.tracing = Some(t),
-            Err(e) => self.marks.error = Some(format!("{e:#}")),
-        }
-    }
-
-    /// Reads the mark being traced (waiting up to `wait` for a first
-    /// entry) and stops tracing it.
-    fn read_marks(&mut self, wait: Duration) {
-        let Some(tracing) = self.marks.tracing.take() else { return };
-        let mark = tracing.mark();
-        match tracing.read(wait) {
-            Ok(Some(ns)) if mark == Mark::LastExit => self.marks.last_guest_exit_ns = Some(ns),
-            Ok(Some(ns)) => self.marks.first_guest_entry_ns = Some(ns),
-            Ok(None) => {
-                let events = match mark {
-                    Mark::LastExit => "kvm_exit or kvm_userspace_exit",
-                    Mark::FirstEntry => "kvm_entry",
-                };
-                self.marks.error = Some(format!("no {events} of L2 {}'s vCPU threads traced", self.name));
-            }
-            Err(e) => self.marks.error = Some(format!("{e:#}")),
-        }
-    }
-
-    /// The downtime marks (`query-l2-marks`): waits up to `wait` for a
-    /// first guest entry still being traced.
-    pub fn marks(&mut self, wait: Duration) -> L2Marks {
-        self.read_marks(wait);
-        L2Marks {
-            name: self.name.clone(),
-            last_guest_exit_ns: self.marks.last_guest_exit_ns,
-            first_guest_entry_ns: self.marks.first_guest_entry_ns,
-            error: self.marks.error.clone(),
-        }
-    }
-
-    /// The threads of its QEMU that run its vCPUs.
-    fn vcpu_threads(&mut self) -> Result<Vec<u32>> {
-        let cpus = self.qmp.execute("query-cpus-fast", json!({}))?;
-        let tids: Vec<u32> = cpus
-            .as_array()
-            .map(|a| a.iter().filter_map(|c| c["thread-id"].as_u64()).map(|t| t as u32).collect())
-            .unwrap_or_default();
-        if tids.is_empty() {
-            bail!("L2 {}: query-cpus-fast named no vCPU thread", self.name);
-        }
-        Ok(tids)
-    }
-
-    /// This QEMU's downtime marks, for an L2 that `old` ran until it was
-    /// saved into this one (`upgrade-l2s`): `old`'s last guest exit, this
-    /// one's first entry (waiting up to `wait` for it). Kept, so that
-    /// `query-l2-marks` reports both.
-    pub fn marks_after(&mut self, old: &mut L2, wait: Duration) -> L2Marks {
-        let exit = old.marks(Duration::ZERO);
-        self.read_marks(wait);
-        self.marks.last_guest_exit_ns = exit.last_guest_exit_ns;
-        if let Some(e) = exit.error {
-            self.marks.error = Some(self.marks.error.take().map_or(e.clone(), |mine| format!("{mine}; {e}")));
-        }
-        // Nothing is traced any more: this only reports.
-        self.marks(Duration::ZERO)
     }
 
     /// Ends the QEMU at once (its L2 moved: it must never run again here).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(path) = self.incoming.take() {
+            let _ = std::fs::remove_file(path);
+        }
         self.state = AgentL2State::Exited;
         self.detail = Some("moved away; QEMU killed".into());
         // Its trace instance goes with it (a migration reads its marks
         // before it retires the aged copy).
-        self.marks = Marks::default();
+        self.marks = tracing::Marks::default();
     }
 }
 

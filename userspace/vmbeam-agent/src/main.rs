@@ -33,6 +33,7 @@ mod l2;
 mod marks;
 mod port;
 mod ram;
+mod request_log;
 mod state;
 mod state_window;
 mod stream;
@@ -40,6 +41,7 @@ mod upgrade;
 mod window;
 
 use l2::{Config, Ram, L2};
+use request_log::RequestLog;
 use state_window::StateWindow;
 
 #[derive(Debug, Parser)]
@@ -69,6 +71,9 @@ struct Args {
     timeout_s: u64,
 }
 
+/// What one L2's saved state takes in the outbox, about: QEMU 7.2's
+/// stream of our L2 machine is 311 KiB (mostly its ROMs).
+const EXPECTED_STATE_BYTES: u64 = 384 << 10;
 /// RAM of an L2 on ordinary memory unless `start-l2` says.
 const DEFAULT_L2_SIZE: u64 = 16 << 20;
 /// The workload's header sits at 2 MiB, its data above it.
@@ -82,6 +87,7 @@ struct Agent {
     state_window: Option<StateWindow>,
     /// The L2s `save-l2s` began saving into the state window.
     saving_into_window: BTreeSet<String>,
+    log: RequestLog,
 }
 
 fn main() -> Result<()> {
@@ -97,14 +103,23 @@ fn main() -> Result<()> {
         run_dir: args.run_dir.clone(),
         timeout: Duration::from_secs(args.timeout_s),
     };
-    let mut agent = Agent { args, cfg, l2s: BTreeMap::new(), state_window: None, saving_into_window: BTreeSet::new() };
+    let mut agent = Agent {
+        args,
+        cfg,
+        l2s: BTreeMap::new(),
+        state_window: None,
+        saving_into_window: BTreeSet::new(),
+        log: RequestLog::default(),
+    };
     let mut link = match &agent.args.listen {
         Some(path) => port::Link::listen(path)?,
         None => port::Link::virtio(&agent.args.port)?,
     };
     loop {
         let stream = link.accept()?;
-        if let Err(e) = agent.serve(stream) {
+        let served = agent.serve(stream);
+        agent.log.flush();
+        if let Err(e) = served {
             eprintln!("vmbeam-agent: session ended: {e:#}");
         }
     }
@@ -142,27 +157,26 @@ impl Agent {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue; // a client ending a line a dead one left half-written
             }
-            let mut power_off = false;
-            let reply = match serde_json::from_slice::<Request>(&line) {
-                Ok(req) if req.execute == "greeting" => {
-                    send(&mut writer, &serde_json::json!({"greeting": greeting.greeting, "id": req.id}))?;
+            let req = match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => req,
+                Err(e) => {
+                    send(&mut writer, &Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None))?;
                     continue;
                 }
-                Ok(req) => {
-                    eprintln!("vmbeam-agent: {}", req.execute);
-                    let id = req.id.clone();
-                    match self.dispatch(&req) {
-                        Ok(v) => {
-                            power_off = req.execute == "poweroff";
-                            Reply::ok(v, id)
-                        }
-                        Err(e) => Reply::err(e, id),
-                    }
-                }
-                Err(e) => Reply::err(ErrorBody::generic(format!("malformed request: {e}")), None),
             };
-            send(&mut writer, &reply)?;
-            if power_off {
+            if req.execute == "greeting" {
+                send(&mut writer, &serde_json::json!({"greeting": greeting.greeting, "id": req.id}))?;
+                continue;
+            }
+            let reply = match self.dispatch(&req) {
+                Ok(v) => Reply::ok(v, req.id.clone()),
+                Err(e) => Reply::err(e, req.id.clone()),
+            };
+            let sent = send(&mut writer, &reply);
+            self.log.served(&req.execute);
+            sent?;
+            if req.execute == "poweroff" && reply.error.is_none() {
+                self.log.flush();
                 poweroff(); // after the reply: L0 learns it was taken
             }
         }
@@ -403,6 +417,7 @@ impl Agent {
         if into_window {
             if let Some(w) = self.state_window() {
                 w.begin();
+                w.prefault(names.len() as u64 * EXPECTED_STATE_BYTES);
                 self.saving_into_window.extend(names.iter().cloned());
             }
         }
@@ -473,7 +488,7 @@ impl Agent {
             }
         };
         let start_us = if prepared { 0 } else { arrived.elapsed().as_micros() as u64 };
-        let begun = l2.begin_restore(&self.cfg, given, start_us);
+        let begun = l2.begin_restore(given, start_us);
         if begun.is_err() {
             l2.kill();
         }
@@ -483,30 +498,35 @@ impl Agent {
     }
 
     /// Resumes every L2 named as soon as its own state has loaded. One that
-    /// fails is killed; the others run.
+    /// fails is killed; the others run. What the reply says of each is
+    /// gathered once all run: reading an L2's header maps a page of its
+    /// window, work that would otherwise delay the next L2's `cont`.
     fn resume_loaded(&mut self, names: &[String]) -> Result<Vec<Restored>> {
         let arrived = Instant::now();
         self.check_names(names)?;
         let cfg = self.cfg.clone();
-        let mut done = Vec::new();
+        let mut resumed = Vec::new();
         let mut failed = None;
         for name in names {
             let Some(l2) = self.l2s.get_mut(name) else { continue };
             match l2.finish_restore(&cfg) {
-                Ok(start_us) => {
-                    let resumed_after_us = arrived.elapsed().as_micros() as u64;
-                    done.push(Restored { l2: l2.info(), resumed_after_us, start_us });
-                }
+                Ok(start_us) => resumed.push((name, arrived.elapsed().as_micros() as u64, start_us)),
                 Err(e) => {
                     l2.kill();
                     failed.get_or_insert(e);
                 }
             }
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(done),
+        if let Some(e) = failed {
+            return Err(e);
         }
+        Ok(resumed
+            .into_iter()
+            .filter_map(|(name, resumed_after_us, start_us)| {
+                let l2 = self.l2s.get_mut(name)?.info();
+                Some(Restored { l2, resumed_after_us, start_us })
+            })
+            .collect())
     }
 }
 

@@ -84,6 +84,28 @@ impl StateWindow {
         self.next = 0;
     }
 
+    /// Touches the outbox's first `bytes` (each page read and written back
+    /// as it is), before the L2s stop: L0 maps this L1's view of a page at
+    /// its first touch, and the pages a move took away were replaced by
+    /// pages this L1 never touched. At `put` those ~80 faults per state
+    /// (~40 µs each under TCG) fell inside the downtime, on the vCPU the
+    /// other L2s' saves need; here they come before it.
+    ///
+    /// Only for an outbox that L0 said is whole (`save-l2s` asks for the
+    /// state window only then): touching a page missing at L0 stops the L1.
+    pub fn prefault(&mut self, bytes: u64) {
+        let base = self.outbox.as_ptr().cast::<u8>();
+        for page in 0..bytes.min(HALF).div_ceil(PAGE) {
+            // SAFETY: inside the outbox (at most HALF bytes, the length of
+            // the read-write mapping of the invariant); volatile, so that
+            // the touches are made, and the byte written is the one read.
+            unsafe {
+                let at = base.add((page * PAGE) as usize);
+                at.write_volatile(at.read_volatile());
+            }
+        }
+    }
+
     /// Writes `stream` into the outbox after the states before it, page
     /// aligned: where it went, or `None` if it does not fit (it goes over
     /// the link then).
@@ -157,6 +179,8 @@ mod tests {
         assert_eq!(&bytes[8192..8196], b"QEVM");
         assert!(w.put(&vec![1; HALF as usize]).is_none(), "past the outbox's end");
         w.begin();
+        w.prefault(HALF + 4096);
+        assert_eq!(fs::read(&path).unwrap(), bytes, "prefaulting changes no byte");
         assert_eq!(w.put(&vec![1; HALF as usize]).map(|a| a.offset), Some(0), "a new set starts over");
         let _ = fs::remove_file(path);
     }

@@ -62,7 +62,7 @@ pub fn upgrade(cfg: &Config, l2s: &mut BTreeMap<String, L2>, names: &[String]) -
     for (mut p, saved) in pairs.into_iter().zip(saved) {
         let begun = saved.and_then(|SavedStream { bytes, stopped, qemu_save_ms }| {
             let state_bytes = bytes.len() as u64;
-            p.new.begin_restore(cfg, Some(bytes), 0)?;
+            p.new.begin_restore(Some(bytes), 0)?;
             Ok(Loading { stopped, qemu_save_ms, state_bytes })
         });
         match begun {

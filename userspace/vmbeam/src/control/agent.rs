@@ -51,8 +51,10 @@
 //! own migration and the `x-ignore-shared` capability: its RAM is the
 //! window, which the stream skips. The L2 stays stopped until `resume-l2`
 //! (a rollback) or `kill-l2` (it moved). `prepare-l2` starts the receiving
-//! QEMU on a window with `-incoming defer`, before the pause: starting
-//! touches none of its RAM, so the window may still be empty. `restore-l2`
+//! QEMU on a window with `-incoming defer`, before the pause, and has it
+//! listen for its state there and then (`migrate-incoming`: one QMP round
+//! trip less in the downtime): starting touches none of its RAM, so the
+//! window may still be empty. `restore-l2`
 //! loads the state into that QEMU (or starts one, if none was prepared)
 //! and resumes it. It runs once the window's pages have arrived: loading a
 //! state writes guest RAM (kvmvapic patches its ROM copy at 0xc0000).
