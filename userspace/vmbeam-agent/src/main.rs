@@ -71,9 +71,6 @@ struct Args {
     timeout_s: u64,
 }
 
-/// What one L2's saved state takes in the outbox, about: QEMU 7.2's
-/// stream of our L2 machine is 311 KiB (mostly its ROMs).
-const EXPECTED_STATE_BYTES: u64 = 384 << 10;
 /// RAM of an L2 on ordinary memory unless `start-l2` says.
 const DEFAULT_L2_SIZE: u64 = 16 << 20;
 /// The workload's header sits at 2 MiB, its data above it.
@@ -416,8 +413,7 @@ impl Agent {
         self.saving_into_window.clear();
         if into_window {
             if let Some(w) = self.state_window() {
-                w.begin();
-                w.prefault(names.len() as u64 * EXPECTED_STATE_BYTES);
+                w.begin(names.len());
                 self.saving_into_window.extend(names.iter().cloned());
             }
         }

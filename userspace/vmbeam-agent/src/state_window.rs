@@ -21,6 +21,9 @@ use vmbeam::control::state_window::{self, StateAt, HALF, INBOX, OUTBOX, SLOT};
 use crate::window;
 
 const PAGE: u64 = 4096;
+/// What one L2's saved state takes in the outbox, about: QEMU 7.2's
+/// stream of our L2 machine is 311 KiB (mostly its ROMs).
+const EXPECTED_STATE_BYTES: u64 = 384 << 10;
 
 /// The state window's BAR, its outbox mapped.
 ///
@@ -78,10 +81,13 @@ impl StateWindow {
         self.size
     }
 
-    /// Starts a new set of states (`save-l2s`): the outbox's earlier ones
-    /// have been moved out or are no longer wanted.
-    pub fn begin(&mut self) {
+    /// Starts a new set of `states` states (`save-l2s`), before any L2
+    /// stops: the outbox's earlier ones have been moved out or are no
+    /// longer wanted, and the pages the new ones will take are touched
+    /// ([`Self::prefault`]).
+    pub fn begin(&mut self, states: usize) {
         self.next = 0;
+        self.prefault(states as u64 * EXPECTED_STATE_BYTES);
     }
 
     /// Touches the outbox's first `bytes` (each page read and written back
@@ -93,7 +99,7 @@ impl StateWindow {
     ///
     /// Only for an outbox that L0 said is whole (`save-l2s` asks for the
     /// state window only then): touching a page missing at L0 stops the L1.
-    pub fn prefault(&mut self, bytes: u64) {
+    fn prefault(&mut self, bytes: u64) {
         let base = self.outbox.as_ptr().cast::<u8>();
         for page in 0..bytes.min(HALF).div_ceil(PAGE) {
             // SAFETY: inside the outbox (at most HALF bytes, the length of
@@ -178,7 +184,7 @@ mod tests {
         assert!(bytes[..5000].iter().all(|&x| x == 7) && bytes[5000..8192].iter().all(|&x| x == 0));
         assert_eq!(&bytes[8192..8196], b"QEVM");
         assert!(w.put(&vec![1; HALF as usize]).is_none(), "past the outbox's end");
-        w.begin();
+        w.begin(0);
         w.prefault(HALF + 4096);
         assert_eq!(fs::read(&path).unwrap(), bytes, "prefaulting changes no byte");
         assert_eq!(w.put(&vec![1; HALF as usize]).map(|a| a.offset), Some(0), "a new set starts over");
