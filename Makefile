@@ -33,8 +33,11 @@ CARGO ?= cargo
 
 all: module userspace
 
+# A fresh clone's target/ starts from the dependencies an earlier build
+# compiled (scripts/cargo-cache.sh; cargo's fingerprints still decide).
 deps:
 	@scripts/deps.sh
+	@scripts/cargo-cache.sh restore
 
 kernel: deps
 	@scripts/kernel.sh >/dev/null
@@ -44,6 +47,7 @@ module: kernel
 
 userspace: deps
 	$(CARGO) build --workspace --all-targets
+	@scripts/cargo-cache.sh save
 
 test: lint module userspace l1-image
 	$(CARGO) test --workspace

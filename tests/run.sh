@@ -38,8 +38,13 @@ memory=7G extra=()
 # paging (about one boot in three, with a sane VMCB: README, Known
 # flakiness); without it, 6 of 6 boots passed. The selftests, the bench
 # and the demo keep it (KVM_PRE_FAULT_MEMORY and 2 MiB stage-2 need it).
-l0_args=
-case $mode in --nested | --nested-smoke) l0_args="kvm_amd.npt=0 " ;; esac
+l0_args= svm_fields=
+case $mode in --nested | --nested-smoke)
+	l0_args="kvm_amd.npt=0 "
+	# Where the nested tests' L1 history looks in KVM (read here, natively).
+	svm_fields=$("$VMBEAM_ROOT/tests/nested/svm-fields.sh" "$kdir/vmlinux")
+	;;
+esac
 if [ "$mode" = --bench ]; then
 	memory=12G
 	mkdir -p "$VMBEAM_ROOT/results"
@@ -59,7 +64,7 @@ boot() {
 	--cpus 2 --memory "${VMBEAM_VNG_MEMORY:-$memory}" --qemu-opts="-cpu max" ${extra[@]+"${extra[@]}"} \
 	--append "${l0_args}PATH=$VMBEAM_ROOT/tests/vng-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
 	--cwd "$VMBEAM_ROOT" \
-	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_NESTED_L2S=${VMBEAM_NESTED_L2S:-2} VMBEAM_NESTED_GATHER=${VMBEAM_NESTED_GATHER:-1} VMBEAM_NESTED_THP=${VMBEAM_NESTED_THP:-1} VMBEAM_NESTED_ANON_RAM=${VMBEAM_NESTED_ANON_RAM:-0} VMBEAM_NESTED_HUGE='${VMBEAM_NESTED_HUGE:-}' VMBEAM_NESTED_KILL_AGED=${VMBEAM_NESTED_KILL_AGED:-0} VMBEAM_DEMO_HOLES=${VMBEAM_DEMO_HOLES:-0} VMBEAM_DEMO_TRACE=${VMBEAM_DEMO_TRACE:-0} VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G 2G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_REAL_RUNS=${VMBEAM_BENCH_REAL_RUNS:-1} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4 16}' VMBEAM_BENCH_ONLY='${VMBEAM_BENCH_ONLY:-}' VMBEAM_BENCH_RESUME=${VMBEAM_BENCH_RESUME:-0} VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
+	--exec "env VMBEAM_SELFTESTS='${VMBEAM_SELFTESTS:-}' VMBEAM_NESTED_L2S=${VMBEAM_NESTED_L2S:-2} VMBEAM_NESTED_GATHER=${VMBEAM_NESTED_GATHER:-1} VMBEAM_NESTED_THP=${VMBEAM_NESTED_THP:-1} VMBEAM_NESTED_ANON_RAM=${VMBEAM_NESTED_ANON_RAM:-0} VMBEAM_NESTED_HUGE='${VMBEAM_NESTED_HUGE:-}' VMBEAM_NESTED_KILL_AGED=${VMBEAM_NESTED_KILL_AGED:-0} VMBEAM_DEMO_HOLES=${VMBEAM_DEMO_HOLES:-0} VMBEAM_DEMO_TRACE=${VMBEAM_DEMO_TRACE:-0} VMBEAM_TEST_FILTER='${VMBEAM_TEST_FILTER:-}' VMBEAM_STRESS_RUNS=${VMBEAM_STRESS_RUNS:-50} VMBEAM_FUZZ_IOCTLS=${VMBEAM_FUZZ_IOCTLS:-1000000} VMBEAM_BENCH_SIZES='${VMBEAM_BENCH_SIZES:-64M 256M 1G 2G}' VMBEAM_BENCH_RUNS=${VMBEAM_BENCH_RUNS:-3} VMBEAM_BENCH_REAL_RUNS=${VMBEAM_BENCH_REAL_RUNS:-1} VMBEAM_BENCH_LAB_L2S='${VMBEAM_BENCH_LAB_L2S:-1 4 16}' VMBEAM_BENCH_ONLY='${VMBEAM_BENCH_ONLY:-}' VMBEAM_BENCH_RESUME=${VMBEAM_BENCH_RESUME:-0} VMBEAM_SVM_FIELDS='$svm_fields' VMBEAM_L1_KERNEL=$VMBEAM_L1_KERNEL VMBEAM_L1_INITRD=$VMBEAM_L1_INITRD $VMBEAM_ROOT/tests/guest.sh $mode $VMBEAM_ROOT/vmbeam.ko $bin" 2>&1 </dev/null | cat | tee "$out"
 }
 # The bench says what it is doing in results/.bench-progress after every
 # method and before every real-L1 try (each bounded at about 10 min). A
