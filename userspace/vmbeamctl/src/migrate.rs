@@ -92,6 +92,15 @@ pub struct Args {
     /// with the pages through the L1s' state windows (to compare).
     #[arg(long)]
     pub states_over_link: bool,
+    /// Move the L2s one at a time, each in a migration of its own (its own
+    /// pause, transfer and commit point), in the order the aged L1 lists
+    /// them. An L2's downtime is then its own save and load, not those of
+    /// every L2 in turn on the L1s' vCPUs; the whole takes longer. Each
+    /// L2's move is all or nothing: if one fails, it resumes on the aged
+    /// L1, the ones before it stay moved and the rest are not tried (the
+    /// error names which moved).
+    #[arg(long, conflicts_with = "trace")]
+    pub one_at_a_time: bool,
     /// Testing: spoil the aged agent's frame list of each L2 on ordinary
     /// memory this way, as a faulty or hostile L1 might.
     #[arg(long, hide = true, value_enum)]
@@ -214,14 +223,70 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
-    /// The flow (see the module doc): the same for every kind of L1.
+    /// The flow (see the module doc): the same for every kind of L1; with
+    /// `--one-at-a-time`, once per L2.
     pub fn run(&mut self, pair: &mut dyn Pair) -> Result<()> {
+        if self.args.one_at_a_time {
+            self.run_one_at_a_time(pair)
+        } else {
+            self.run_once(pair, None)
+        }
+    }
+
+    /// Plans the whole move (changing nothing), then moves each planned L2
+    /// in a migration of its own; the report holds them all.
+    fn run_one_at_a_time(&mut self, pair: &mut dyn Pair) -> Result<()> {
+        let started = Instant::now();
+        self.enter(Step::Plan, "planning");
+        pair.plan(&mut self.report, None)?;
+        self.after(Step::Plan)?;
+        if self.args.dry_run || self.report.l2.is_empty() {
+            self.report.failed_step = None;
+            self.report.ok = true;
+            return Ok(());
+        }
+        // Each migration plans its own L2 again (and reports it); what the
+        // others skipped is in this plan's list already.
+        let names: Vec<String> = self.report.l2.drain(..).map(|l| l.name).collect();
+        self.progress.set_length(7 * names.len() as u64);
+        let dev = vmbeam::Device::open()?;
+        let stats_before = dev.stats()?;
+        let mut moved: Vec<&str> = Vec::new();
+        let mut result = Ok(());
+        for name in &names {
+            let whole = std::mem::take(&mut self.report);
+            let one_result = self.run_once(pair, Some(name));
+            let one = std::mem::replace(&mut self.report, whole);
+            self.report.absorb(one);
+            if let Err(e) = one_result {
+                result = Err(e.context(match moved.is_empty() {
+                    true => format!("moving {name}, the first of {} L2s one at a time", names.len()),
+                    false => format!("moving {name} (moved before it, one at a time: {})", moved.join(", ")),
+                }));
+                break;
+            }
+            moved.push(name);
+        }
+        // Over every migration, also when one failed.
+        self.note_downtime();
+        let stats_after = dev.stats()?;
+        self.report.module = Some(ModuleDelta::between(&stats_before, &stats_after));
+        self.report.totals.bytes_copied = Some(stats_after.bytes_copied - stats_before.bytes_copied);
+        self.report.totals.wall_ms = Some(ms(started.elapsed()));
+        result?;
+        self.report.failed_step = None;
+        self.report.ok = true;
+        Ok(())
+    }
+
+    /// One migration: every L2 the plan places, or `only` that one.
+    fn run_once(&mut self, pair: &mut dyn Pair, only: Option<&str>) -> Result<()> {
         let started = Instant::now();
         let timeout = Duration::from_secs(self.args.timeout_s);
         let deadline = started + timeout;
         self.enter(Step::Plan, "planning");
         let dev = vmbeam::Device::open()?;
-        pair.plan(&mut self.report)?;
+        pair.plan(&mut self.report, only)?;
         self.after(Step::Plan)?;
         if self.args.dry_run || self.report.l2.is_empty() {
             self.report.failed_step = None;

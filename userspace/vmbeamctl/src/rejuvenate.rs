@@ -47,6 +47,9 @@ pub struct RejuvenateArgs {
     pub trace: bool,
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_s: u64,
+    /// Move the L2s one at a time (see `migrate-all --one-at-a-time`).
+    #[arg(long, conflicts_with = "trace")]
+    pub one_at_a_time: bool,
 }
 
 /// The whole cycle: boot a clean L1 shaped like the aged one, move every
@@ -73,6 +76,7 @@ pub fn rejuvenate(a: &RejuvenateArgs) -> ExitCode {
         gather_holes: a.gather_holes,
         states_over_link: false,
         corrupt_frames: None,
+        one_at_a_time: a.one_at_a_time,
     };
     // The clean L1 boots first: its boot is not a step of the migration.
     let booted = aged.and_then(|mut aged| {

@@ -9,7 +9,8 @@ use crate::migrate::Step;
 pub struct Report {
     pub ok: bool,
     pub dry_run: bool,
-    /// The regions reached the clean L1 (past the point of rollback).
+    /// The regions reached the clean L1 (past the point of rollback);
+    /// `--one-at-a-time`: those of at least one L2.
     pub committed: bool,
     pub from: Option<Endpoint>,
     pub to: Option<Endpoint>,
@@ -28,6 +29,31 @@ pub struct Report {
     /// What the eBPF probes saw (`--trace`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<vmbeam_probes::Summary>,
+}
+
+impl Report {
+    /// Adds one migration of a `--one-at-a-time` move (its L2's row, its
+    /// steps' times, what it warned of; where it failed and what rolled
+    /// back) to the report of the whole. The whole keeps the first plan's
+    /// endpoints and skipped list; its totals are counted over all.
+    pub fn absorb(&mut self, one: Report) {
+        self.l2.extend(one.l2);
+        self.committed |= one.committed;
+        for (step, took) in one.phases_ms {
+            match self.phases_ms.iter_mut().find(|(s, _)| *s == step) {
+                Some((_, t)) => *t += took,
+                None => self.phases_ms.push((step, took)),
+            }
+        }
+        if let Some(t) = one.totals.transfer_ms {
+            *self.totals.transfer_ms.get_or_insert(0.0) += t;
+        }
+        self.warnings.extend(one.warnings);
+        if !one.ok {
+            self.failed_step = one.failed_step;
+            self.rolled_back = one.rolled_back;
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

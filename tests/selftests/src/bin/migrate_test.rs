@@ -178,7 +178,7 @@ fn main() {
     if !Path::new("/dev/kvm").exists() {
         Tap::skip_all("no /dev/kvm");
     }
-    let mut tap = Tap::new(20);
+    let mut tap = Tap::new(22);
 
     tap.test_retrying_on(WILD_RIP, "migrate_all_moves_every_l2_with_data_frames_and_access", || {
         let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
@@ -339,6 +339,51 @@ fn main() {
         all_home(&a, 2)?;
         let there = b.vms()?;
         check(there.iter().all(|v| v.state == L2State::Migrated), || format!("b: {there:?}"))
+    });
+
+    tap.test_retrying_on(WILD_RIP, "one_at_a_time_each_l2_stops_after_the_one_before_runs_again", || {
+        let (aged, clean) = (Lab::start("aged", 3)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let (code, r, out) = migrate(&aged, &clean, &["--one-at-a-time"])?;
+        check(code == Some(0), || format!("exit {code:?}: {r}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+        check(r["ok"] == true && r["committed"] == true && r["error"].is_null(), || format!("report: {r}"))?;
+        let mut rows: Vec<&Value> = r["l2"].as_array().ok_or("no l2 rows")?.iter().collect();
+        check(rows.len() == 3, || format!("{} rows", rows.len()))?;
+        let pages = (8 << 20) / 4096;
+        for row in &rows {
+            let name = &row["name"];
+            check(row["frames_same"] == pages && row["bytes_copied"] == 0, || format!("{name}: frames {row}"))?;
+            check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))?;
+        }
+        // Each in its own pause: one stops only once the one before it
+        // runs on the clean L1.
+        rows.sort_by_key(|row| row["paused_at_ns"].as_u64());
+        for pair in rows.windows(2) {
+            let (before, next) = (pair[0], pair[1]);
+            check(next["paused_at_ns"].as_u64() > before["resumed_at_ns"].as_u64(), || {
+                format!("{} paused before {} ran again: {before} {next}", next["name"], before["name"])
+            })?;
+        }
+        let (t, m) = (&r["totals"], &r["module"]);
+        check(t["l2"] == 3 && t["downtime_ms_max"].as_f64() >= t["downtime_ms_mean"].as_f64(), || format!("{t}"))?;
+        check(m["transfers"] == 3 && m["bytes_copied"] == 0, || format!("module {m}"))?;
+        all_home(&clean, 3)?;
+        let gone = aged.vms()?;
+        check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+    });
+
+    tap.test_retrying_on(WILD_RIP, "one_at_a_time_a_failed_first_move_leaves_every_l2_on_the_aged_l1", || {
+        let (aged, clean) = (Lab::start("aged", 2)?, Lab::start("clean", 0)?);
+        aged.progresses(1)?;
+        let (code, r, _) = migrate(&aged, &clean, &["--one-at-a-time", "--inject-failure", "transfer"])?;
+        let error = r["error"].as_str().unwrap_or("");
+        check(code == Some(1) && r["failed_step"] == "transfer" && r["rolled_back"].is_string(), || {
+            format!("{code:?} {r}")
+        })?;
+        check(error.contains("the first of 2 L2s one at a time"), || format!("error: {error}"))?;
+        check(r["l2"].as_array().map(Vec::len) == Some(1), || format!("rows: {r}"))?;
+        check(clean.vms()?.is_empty(), || "the clean L1 got L2s".into())?;
+        all_home(&aged, 2)
     });
 
     tap.test_retrying_on(WILD_RIP, "dry_run_changes_nothing", || {

@@ -51,7 +51,10 @@ impl LabPair {
 }
 
 impl Pair for LabPair {
-    fn plan(&mut self, report: &mut Report) -> Result<()> {
+    fn plan(&mut self, report: &mut Report, only: Option<&str>) -> Result<()> {
+        // What an earlier migration of this pair kept (the region fds it
+        // lent) goes: it has ended.
+        (self.moving, self.names, self.clean_vm, self.sent) = (Vec::new(), Vec::new(), None, None);
         let api = self.dev.api_version().context("reading the module's uAPI version")?;
         report.from = Some(Endpoint::of(&self.aged));
         report.to = Some(Endpoint::of(&self.clean));
@@ -62,7 +65,8 @@ impl Pair for LabPair {
         for s in [&aged_status, &clean_status] {
             ensure!(s.api_version == api, "{} runs against vmbeam uAPI {}, the module is {api}", s.name, s.api_version);
         }
-        let vms: Vec<L2Info> = self.aged.call("query-vms", ())?;
+        let mut vms: Vec<L2Info> = self.aged.call("query-vms", ())?;
+        vms.retain(|vm| only.is_none() || only == Some(vm.name.as_str()));
         self.moving = plan(&vms, &clean_status, report)?;
         for m in &mut self.moving {
             m.frames = window_frames(aged_pid, m.info.hva, m.info.window.size).ok();

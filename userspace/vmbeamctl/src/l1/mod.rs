@@ -18,9 +18,11 @@ pub mod qemu;
 /// An aged and a clean L1 of one kind, connected, with the migration's
 /// state between the steps. Every step fills its part of the report.
 pub trait Pair {
-    /// Queries both L1s and places every L2 that can move: the report's
-    /// endpoints, its rows and its skipped list. Changes nothing.
-    fn plan(&mut self, report: &mut Report) -> Result<()>;
+    /// Queries both L1s and places every L2 that can move (with `only`,
+    /// that one alone): the report's endpoints, its rows and its skipped
+    /// list. Changes nothing. A pair may run several migrations in turn
+    /// (`--one-at-a-time`): each begins here, afresh.
+    fn plan(&mut self, report: &mut Report, only: Option<&str>) -> Result<()>;
     /// Out of the downtime: readies the clean side for what comes.
     fn prepare(&mut self, report: &mut Report) -> Result<()>;
     /// Stops every planned L2 on the aged L1; its row gets `paused_at_ns`.

@@ -28,6 +28,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Mutex,
 };
 
 use anyhow::{Context, Result};
@@ -110,12 +111,21 @@ pub struct JournalFile {
 }
 
 impl JournalFile {
-    /// Writes the first version and starts the witness.
+    /// Writes the first version and starts the witness, once per file
+    /// in the life of this process: migrations run in turn into one clean
+    /// L1 (`--one-at-a-time`) write the same file, and one witness settles
+    /// whichever is in flight when this process dies (two would settle it
+    /// side by side).
     pub fn begin(journal: &Journal) -> Result<Self> {
+        static WITNESSED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
         let path = path_for(&journal.clean);
         let file = Self { path };
         file.write(journal)?;
-        spawn_witness(&file.path)?;
+        let mut witnessed = WITNESSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !witnessed.contains(&file.path) {
+            spawn_witness(&file.path)?;
+            witnessed.push(file.path.clone());
+        }
         Ok(file)
     }
 

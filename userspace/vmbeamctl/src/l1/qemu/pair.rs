@@ -258,7 +258,11 @@ fn endpoint(l1: &QemuL1) -> Endpoint {
 }
 
 impl Pair for QemuPair {
-    fn plan(&mut self, report: &mut Report) -> Result<()> {
+    fn plan(&mut self, report: &mut Report, only: Option<&str>) -> Result<()> {
+        // An earlier migration of this pair has ended: its moves and its
+        // journal go (dropping the journal removes its file).
+        self.moves.clear();
+        (self.ram_present_before, self.aged_ram_frames, self.journal) = (None, Vec::new(), None);
         report.from = Some(endpoint(&self.aged));
         report.to = Some(endpoint(&self.clean));
         ensure!(self.aged.pid != self.clean.pid, "--from and --to are the same L1 (pid {})", self.aged.pid);
@@ -277,7 +281,7 @@ impl Pair for QemuPair {
         // one this migration started.
         let clean_vms: Vec<AgentL2> = self.clean.agent.call("query-vms", ())?;
         let mut taken: Vec<u32> = clean_status.windows.iter().filter(|w| w.l2.is_some()).map(|w| w.index).collect();
-        for vm in vms {
+        for vm in vms.into_iter().filter(|vm| only.is_none() || only == Some(vm.name.as_str())) {
             if vm.state != AgentL2State::Running {
                 report.skipped.push(format!("{} ({:?})", vm.name, vm.state));
                 continue;
@@ -527,6 +531,8 @@ impl Pair for QemuPair {
                 report.warnings.push(format!("{}: its stopped QEMU on {} was not killed: {e}", m.name, self.aged.name));
             }
         }
+        // Settled: nothing is left for a witness to do.
+        self.journal = None;
     }
 
     fn move_back(&mut self, report: &mut Report) {
