@@ -25,7 +25,7 @@ mod tracing;
 
 use crate::{
     marks::Mark,
-    priority, ram,
+    ram,
     state_window::StateWindow,
     stream,
     window::{self, Window},
@@ -156,7 +156,7 @@ impl L2 {
             cmd.args(["-overcommit", "mem-lock=on"]);
         }
         let log = std::fs::File::create(&log_path)?;
-        let mut child = priority::start_running(&mut cmd)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -314,8 +314,6 @@ impl L2 {
         self.qmp.execute("stop", json!({}))?;
         let stopped = Instant::now();
         self.state = AgentL2State::Saved;
-        // Best effort: a save at the usual priority is only slower.
-        let _ = priority::set(self.pid(), priority::IN_DOWNTIME);
         if let Err(e) = self.qmp.execute("migrate", json!({"uri": out.uri()})) {
             let _ = out.collect(false);
             let _ = self.resume();
@@ -407,7 +405,6 @@ impl L2 {
         }
         self.qmp.execute("cont", json!({}))?;
         self.state = AgentL2State::Running;
-        let _ = priority::set(self.pid(), priority::RUNNING);
         // It runs on here: a last exit traced for a move means nothing now.
         self.marks = tracing::Marks::default();
         Ok(())
@@ -426,7 +423,6 @@ impl L2 {
         let Some(path) = self.incoming.clone() else {
             bail!("L2 {} was not started to take a state (-incoming)", self.name);
         };
-        let _ = priority::set(self.pid(), priority::IN_DOWNTIME);
         let into = stream::Incoming::send(path, bytes);
         self.pending = Some(Pending::Load { start_us, into });
         if !self.is_marking(Mark::FirstEntry) {
@@ -467,7 +463,6 @@ impl L2 {
             self.qmp.execute("cont", json!({}))?;
             anyhow::Ok(())
         })();
-        let _ = priority::set(self.pid(), priority::RUNNING);
         if let Some(path) = self.incoming.take() {
             let _ = std::fs::remove_file(path);
         }

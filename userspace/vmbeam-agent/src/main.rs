@@ -32,7 +32,6 @@ mod header;
 mod l2;
 mod marks;
 mod port;
-mod priority;
 mod ram;
 mod request_log;
 mod state;
@@ -95,8 +94,6 @@ fn main() -> Result<()> {
         args.name = cmdline.split_whitespace().find_map(|a| a.strip_prefix("vmbeam.name=")).map(Into::into);
     }
     std::fs::create_dir_all(&args.run_dir)?;
-    // Its work is inside some L2's downtime (priority.rs); best effort.
-    let _ = priority::set(std::process::id(), priority::IN_DOWNTIME);
     let cfg = Config {
         qemu: args.qemu.clone(),
         guest: args.guest.clone(),
