@@ -243,13 +243,15 @@ fn main() {
             // move and its first entry after. vmbeamctl's stamps are taken
             // by the vCPU thread back in userspace after each, so in one
             // clock each kernel moment comes first; between the two, only
-            // scheduling differs (two vCPUs under TCG: a few ms).
+            // scheduling differs (two vCPUs under TCG: a few ms; with
+            // downtimes now ~30 ms a quarter alone is too tight: 34.9 ms by
+            // the probes against 27.6 failed a CI run at d06bc10).
             let (exit, paused) = (t["last_guest_exit_ns"].as_u64(), row["paused_at_ns"].as_u64());
             let (entry, resumed) = (t["first_guest_entry_ns"].as_u64(), row["resumed_at_ns"].as_u64());
             check(exit.is_some() && exit <= paused && entry.is_some() && entry <= resumed, || {
                 format!("{name}: guest exit {exit:?} / pause stamp {paused:?}, guest entry {entry:?} / resume stamp {resumed:?}")
             })?;
-            check(probed > 0.0 && (probed - measured).abs() <= 0.25 * measured, || {
+            check(probed > 0.0 && (probed - measured).abs() <= 0.25 * measured + 10.0, || {
                 format!("{name}: downtime {probed} ms by the probes, {measured} ms by vmbeamctl")
             })?;
             println!("# {name}: downtime {probed:.2} ms (probes), {measured:.2} ms (vmbeamctl)");
