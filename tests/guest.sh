@@ -31,14 +31,37 @@ run_selftest() { # name [args...]
 	run_selftest_cmd "$name" "$bin/$name" "$@"
 }
 
+# make test's selftests each get $watch seconds (VMBEAM_SELFTEST_TIMEOUT,
+# 240; the longest takes ~35 s here; 0 for the long modes): one that runs
+# over has its threads' kernel stacks printed and is killed, so a hang
+# shows where it was instead of the boot ending without a word (a
+# move_rule_test hung once so, 2026-12-02; a stalled test kernel still
+# prints nothing).
+watch=0
+watch_selftest() { # seconds command
+	local p t i
+	for ((i = 0; i < $1; i++)); do sleep 1; done # short sleeps: none outlives a kill
+	for p in $(pgrep -f -- "$2( |$)"); do
+		echo "# watchdog: $2 (pid $p) ran over $1 s; its threads in the kernel:"
+		for t in /proc/"$p"/task/*; do
+			echo "#   thread ${t##*/} $(cat "$t/comm" 2>/dev/null) state $(awk '{print $3}' "$t/stat" 2>/dev/null) wchan $(cat "$t/wchan" 2>/dev/null)"
+			sed 's/^/#     /' "$t/stack" 2>/dev/null
+		done
+		kill_tree "$p" # its children too (VMMs, lab L1s): they hold the output open
+	done
+}
+kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -9 "$1" 2>/dev/null; }
+
 run_selftest_cmd() { # name command [args...]
-	local name=$1 out rc log
+	local name=$1 out rc log dog=
 	shift
 	echo "# selftests: vmbeam: $name"
+	[ "$watch" -gt 0 ] && { watch_selftest "$watch" "$1" & dog=$!; }
 	# Printed as it comes: a run that stalls (TCG) shows how far it got.
 	log=$(mktemp)
 	VMBEAM_KO=$ko "$@" 2>&1 | tee "$log" | sed -u 's/^/# /'
 	rc=${PIPESTATUS[0]}
+	[ -n "$dog" ] && { kill "$dog" 2>/dev/null; wait "$dog" 2>/dev/null; }
 	out=$(cat "$log")
 	rm -f "$log"
 	passed=$((passed + $(grep -cE '^ok [0-9]+ [^#]*$' <<<"$out")))
@@ -92,6 +115,7 @@ fi
 
 case $mode in
 --test)
+	watch=${VMBEAM_SELFTEST_TIMEOUT:-240}
 	for t in "${SELFTESTS[@]}"; do
 		run_selftest "$t"
 	done
