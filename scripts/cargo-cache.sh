@@ -37,7 +37,8 @@ restore)
 	cp -a "$from" "$target.tmp.$$" && mv -T "$target.tmp.$$" "$target" || rm -rf "$target.tmp.$$"
 	;;
 save)
-	[ -d "$cache" ] || [ ! -d "$target/debug" ] && exit 0
+	# Once per key, and only after a build.
+	if [ -d "$cache" ] || [ ! -d "$target/debug" ]; then exit 0; fi
 	mkdir -p "$VMBEAM_CACHE"
 	tmp=$cache.tmp.$$
 	trap 'rm -rf "$tmp"' EXIT

@@ -140,9 +140,15 @@ echo 1 > /sys/module/kvm_amd/parameters/dump_invalid_vmcb 2>/dev/null
 history=$tracefs/instances/l1-history
 # VMBEAM_SVM_FIELDS: the VMRUN's offset in __svm_vcpu_run and the VMCB's
 # field offsets, from vmlinux on the host (tests/nested/svm-fields.sh).
+# Only those names, only numbers (they go into arithmetic below).
 vmrun_off= o_vmcb= o_save= o_cr3= o_rip= o_ncr3= o_code=
 for field in ${VMBEAM_SVM_FIELDS:-}; do
-	case $field in vmrun_off=* | o_*=*) eval "${field%%=*}=\${field#*=}" ;; esac
+	value=${field#*=}
+	[[ $value =~ ^[0-9]+$ ]] || continue
+	case ${field%%=*} in
+	vmrun_off) vmrun_off=$value ;; o_vmcb) o_vmcb=$value ;; o_save) o_save=$value ;;
+	o_cr3) o_cr3=$value ;; o_rip) o_rip=$value ;; o_ncr3) o_ncr3=$value ;; o_code) o_code=$value ;;
+	esac
 done
 svm_run=$(awk '$3 == "__svm_vcpu_run" { print $1; exit }' /proc/kallsyms)
 vmrun=

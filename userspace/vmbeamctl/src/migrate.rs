@@ -208,10 +208,7 @@ impl<'a> Migration<'a> {
     fn close_step(&mut self) {
         let now = Instant::now();
         let took = ms(now - std::mem::replace(&mut self.step_started, now));
-        match self.report.phases_ms.iter_mut().find(|(s, _)| *s == self.step) {
-            Some((_, t)) => *t += took,
-            None => self.report.phases_ms.push((self.step, took)),
-        }
+        self.report.add_phase(self.step, took);
     }
 
     /// The testing hooks after `step`.
@@ -237,12 +234,7 @@ impl<'a> Migration<'a> {
     /// in a migration of its own; the report holds them all.
     fn run_one_at_a_time(&mut self, pair: &mut dyn Pair) -> Result<()> {
         let started = Instant::now();
-        self.enter(Step::Plan, "planning");
-        pair.plan(&mut self.report, None)?;
-        self.after(Step::Plan)?;
-        if self.args.dry_run || self.report.l2.is_empty() {
-            self.report.failed_step = None;
-            self.report.ok = true;
+        if !self.plan(pair, None)? {
             return Ok(());
         }
         // Each migration plans its own L2 again (and reports it); what the
@@ -269,10 +261,7 @@ impl<'a> Migration<'a> {
         }
         // Over every migration, also when one failed.
         self.note_downtime();
-        let stats_after = dev.stats()?;
-        self.report.module = Some(ModuleDelta::between(&stats_before, &stats_after));
-        self.report.totals.bytes_copied = Some(stats_after.bytes_copied - stats_before.bytes_copied);
-        self.report.totals.wall_ms = Some(ms(started.elapsed()));
+        self.note_totals(&dev, &stats_before, started)?;
         result?;
         self.report.failed_step = None;
         self.report.ok = true;
@@ -284,13 +273,8 @@ impl<'a> Migration<'a> {
         let started = Instant::now();
         let timeout = Duration::from_secs(self.args.timeout_s);
         let deadline = started + timeout;
-        self.enter(Step::Plan, "planning");
         let dev = vmbeam::Device::open()?;
-        pair.plan(&mut self.report, only)?;
-        self.after(Step::Plan)?;
-        if self.args.dry_run || self.report.l2.is_empty() {
-            self.report.failed_step = None;
-            self.report.ok = true;
+        if !self.plan(pair, only)? {
             return Ok(());
         }
         if self.args.trace {
@@ -339,12 +323,33 @@ impl<'a> Migration<'a> {
         self.note_downtime();
         verified?;
         pair.retire(&mut self.report);
-        let stats_after = dev.stats()?;
-        self.report.module = Some(ModuleDelta::between(&stats_before, &stats_after));
-        self.report.totals.bytes_copied = Some(stats_after.bytes_copied - stats_before.bytes_copied);
-        self.report.totals.wall_ms = Some(ms(started.elapsed()));
+        self.note_totals(&dev, &stats_before, started)?;
         self.report.failed_step = None;
         self.report.ok = true;
+        Ok(())
+    }
+
+    /// The plan step (every L2, or `only` that one). False when nothing is
+    /// left to do: a dry run, or nothing to move (the report then says ok).
+    fn plan(&mut self, pair: &mut dyn Pair, only: Option<&str>) -> Result<bool> {
+        self.enter(Step::Plan, "planning");
+        pair.plan(&mut self.report, only)?;
+        self.after(Step::Plan)?;
+        if self.args.dry_run || self.report.l2.is_empty() {
+            self.report.failed_step = None;
+            self.report.ok = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The module's counters since `before`, and the wall time since
+    /// `started`, into the report's totals.
+    fn note_totals(&mut self, dev: &vmbeam::Device, before: &vmbeam::Stats, started: Instant) -> Result<()> {
+        let after = dev.stats()?;
+        self.report.module = Some(ModuleDelta::between(before, &after));
+        self.report.totals.bytes_copied = Some(after.bytes_copied - before.bytes_copied);
+        self.report.totals.wall_ms = Some(ms(started.elapsed()));
         Ok(())
     }
 

@@ -32,6 +32,14 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds `took` ms to `step`'s time (a step that runs again adds up).
+    pub fn add_phase(&mut self, step: Step, took: f64) {
+        match self.phases_ms.iter_mut().find(|(s, _)| *s == step) {
+            Some((_, t)) => *t += took,
+            None => self.phases_ms.push((step, took)),
+        }
+    }
+
     /// Adds one migration of a `--one-at-a-time` move (its L2's row, its
     /// steps' times, what it warned of; where it failed and what rolled
     /// back) to the report of the whole. The whole keeps the first plan's
@@ -40,10 +48,7 @@ impl Report {
         self.l2.extend(one.l2);
         self.committed |= one.committed;
         for (step, took) in one.phases_ms {
-            match self.phases_ms.iter_mut().find(|(s, _)| *s == step) {
-                Some((_, t)) => *t += took,
-                None => self.phases_ms.push((step, took)),
-            }
+            self.add_phase(step, took);
         }
         if let Some(t) = one.totals.transfer_ms {
             *self.totals.transfer_ms.get_or_insert(0.0) += t;

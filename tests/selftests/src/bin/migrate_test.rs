@@ -170,6 +170,25 @@ fn all_home(lab: &Lab, count: usize) -> TestResult {
     lab.progresses(1)
 }
 
+/// A report row of an L2 that moved whole and zero copy (every page frame
+/// on the clean side the aged one, 0 bytes copied) and whose workload
+/// verified every dword on the clean L1.
+fn moved_whole_zero_copy(row: &Value, pages: u64) -> TestResult {
+    let name = &row["name"];
+    check(row["pages"] == pages && row["frames_compared"] == pages && row["frames_same"] == pages, || {
+        format!("{name}: frames {row}")
+    })?;
+    check(row["bytes_copied"] == 0, || format!("{name}: bytes copied {}", row["bytes_copied"]))?;
+    check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))
+}
+
+/// The clean L1 runs all `count` L2s on, the aged one lists them as gone.
+fn all_moved(aged: &Lab, clean: &Lab, count: usize) -> TestResult {
+    all_home(clean, count)?;
+    let gone = aged.vms()?;
+    check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+}
+
 fn main() {
     let dev = match Device::open() {
         Ok(dev) => dev,
@@ -192,12 +211,7 @@ fn main() {
         let pages = (8 << 20) / 4096;
         for row in rows {
             let name = &row["name"];
-            // Zero copy: every page frame on the clean side is the aged one.
-            check(row["pages"] == pages && row["frames_compared"] == pages && row["frames_same"] == pages, || {
-                format!("{name}: frames {row}")
-            })?;
-            check(row["bytes_copied"] == 0, || format!("{name}: bytes copied {}", row["bytes_copied"]))?;
-            check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))?;
+            moved_whole_zero_copy(row, pages)?;
             let (before, after) = (row["passes_at_pause"].as_u64(), row["passes_after"].as_u64());
             check(after >= before.map(|b| b + 2), || format!("{name}: passes {before:?} -> {after:?}"))?;
             let down = row["downtime_ms"].as_f64().unwrap_or(-1.0);
@@ -222,10 +236,7 @@ fn main() {
         check(after.transfers - before.transfers == 3 && after.bytes_copied == before.bytes_copied, || {
             format!("counters moved by {} transfers", after.transfers - before.transfers)
         })?;
-        // The clean L1 runs them on, the aged one lists them as gone.
-        all_home(&clean, 3)?;
-        let gone = aged.vms()?;
-        check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+        all_moved(&aged, &clean, 3)
     });
 
     tap.test_retrying_on(WILD_RIP, "trace_sees_each_l2_stop_and_start_in_the_kernel", || {
@@ -353,9 +364,7 @@ fn main() {
         check(rows.len() == 3, || format!("{} rows", rows.len()))?;
         let pages = (8 << 20) / 4096;
         for row in &rows {
-            let name = &row["name"];
-            check(row["frames_same"] == pages && row["bytes_copied"] == 0, || format!("{name}: frames {row}"))?;
-            check(row["errors"] == 0 && row["checksum_ok"] == true, || format!("{name}: workload {row}"))?;
+            moved_whole_zero_copy(row, pages)?;
         }
         // Each in its own pause: one stops only once the one before it
         // runs on the clean L1.
@@ -369,9 +378,7 @@ fn main() {
         let (t, m) = (&r["totals"], &r["module"]);
         check(t["l2"] == 3 && t["downtime_ms_max"].as_f64() >= t["downtime_ms_mean"].as_f64(), || format!("{t}"))?;
         check(m["transfers"] == 3 && m["bytes_copied"] == 0, || format!("module {m}"))?;
-        all_home(&clean, 3)?;
-        let gone = aged.vms()?;
-        check(gone.iter().all(|v| v.state == L2State::Migrated), || format!("aged: {gone:?}"))
+        all_moved(&aged, &clean, 3)
     });
 
     tap.test_retrying_on(WILD_RIP, "one_at_a_time_a_failed_first_move_leaves_every_l2_on_the_aged_l1", || {
