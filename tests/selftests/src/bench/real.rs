@@ -9,6 +9,9 @@
 //! `over_link`, the saved states go over the agents' virtio-serial links
 //! (`--states-over-link`) instead of moving with the pages through the
 //! L1s' state windows: what the state windows took out of the downtime.
+//! With `one_at_a_time`, `migrate-all --one-at-a-time` moves the two L2s in
+//! a migration each, the second after the first resumed: each L2's own
+//! downtime without the other's save and load beside it.
 //!
 //! Needs VMBEAM_L1_KERNEL and VMBEAM_L1_INITRD (tests/run.sh sets them).
 
@@ -35,6 +38,42 @@ pub struct RealRun {
     pub window: Sample,
     pub gathered: Sample,
     pub upgrade: Vec<Sample>,
+}
+
+/// How the two L1s are started and how `migrate-all` moves their L2s.
+#[derive(Clone, Copy)]
+pub struct Setup {
+    /// 2 MiB windows and L1 RAM (`--huge-windows --huge-ram`).
+    pub huge: bool,
+    /// The saved states over the agents' links (`--states-over-link`).
+    pub over_link: bool,
+    /// A migration per L2 (`--one-at-a-time`).
+    pub one_at_a_time: bool,
+}
+
+impl Setup {
+    /// Every setup the bench runs, in its order.
+    pub const ALL: [Setup; 4] = [
+        Setup { huge: false, over_link: false, one_at_a_time: false },
+        Setup { huge: true, over_link: false, one_at_a_time: false },
+        Setup { huge: true, over_link: true, one_at_a_time: false },
+        Setup { huge: true, over_link: false, one_at_a_time: true },
+    ];
+
+    /// The rows' name, up to the L2 it is about (the names of the first
+    /// three are those of earlier tables, which a resumed bench matches).
+    pub fn method(&self) -> String {
+        let huge = if self.huge { ", 2M windows and RAM" } else { "" };
+        let link = if self.over_link { ", states over the links" } else { "" };
+        let how = if self.one_at_a_time { "one at a time" } else { "at once" };
+        format!("real-L1 migrate-all{huge}{link}, 2 L2s of this size {how}")
+    }
+
+    /// Only a move with state windows is followed by the local upgrade,
+    /// its peer; one per window size is enough.
+    pub fn upgrades(&self) -> bool {
+        !self.over_link && !self.one_at_a_time
+    }
 }
 
 /// A directory of L1s (QMP sockets, consoles, logs) whose QEMUs are killed
@@ -65,9 +104,9 @@ fn path(p: &Path) -> &str {
 /// Boots an aged L1 with one L2 of `size` on a window and one on its own
 /// memory, a clean L1 with an empty window, and moves both L2s. A failed
 /// run's error ends with where the L1s stand ([`L1Dir::where_things_stand`]).
-pub fn migrate_all(size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
+pub fn migrate_all(size: u64, setup: Setup) -> Result<RealRun, String> {
     let dir = L1Dir(std::env::temp_dir().join(format!("vmbeam-bench-real-{}", std::process::id())));
-    one_run(&dir, size, huge, over_link).map_err(|e| format!("{e}\n{}", dir.where_things_stand()))
+    one_run(&dir, size, setup).map_err(|e| format!("{e}\n{}", dir.where_things_stand()))
 }
 
 impl L1Dir {
@@ -90,7 +129,8 @@ impl L1Dir {
     }
 }
 
-fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRun, String> {
+fn one_run(dir: &L1Dir, size: u64, setup: Setup) -> Result<RealRun, String> {
+    let Setup { huge, over_link, one_at_a_time } = setup;
     std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
     let d = path(&dir.0);
     let mib = format!("{}M", size >> 20);
@@ -126,6 +166,7 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRu
             // costs this run 3 minutes, not 10 (a whole 1 GiB move took 13 s).
             .args(["--timeout-s", "180"])
             .args(over_link.then_some("--states-over-link"))
+            .args(one_at_a_time.then_some("--one-at-a-time"))
             .output()
     });
     let out = out.map_err(|e| format!("vmbeamctl: {e}"))?;
@@ -148,8 +189,9 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRu
         .collect();
     let windows = if huge { "2M" } else { "4K" };
     let states = if over_link { ", states over the links" } else { "" };
+    let one_by_one = if one_at_a_time { ", one at a time" } else { "" };
     eprintln!(
-        "bench: real L1s {} {windows}{states}: steps (ms) {}; {}",
+        "bench: real L1s {} {windows}{states}{one_by_one}: steps (ms) {}; {}",
         size_name(size),
         r["phases_ms"],
         l2s.join("; ")
@@ -165,8 +207,7 @@ fn one_run(dir: &L1Dir, size: u64, huge: bool, over_link: bool) -> Result<RealRu
         Ok(Sample { downtime_ms: Some(downtime), ..sample })
     };
     let (window, gathered) = (of("vm0")?, of("vm1")?);
-    // (Its row is the peer of the runs with state windows.)
-    let upgrade = if over_link {
+    let upgrade = if !setup.upgrades() {
         Vec::new()
     } else {
         local_upgrade(&clean_qmp, size).unwrap_or_else(|e| {

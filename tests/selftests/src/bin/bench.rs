@@ -241,20 +241,16 @@ fn main() {
     }
     // The real-L1 rows last, after every other method at every size: TCG
     // stalls or resets the test kernel now and then during them (README,
-    // Known flakiness), and a boot lost there must not cost the rest.
-    for &size in &sizes {
-        let name = bench::size_name(size);
-        // Real L1s hold the L2 twice at L0 (window, then the gathered one
-        // in the L1's RAM): 1 GiB is as far as the bench kernel goes.
-        // The states move through the L1s' state windows, unless over_link.
-        for (huge, over_link) in [(false, false), (true, false), (true, true)] {
-            let both = match (huge, over_link) {
-                (true, false) => "real-L1 migrate-all, 2M windows and RAM, 2 L2s of this size at once",
-                (true, true) => {
-                    "real-L1 migrate-all, 2M windows and RAM, states over the links, 2 L2s of this size at once"
-                }
-                _ => "real-L1 migrate-all, 2 L2s of this size at once",
-            };
+    // Known flakiness), and a boot lost there must not cost the rest. A
+    // setup at every size before the next, the one-at-a-time moves last:
+    // the first L2 already runs in the clean L1 when the second's QEMU
+    // starts there, and such an L1 is what TCG has stalled most.
+    for setup in real::Setup::ALL {
+        for &size in &sizes {
+            let name = bench::size_name(size);
+            // Real L1s hold the L2 twice at L0 (window, then the gathered
+            // one in the L1's RAM): 1 GiB is as far as the bench kernel goes.
+            let both = setup.method();
             if !to_run(&rows, &format!("{both}: the one on a window"), size) || size > 1 << 30 {
                 continue;
             }
@@ -263,11 +259,7 @@ fn main() {
             let real: Vec<real::RealRun> = (0..real_runs * 3)
                 .filter_map(|i| {
                     progress(&out_dir, &format!("{both}, {name}, try {i}"));
-                    real::migrate_all(size, huge, over_link)
-                        .map_err(|e| {
-                            eprintln!("bench: real L1s {name} (huge {huge}, over link {over_link}), try {i}: {e}")
-                        })
-                        .ok()
+                    real::migrate_all(size, setup).map_err(|e| eprintln!("bench: {both}, {name}, try {i}: {e}")).ok()
                 })
                 .take(real_runs)
                 .collect();
@@ -277,8 +269,8 @@ fn main() {
             push(&mut rows, &format!("{both}: the one gathered from L1 RAM"), size, &gathered);
             // The peer at the same level, after the moves with state
             // windows: both L2s run on windows in the clean L1 then.
-            if !over_link {
-                let windows = if huge { ", 2M windows and RAM" } else { "" };
+            if setup.upgrades() {
+                let windows = if setup.huge { ", 2M windows and RAM" } else { "" };
                 let upgrade: Vec<Sample> = real.iter().flat_map(|r| r.upgrade.iter().copied()).collect();
                 let method =
                     format!("real-L1 QEMU x-ignore-shared inside the L1 (local upgrade){windows}, 2 L2s at once");
