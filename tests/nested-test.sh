@@ -195,10 +195,10 @@ EOF
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
 # Starts migrate-all from L1 $2 to L1 $3 in the background, its JSON report
-# into file $4, and returns once it has stopped itself after step $1
-# (--stop-at); its pid is in $mig.
+# into file $4 (more of its options after that), and returns once it has
+# stopped itself after step $1 (--stop-at); its pid is in $mig.
 stopped_at() {
-	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json >"$4" &
+	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json "${@:5}" >"$4" &
 	mig=$!
 	for _ in $(seq 300); do
 		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
@@ -538,7 +538,8 @@ if [ "$l2s" -gt 1 ]; then
 	# "L1:L2=pass" for every L2 on L1 $1 (-1: not running there).
 	passes() { for l2 in $everyone; do echo "$1:$l2=$(pass_of "$1" "$l2")"; done | xargs; }
 	everyone=$(running_in $dst)
-	stopped_at pause $dst $src "$dir/one-killed.json"
+	stopped_at pause $dst $src "$dir/one-killed.json" --one-at-a-time
+	# On to the second migration's pause (--stop-at stops at each).
 	kill -CONT $mig
 	sleep 1
 	for _ in $(seq 1200); do
@@ -577,11 +578,9 @@ print(len(running) == len(sys.argv[3].split()) and all(int(after[k]) > int(befor
 	out=$("$ctl" migrate-all --from "$dir/$dst.qmp" --to "$dir/$src.qmp" --one-at-a-time --json)
 	rc=$?
 	echo "$out" | json "'\n'.join('# one at a time: %s paused %d resumed %d, %d/%d frames same, downtime %.0f ms' % (l['name'], l['paused_at_ns'], l['resumed_at_ns'] or 0, l['frames_same'], l['frames_compared'], l['downtime_ms'] or -1) for l in d['l2'])" 2>/dev/null
-	if [ $rc = 0 ] && [ "$(running_in $src)" = "$everyone" ] && echo "$out" | json "
-rows = sorted(d['l2'], key=lambda l: l['paused_at_ns'])
-d['ok'] and d['totals']['bytes_copied'] == 0 and len(rows) == $(wc -w <<<"$stayed") and all(
+	if [ $rc = 0 ] && [ "$(running_in $src)" = "$everyone" ] && echo "$out" | json "(lambda rows: d['ok'] and d['totals']['bytes_copied'] == 0 and len(rows) == $(wc -w <<<"$stayed") and all(
     l['frames_compared'] > 0 and l['frames_same'] == l['frames_compared'] and l['bytes_copied'] == 0 and l['passes_after'] > l['passes_at_pause'] for l in rows
-) and all(b['resumed_at_ns'] < n['paused_at_ns'] for b, n in zip(rows, rows[1:]))" | grep -q True; then
+) and all(b['resumed_at_ns'] < n['paused_at_ns'] for b, n in zip(rows, rows[1:])))(sorted(d['l2'], key=lambda l: l['paused_at_ns']))" | grep -q True; then
 		ok "one_at_a_time_moves_each_l2_after_the_one_before_runs_again"
 	else
 		not_ok "one_at_a_time_moves_each_l2_after_the_one_before_runs_again" "rc $rc, on $src: $(running_in $src)" "$out"
