@@ -243,7 +243,17 @@ impl L2 {
         }
         match ctl.state {
             VcpuState::Paused => ctl.paused_at_ns.ok_or_else(|| "it never ran".to_string()),
-            state => Err(format!("{state:?}: {}", ctl.detail.as_deref().unwrap_or("?"))),
+            state => Err(format!("{state:?}: {}", self.detail(&ctl))),
+        }
+    }
+
+    /// Why the vCPU stopped for good; for a changed dword also what the
+    /// header (as last read) says of the value found.
+    fn detail(&self, ctl: &Ctl) -> String {
+        let detail = ctl.detail.as_deref().unwrap_or("?");
+        match self.last.explain_bad(self.window.gpa).filter(|_| ctl.state == VcpuState::Corrupt) {
+            Some(why) => format!("{detail}; {why}"),
+            None => detail.to_string(),
         }
     }
 
@@ -258,7 +268,7 @@ impl L2 {
                 self.sent = false;
                 Ok(())
             }
-            state => Err(format!("cannot resume a vCPU that is {state:?}: {:?}", ctl.detail)),
+            state => Err(format!("cannot resume a vCPU that is {state:?}: {}", self.detail(&ctl))),
         }
     }
 
@@ -358,7 +368,7 @@ impl L2 {
             resumed_at_ns: ctl.resumed_at_ns,
             vcpu_tid: self.runner.shared.tid.get().copied(),
             region,
-            detail: ctl.detail.clone(),
+            detail: ctl.detail.is_some().then(|| self.detail(&ctl)),
         }
     }
 

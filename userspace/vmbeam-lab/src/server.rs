@@ -223,7 +223,9 @@ fn handle(l1: &mut L1, session: u64, req: &Request, fds: Vec<OwnedFd>) -> Handle
                     matches!(info.state, L2State::Paused | L2State::Sent)
                 };
                 if !ready {
-                    return Err(ErrorBody::generic(format!("{} is {:?}: pause it first", l2.name, info.state)));
+                    // A vCPU stopped for good says why; pausing would not help.
+                    let why = info.detail.as_deref().unwrap_or("pause it first");
+                    return Err(ErrorBody::generic(format!("{} is {:?}: {why}", l2.name, info.state)));
                 }
                 let regs = if lend {
                     None

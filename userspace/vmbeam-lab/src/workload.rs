@@ -107,13 +107,38 @@ impl Header {
     }
 }
 
+impl Header {
+    /// For a person, once the workload found a changed dword (window at
+    /// `window_gpa`): the value found against the one the pass before
+    /// wrote, and whose value it is, which tells a lost write (an
+    /// earlier pass's value), a page of zeroes and a stranger's page
+    /// apart. None without an error or with no address in the window.
+    pub fn explain_bad(&self, window_gpa: u64) -> Option<String> {
+        let offset = u64::from(self.bad_addr).checked_sub(window_gpa + HEADER_BYTES)?;
+        let i = u32::try_from(offset / 4).ok().filter(|&i| self.errors > 0 && i < self.dwords)?;
+        let (found, wanted) = (self.bad_value, value(self.seed, self.pass.wrapping_sub(1), i));
+        // The passes a page could be held back from, newest first.
+        let whose = (self.pass.saturating_sub(64)..=self.pass.saturating_add(1))
+            .rev()
+            .find(|&p| value(self.seed, p, i) == found)
+            .map(|p| format!("the value pass {p} wrote there"))
+            .unwrap_or_else(|| if found == 0 { "zero".into() } else { "no pass's value for this dword".into() });
+        Some(format!(
+            "in pass {}, data dword {i} (page {} of the data, byte {:#x}) held {found:#x} where pass {} wrote {wanted:#x}: {whose}",
+            self.pass,
+            offset / 4096,
+            offset % 4096,
+            self.pass.wrapping_sub(1)
+        ))
+    }
+}
+
 /// The value pass `pass` writes at dword 0.
 fn base(seed: u32, pass: u32) -> u32 {
     seed.wrapping_add(pass.wrapping_mul(M))
 }
 
 /// The dword pass `pass` leaves at index `i`.
-#[cfg(test)]
 fn value(seed: u32, pass: u32, i: u32) -> u32 {
     base(seed, pass).wrapping_add(i.wrapping_mul(K))
 }
@@ -163,6 +188,27 @@ mod tests {
         assert_eq!(h.checksum_ok(), Some(true));
         h.checksum ^= 1;
         assert_eq!(h.checksum_ok(), Some(false));
+    }
+
+    #[test]
+    fn a_changed_dword_is_explained_by_whose_value_it_holds() {
+        let gpa = 0x2000_0000;
+        let mut h = Header::new(7, HEADER_BYTES + 4 * 100_000);
+        assert_eq!(h.explain_bad(gpa), None, "no error, nothing to explain");
+        (h.pass, h.errors, h.bad_addr) = (9, 1, (gpa + HEADER_BYTES + 4 * 5000) as u32);
+        h.bad_value = value(h.seed, 7, 5000); // pass 8's write lost
+        let why = h.explain_bad(gpa).unwrap();
+        assert!(
+            why.contains("dword 5000 (page 4 of the data") && why.ends_with("the value pass 7 wrote there"),
+            "{why}"
+        );
+        assert!(why.contains(&format!("where pass 8 wrote {:#x}", value(h.seed, 8, 5000))), "{why}");
+        h.bad_value = 0;
+        assert!(h.explain_bad(gpa).unwrap().ends_with(": zero"));
+        h.bad_value = value(h.seed, 8, 5001); // a neighbour's value
+        assert!(h.explain_bad(gpa).unwrap().ends_with("no pass's value for this dword"));
+        h.bad_addr = gpa as u32; // the header page is no data
+        assert_eq!(h.explain_bad(gpa), None);
     }
 
     #[test]
