@@ -193,10 +193,10 @@ EOF
 ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 
 # Starts migrate-all from L1 $2 to L1 $3 in the background, its JSON report
-# into file $4, and returns once it has stopped itself after step $1
-# (--stop-at); its pid is in $mig.
+# into file $4 (more of its options after that), and returns once it has
+# stopped itself after step $1 (--stop-at); its pid is in $mig.
 stopped_at() {
-	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json >"$4" &
+	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json "${@:5}" >"$4" &
 	mig=$!
 	for _ in $(seq 300); do
 		kill -0 $mig 2>/dev/null || break # it ended (failed) before the step
@@ -524,6 +524,72 @@ if [ "$(grep -c "'error'" <<<"$reply")" = 9 ] && grep -q "'return'" <<<"$reply";
 	ok "malformed_agent_messages_get_error_objects"
 else
 	not_ok "malformed_agent_messages_get_error_objects" "$reply"
+fi
+
+# --one-at-a-time between real L1s: every L2 from $dst into a third, fresh
+# L1 (an L1's own windows hold pages from its boot: only an --empty one,
+# or a window a move emptied, can receive), each in a migration of its
+# own, one witness for them all (the migrations write the same journal in
+# turn). First vmbeamctl is killed after the second L2's pause: the first
+# L2 stays where it went and runs on, the witness resumes the second on
+# $dst, the others never left. Then the rest move, each stopped only after
+# the one before it runs again.
+if [ "$l2s" -gt 1 ]; then
+	"$ctl" l1 start --name third --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null ||
+		not_ok "a_third_l1_boots" "$(tail -5 "$dir"/third.log)"
+	new=third
+	running_in() { status_json "$1" | json "' '.join(sorted(v['name'] for v in d['vms'] if v['state']=='running'))"; }
+	# "L1:L2=pass" for every L2 on L1 $1 (-1: not running there).
+	passes() { for l2 in $everyone; do echo "$1:$l2=$(pass_of "$1" "$l2")"; done | xargs; }
+	everyone=$(running_in $dst)
+	stopped_at pause $dst $new "$dir/one-killed.json" --one-at-a-time
+	# On to the second migration's pause (--stop-at stops at each).
+	kill -CONT $mig
+	sleep 1
+	for _ in $(seq 1200); do
+		kill -0 $mig 2>/dev/null || break
+		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
+		sleep 0.1
+	done
+	witnesses=$(pgrep -fc "l1 recover --journal $dir/$new.migration.json")
+	kill -9 $mig
+	wait $mig 2>/dev/null
+	settled=1
+	for _ in $(seq 120); do
+		if ! pgrep -f "l1 recover --journal $dir/" >/dev/null; then
+			[ ! -e "$dir/$new.migration.json" ] && settled=0
+			break
+		fi
+		sleep 0.5
+	done
+	moved=$(running_in $new) stayed=$(running_in $dst)
+	before=$(passes $new; passes $dst)
+	sleep 3
+	after=$(passes $new; passes $dst)
+	echo "# killed in the second migration: witnesses $witnesses, on $new: $moved, on $dst: $stayed; passes $before -> $after"
+	# Every L2 runs in one of the two and its workload went on.
+	progressed=$(python3 -c "
+import sys
+before, after = (dict(kv.split('=') for kv in x.split()) for x in sys.argv[1:3])
+running = [k for k, v in after.items() if int(v) >= 0]
+print(len(running) == len(sys.argv[3].split()) and all(int(after[k]) > int(before[k]) >= 1 for k in running))" "$before" "$after" "$everyone")
+	if [ "$witnesses" = 1 ] && [ $settled = 0 ] && [ "$(wc -w <<<"$moved")" = 1 ] &&
+		[ "$(echo $moved $stayed | tr ' ' '\n' | sort | xargs)" = "$everyone" ] && [ "$progressed" = True ]; then
+		ok "one_at_a_time_killed_in_the_second_move_the_first_stays_moved_the_second_resumes"
+	else
+		not_ok "one_at_a_time_killed_in_the_second_move_the_first_stays_moved_the_second_resumes" "witnesses $witnesses, settled $settled, on $new: $moved, on $dst: $stayed, passes $before -> $after" "report: $(cat "$dir/one-killed.json")" "$(witness_log $new)"
+	fi
+
+	out=$("$ctl" migrate-all --from "$dir/$dst.qmp" --to "$dir/$new.qmp" --one-at-a-time --json)
+	rc=$?
+	echo "$out" | json "'\n'.join('# one at a time: %s paused %d resumed %d, %d/%d frames same, downtime %.0f ms' % (l['name'], l['paused_at_ns'], l['resumed_at_ns'] or 0, l['frames_same'], l['frames_compared'], l['downtime_ms'] or -1) for l in d['l2'])" 2>/dev/null
+	if [ $rc = 0 ] && [ "$(running_in $new)" = "$everyone" ] && echo "$out" | json "(lambda rows: d['ok'] and d['totals']['bytes_copied'] == 0 and len(rows) == $(wc -w <<<"$stayed") and all(
+    l['frames_compared'] > 0 and l['frames_same'] == l['frames_compared'] and l['bytes_copied'] == 0 and l['passes_after'] > l['passes_at_pause'] for l in rows
+) and all(b['resumed_at_ns'] < n['paused_at_ns'] for b, n in zip(rows, rows[1:])))(sorted(d['l2'], key=lambda l: l['paused_at_ns']))" | grep -q True; then
+		ok "one_at_a_time_moves_each_l2_after_the_one_before_runs_again"
+	else
+		not_ok "one_at_a_time_moves_each_l2_after_the_one_before_runs_again" "rc $rc, on $new: $(running_in $new)" "$out"
+	fi
 fi
 
 # Last, as they end the aged L1.
