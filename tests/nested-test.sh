@@ -98,6 +98,10 @@ first_pass() {
 	done
 	echo "$p"
 }
+# The L2s running on L1 $1, by name, sorted.
+running_in() { status_json "$1" | json "' '.join(sorted(v['name'] for v in d['vms'] if v['state']=='running'))"; }
+# "L1:L2=pass" on L1 $1 for every L2 in $everyone (-1: not running there).
+passes() { for l2 in $everyone; do echo "$1:$l2=$(pass_of "$1" "$l2")"; done | xargs; }
 pages_at_l0() { "$ctl" l1 status --qmp "$dir/$1.qmp" | sed -n "s/.*window $2 .* \([0-9]*\) pages at L0.*/\1/p"; }
 
 # The vmbeam:fault tracepoint shows any page a VMM touched that is not
@@ -198,28 +202,41 @@ ram_pages() { status_json "$1" | json "d['ram']['pages_present']"; }
 stopped_at() {
 	"$ctl" migrate-all --from "$dir/$2.qmp" --to "$dir/$3.qmp" --stop-at "$1" --json "${@:5}" >"$4" &
 	mig=$!
-	for _ in $(seq 300); do
-		kill -0 $mig 2>/dev/null || break # it ended (failed) before the step
-		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
+	until_stopped 300
+}
+
+# Waits up to $1 tenths of a second (and the ps calls) for $mig to stop
+# itself (SIGSTOP at its --stop-at step); not once it has ended (failed
+# before the step).
+until_stopped() {
+	for _ in $(seq "$1"); do
+		kill -0 $mig 2>/dev/null || return
+		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && return
 		sleep 0.1
 	done
 }
 
-# migrate-all from L1 $2 to L1 $3, SIGKILLed after step $1 (stopped there
-# first); then waits up to 60 s for its witness (`vmbeamctl l1 recover`)
-# to settle the migration. 0 if the witness ended and removed the journal.
-killed_at() {
-	stopped_at "$1" "$2" "$3" /dev/null
-	kill -9 $mig
-	wait $mig 2>/dev/null
+# Waits up to 60 s for the witness (`vmbeamctl l1 recover`) of a killed
+# migrate-all into L1 $1 to settle it: 0 if the witness ended and removed
+# the journal.
+witness_settled() {
 	for _ in $(seq 120); do
 		if ! pgrep -f "l1 recover --journal $dir/" >/dev/null; then
-			[ ! -e "$dir/$3.migration.json" ]
+			[ ! -e "$dir/$1.migration.json" ]
 			return
 		fi
 		sleep 0.5
 	done
 	return 1
+}
+
+# migrate-all from L1 $2 to L1 $3, SIGKILLed after step $1 (stopped there
+# first); 0 if its witness then settled the migration.
+killed_at() {
+	stopped_at "$1" "$2" "$3" /dev/null
+	kill -9 $mig
+	wait $mig 2>/dev/null
+	witness_settled "$3"
 }
 witness_log() { cat "$dir/$1.migration.log" 2>/dev/null; }
 
@@ -538,30 +555,17 @@ if [ "$l2s" -gt 1 ]; then
 	"$ctl" l1 start --name third --dir "$dir" --windows "$clean_windows" --empty $ram >/dev/null ||
 		not_ok "a_third_l1_boots" "$(tail -5 "$dir"/third.log)"
 	new=third
-	running_in() { status_json "$1" | json "' '.join(sorted(v['name'] for v in d['vms'] if v['state']=='running'))"; }
-	# "L1:L2=pass" for every L2 on L1 $1 (-1: not running there).
-	passes() { for l2 in $everyone; do echo "$1:$l2=$(pass_of "$1" "$l2")"; done | xargs; }
 	everyone=$(running_in $dst)
 	stopped_at pause $dst $new "$dir/one-killed.json" --one-at-a-time
 	# On to the second migration's pause (--stop-at stops at each).
 	kill -CONT $mig
 	sleep 1
-	for _ in $(seq 1200); do
-		kill -0 $mig 2>/dev/null || break
-		[ "$(ps -o stat= -p $mig 2>/dev/null | cut -c1)" = T ] && break
-		sleep 0.1
-	done
+	until_stopped 1200
 	witnesses=$(pgrep -fc "l1 recover --journal $dir/$new.migration.json")
 	kill -9 $mig
 	wait $mig 2>/dev/null
-	settled=1
-	for _ in $(seq 120); do
-		if ! pgrep -f "l1 recover --journal $dir/" >/dev/null; then
-			[ ! -e "$dir/$new.migration.json" ] && settled=0
-			break
-		fi
-		sleep 0.5
-	done
+	witness_settled $new
+	settled=$?
 	moved=$(running_in $new) stayed=$(running_in $dst)
 	before=$(passes $new; passes $dst)
 	sleep 3

@@ -105,9 +105,7 @@ impl Header {
             self.checksum == self.expected_checksum(self.pass - 1) || self.checksum == self.expected_checksum(self.pass)
         })
     }
-}
 
-impl Header {
     /// For a person, once the workload found a changed dword (window at
     /// `window_gpa`): the value found against the one the pass before
     /// wrote, and whose value it is, which tells a lost write (an

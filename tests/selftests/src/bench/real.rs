@@ -187,15 +187,7 @@ fn one_run(dir: &L1Dir, size: u64, setup: Setup) -> Result<RealRun, String> {
             )
         })
         .collect();
-    let windows = if huge { "2M" } else { "4K" };
-    let states = if over_link { ", states over the links" } else { "" };
-    let one_by_one = if one_at_a_time { ", one at a time" } else { "" };
-    eprintln!(
-        "bench: real L1s {} {windows}{states}{one_by_one}: steps (ms) {}; {}",
-        size_name(size),
-        r["phases_ms"],
-        l2s.join("; ")
-    );
+    eprintln!("bench: {}, {}: steps (ms) {}; {}", setup.method(), size_name(size), r["phases_ms"], l2s.join("; "));
     let sample = Sample {
         bytes_copied: r["module"]["bytes_copied"].as_u64().unwrap_or(0),
         peak_extra_mib: peak(&watch),
