@@ -97,6 +97,9 @@ pub struct L2 {
     pub sent: bool,
     /// The header as last read (kept for when the window is not ours).
     last: Header,
+    /// What the window held at the dword `last` says was changed, when
+    /// that header was read (see [`Header::explain_bad`]).
+    bad_now: Option<u32>,
     runner: Runner,
 }
 
@@ -183,7 +186,8 @@ impl L2 {
         runner: Runner,
     ) -> Self {
         let last = Header::read(&memory).unwrap_or_default();
-        Self { name, window, slot, region, memory, sent: false, last, runner }
+        let bad_now = last.read_bad_dword(&memory, window.gpa);
+        Self { name, window, slot, region, memory, sent: false, last, bad_now, runner }
     }
 
     /// Its vCPU and thread, for another L2 (the mapping and region go).
@@ -251,7 +255,7 @@ impl L2 {
     /// header (as last read) says of the value found.
     fn detail(&self, ctl: &Ctl) -> String {
         let detail = ctl.detail.as_deref().unwrap_or("?");
-        match self.last.explain_bad(self.window.gpa).filter(|_| ctl.state == VcpuState::Corrupt) {
+        match self.last.explain_bad(self.window.gpa, self.bad_now).filter(|_| ctl.state == VcpuState::Corrupt) {
             Some(why) => format!("{detail}; {why}"),
             None => detail.to_string(),
         }
@@ -334,6 +338,7 @@ impl L2 {
         if !self.sent && region.is_some_and(|r| r.mine && !r.moving) {
             if let Ok(h) = Header::read(&self.memory) {
                 self.last = h;
+                self.bad_now = h.read_bad_dword(&self.memory, self.window.gpa);
             }
         }
         region

@@ -106,14 +106,32 @@ impl Header {
         })
     }
 
+    /// Where in the window (bytes from its start) the workload found a
+    /// changed dword; None without an error or with no data address.
+    pub fn bad_offset(&self, window_gpa: u64) -> Option<u64> {
+        let offset = u64::from(self.bad_addr).checked_sub(window_gpa)?;
+        (self.errors > 0 && offset >= HEADER_BYTES && (offset - HEADER_BYTES) / 4 < u64::from(self.dwords))
+            .then_some(offset)
+    }
+
+    /// What `mem` (the window at `window_gpa`) holds now at the dword the
+    /// workload found changed.
+    pub fn read_bad_dword(&self, mem: &GuestRegionMmap<()>, window_gpa: u64) -> Option<u32> {
+        mem.read_obj(MemoryRegionAddress(self.bad_offset(window_gpa)?)).ok()
+    }
+
     /// For a person, once the workload found a changed dword (window at
     /// `window_gpa`): the value found against the one the pass before
     /// wrote, and whose value it is, which tells a lost write (an
     /// earlier pass's value), a page of zeroes and a stranger's page
-    /// apart. None without an error or with no address in the window.
-    pub fn explain_bad(&self, window_gpa: u64) -> Option<String> {
-        let offset = u64::from(self.bad_addr).checked_sub(window_gpa + HEADER_BYTES)?;
-        let i = u32::try_from(offset / 4).ok().filter(|&i| self.errors > 0 && i < self.dwords)?;
+    /// apart. With `now`, what the memory holds at that dword since the
+    /// workload stopped (it halts on the dword, unwritten): the value
+    /// found says the memory changed; the expected one says the memory
+    /// is intact and the vCPU read or kept it wrong. None without an
+    /// error or with no address in the window.
+    pub fn explain_bad(&self, window_gpa: u64, now: Option<u32>) -> Option<String> {
+        let offset = self.bad_offset(window_gpa)? - HEADER_BYTES;
+        let i = (offset / 4) as u32;
         let (found, wanted) = (self.bad_value, value(self.seed, self.pass.wrapping_sub(1), i));
         // The passes a page could be held back from, newest first.
         let whose = (self.pass.saturating_sub(64)..=self.pass.saturating_add(1))
@@ -121,8 +139,18 @@ impl Header {
             .find(|&p| value(self.seed, p, i) == found)
             .map(|p| format!("the value pass {p} wrote there"))
             .unwrap_or_else(|| if found == 0 { "zero".into() } else { "no pass's value for this dword".into() });
+        let memory = match now {
+            // Then the workload's other operand, a register, was wrong.
+            _ if found == wanted => "; that is the right value: the vCPU's expected value was wrong".into(),
+            None => String::new(),
+            Some(v) if v == wanted => {
+                format!("; the memory holds {v:#x} there: intact, the vCPU read or kept the value wrong")
+            }
+            Some(v) if v == found => "; the memory still holds it: the memory changed".into(),
+            Some(v) => format!("; the memory holds {v:#x} there now: changed since"),
+        };
         Some(format!(
-            "in pass {}, data dword {i} (page {} of the data, byte {:#x}) held {found:#x} where pass {} wrote {wanted:#x}: {whose}",
+            "in pass {}, data dword {i} (page {} of the data, byte {:#x}) held {found:#x} where pass {} wrote {wanted:#x}: {whose}{memory}",
             self.pass,
             offset / 4096,
             offset % 4096,
@@ -192,21 +220,30 @@ mod tests {
     fn a_changed_dword_is_explained_by_whose_value_it_holds() {
         let gpa = 0x2000_0000;
         let mut h = Header::new(7, HEADER_BYTES + 4 * 100_000);
-        assert_eq!(h.explain_bad(gpa), None, "no error, nothing to explain");
+        assert_eq!(h.explain_bad(gpa, None), None, "no error, nothing to explain");
         (h.pass, h.errors, h.bad_addr) = (9, 1, (gpa + HEADER_BYTES + 4 * 5000) as u32);
         h.bad_value = value(h.seed, 7, 5000); // pass 8's write lost
-        let why = h.explain_bad(gpa).unwrap();
+        let why = h.explain_bad(gpa, None).unwrap();
         assert!(
             why.contains("dword 5000 (page 4 of the data") && why.ends_with("the value pass 7 wrote there"),
             "{why}"
         );
         assert!(why.contains(&format!("where pass 8 wrote {:#x}", value(h.seed, 8, 5000))), "{why}");
         h.bad_value = 0;
-        assert!(h.explain_bad(gpa).unwrap().ends_with(": zero"));
+        assert!(h.explain_bad(gpa, None).unwrap().ends_with(": zero"));
         h.bad_value = value(h.seed, 8, 5001); // a neighbour's value
-        assert!(h.explain_bad(gpa).unwrap().ends_with("no pass's value for this dword"));
+        assert!(h.explain_bad(gpa, None).unwrap().ends_with("no pass's value for this dword"));
+        // What the memory holds now tells a changed memory from a misread.
+        let (found, wanted) = (h.bad_value, value(h.seed, 8, 5000));
+        assert!(h.explain_bad(gpa, Some(found)).unwrap().ends_with("still holds it: the memory changed"));
+        assert!(h.explain_bad(gpa, Some(wanted)).unwrap().ends_with("intact, the vCPU read or kept the value wrong"));
+        assert!(h.explain_bad(gpa, Some(0)).unwrap().ends_with("holds 0x0 there now: changed since"));
+        h.bad_value = wanted; // read right, compared against a wrong register
+        assert!(h.explain_bad(gpa, Some(wanted)).unwrap().ends_with("the vCPU's expected value was wrong"));
         h.bad_addr = gpa as u32; // the header page is no data
-        assert_eq!(h.explain_bad(gpa), None);
+        assert_eq!(h.explain_bad(gpa, Some(wanted)), None);
+        h.bad_addr = (gpa + HEADER_BYTES + 4 * 100_000) as u32; // past the data
+        assert_eq!(h.bad_offset(gpa), None);
     }
 
     #[test]
