@@ -213,15 +213,14 @@ impl L2 {
         Ok(l2)
     }
 
-    /// Both sides of a move skip the shared RAM; an incoming QEMU listens
-    /// for its state from now on, so the load only connects and writes (a
-    /// `migrate-incoming` in the load was a QMP round trip inside the
-    /// downtime: 27-52 ms in an L1 under TCG).
+    /// Both sides of a move skip the shared RAM, and say when a save or
+    /// load ends (`MIGRATION` events: no `query-migrate` every 10 ms on
+    /// the vCPU doing it); an incoming QEMU listens for its state from now
+    /// on, so the load only connects and writes (a `migrate-incoming` in
+    /// the load was a QMP round trip inside the downtime: 27-52 ms in an
+    /// L1 under TCG).
     fn take_part_in_migrations(&mut self, cfg: &Config, files: &str, incoming: bool) -> Result<()> {
-        self.qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-        )?;
+        self.qmp.set_migration_capabilities(&["x-ignore-shared", "events"])?;
         if incoming {
             let path = cfg.run_dir.join(format!("{files}.in.sock"));
             let _ = std::fs::remove_file(&path);
