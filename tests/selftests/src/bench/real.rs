@@ -182,8 +182,8 @@ fn one_run(dir: &L1Dir, size: u64, setup: Setup) -> Result<RealRun, String> {
         .flatten()
         .map(|l| {
             format!(
-                "{} save {} restore {} kernel-marked {}",
-                l["name"], l["save_ms"], l["restore_ms"], l["guest_marks"]["downtime_ms"]
+                "{} save {} (QEMU's {}) restore {} kernel-marked {}",
+                l["name"], l["save_ms"], l["qemu_save_ms"], l["restore_ms"], l["guest_marks"]["downtime_ms"]
             )
         })
         .collect();
