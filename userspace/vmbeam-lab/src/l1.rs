@@ -65,6 +65,13 @@ impl L1 {
         let ram_region = dev.create_region(ram_bytes).context("creating the L1 RAM region")?;
         ram_region.bind(borrow(&vm)).context("binding the L1 RAM region")?;
         let ram = map(&ram_region, 0, ram_bytes)?;
+        // Every byte of RAM but the code is `hlt`: a vCPU that leaves the
+        // code (a wild rip under TCG's emulated SVM: README, Tests) stops
+        // at its first instruction outside it, where in zeroes it would
+        // run on: `00 00` is `add [eax], al`, a write to whatever byte eax
+        // names, another L2's window as well (all lab L2s are vCPUs of
+        // this one VM).
+        ram.write_slice(&vec![workload::HLT; ram_bytes as usize], MemoryRegionAddress(0)).context("filling RAM")?;
         ram.write_slice(workload::CODE, MemoryRegionAddress(workload::CODE_GPA)).context("loading the workload")?;
         let mut l1 = Self {
             name,

@@ -488,6 +488,11 @@ fn vcpu_loop(shared: &Shared) {
                 Exit::Out(port, u32::from_le_bytes(word))
             }
             VcpuExit::InternalError => Exit::Other(String::new()),
+            // The workload halts only where its `out`s leave it stopped; any
+            // other `hlt` is the fill around the code (`workload::HLT`).
+            VcpuExit::Hlt => {
+                Exit::Other("Hlt: it left the workload's code and stopped in the hlt fill at rip - 1".into())
+            }
             other => Exit::Other(format!("{other:?}")),
         });
         let exit = exit.map(|e| match e {

@@ -5,6 +5,9 @@ use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress};
 
 /// Guest-physical address the code is loaded at, in the L1's RAM.
 pub const CODE_GPA: u64 = 0x1000;
+/// What the rest of the L1's RAM holds (`hlt`), so that a vCPU that left
+/// the code stops there.
+pub const HLT: u8 = 0xf4;
 /// Entry points, as offsets into [`CODE`].
 pub const INIT: u64 = 0x00;
 pub const RESUME: u64 = 0x7c;
