@@ -328,8 +328,10 @@ pub struct Saved {
     pub stopped_us_ago: u64,
     /// The workload as the stop left it.
     pub workload: Option<Workload>,
-    /// Of `stopped_us_ago`, QEMU's own migration (its `total-time`): the
-    /// rest is the agent's wait for `save-l2` and the state's encoding.
+    /// Of `stopped_us_ago`, QEMU's own migration (its `total-time`, or,
+    /// where QEMU has not set that yet at its `completed` event, the
+    /// agent's time from `migrate` to that event): the rest is the agent's
+    /// wait for `save-l2` and the state's encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_save_ms: Option<u64>,
 }
