@@ -114,9 +114,8 @@ pub struct SavedStream {
 /// What an L2's QEMU is doing in the background, begun by `save-l2s` or
 /// `load-l2`, until `save-l2` or `restore-l2s` collects it.
 enum Pending {
-    /// Saving its state into `out` since it stopped at `stopped`; QEMU was
-    /// asked to `migrate` at `migrating`.
-    Save { stopped: Instant, migrating: Instant, out: stream::Outgoing },
+    /// Saving its state into `out` since it stopped at `stopped`.
+    Save { stopped: Instant, out: stream::Outgoing },
     /// Loading a state from `into`; its QEMU took `start_us` to start (0:
     /// prepared).
     Load { start_us: u64, into: stream::Incoming },
@@ -314,13 +313,12 @@ impl L2 {
         self.qmp.execute("stop", json!({}))?;
         let stopped = Instant::now();
         self.state = AgentL2State::Saved;
-        let migrating = Instant::now();
-        if let Err(e) = self.qmp.execute("migrate", json!({"uri": out.uri()})) {
+        if let Err(e) = self.qmp.migrate(&out.uri()) {
             let _ = out.collect(false);
             let _ = self.resume();
             return Err(anyhow::Error::from(e).context(format!("saving L2 {} (resumed)", self.name)));
         }
-        self.pending = Some(Pending::Save { stopped, migrating, out });
+        self.pending = Some(Pending::Save { stopped, out });
         Ok(())
     }
 
@@ -373,16 +371,11 @@ impl L2 {
     /// Waits for the save [`Self::begin_save`] started and returns its
     /// stream; resumes the L2 if it failed.
     pub fn collect_save(&mut self, cfg: &Config) -> Result<SavedStream> {
-        let Some(Pending::Save { stopped, migrating, out }) = self.pending.take() else {
+        let Some(Pending::Save { stopped, out }) = self.pending.take() else {
             bail!("L2 {} has no save under way", self.name);
         };
         let migrated = self.qmp.wait_migration(cfg.timeout);
-        // QEMU's `total-time`; at its `completed` event QEMU may not have
-        // set it yet (it reads 0): then this agent's time from `migrate`
-        // to that event, within a QMP round trip of it.
-        let qemu_save_ms = migrated.as_ref().ok().map(|info| {
-            info["total-time"].as_u64().filter(|&ms| ms > 0).unwrap_or(migrating.elapsed().as_millis() as u64)
-        });
+        let qemu_save_ms = migrated.as_ref().ok().and_then(|info| info["total-time"].as_u64());
         let saved = out.collect(migrated.is_ok()).and_then(|bytes| {
             migrated?;
             anyhow::Ok(bytes)

@@ -71,7 +71,11 @@ impl L1 {
         // run on: `00 00` is `add [eax], al`, a write to whatever byte eax
         // names, another L2's window as well (all lab L2s are vCPUs of
         // this one VM).
-        ram.write_slice(&vec![workload::HLT; ram_bytes as usize], MemoryRegionAddress(0)).context("filling RAM")?;
+        let hlt_page = [workload::HLT; PAGE as usize];
+        for page in (0..ram_bytes).step_by(PAGE as usize) {
+            let len = (ram_bytes - page).min(PAGE) as usize;
+            ram.write_slice(&hlt_page[..len], MemoryRegionAddress(page)).context("filling RAM with hlt")?;
+        }
         ram.write_slice(workload::CODE, MemoryRegionAddress(workload::CODE_GPA)).context("loading the workload")?;
         let mut l1 = Self {
             name,

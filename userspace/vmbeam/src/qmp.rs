@@ -51,6 +51,8 @@ pub struct Qmp {
     pub events: Vec<Value>,
     /// QEMU sends `MIGRATION` events (the `events` capability is on).
     migration_events: bool,
+    /// When [`Qmp::migrate`] last started an outgoing migration.
+    migrate_sent: Option<Instant>,
 }
 
 impl Qmp {
@@ -70,7 +72,7 @@ impl Qmp {
             return Err(QmpError::NotQmp { path, detail: format!("greeting {greeting}") });
         };
         let version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
-        let mut qmp = Self { conn, version, events: Vec::new(), migration_events: false };
+        let mut qmp = Self { conn, version, events: Vec::new(), migration_events: false, migrate_sent: None };
         qmp.execute("qmp_capabilities", json!({}))?;
         Ok(qmp)
     }
@@ -127,6 +129,13 @@ impl Qmp {
         Ok(())
     }
 
+    /// Starts an outgoing migration to `uri` (`migrate`), which
+    /// [`Qmp::wait_migration`] then waits for.
+    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.migrate_sent = Some(Instant::now());
+        self.execute("migrate", json!({ "uri": uri })).map(drop)
+    }
+
     /// Waits until the migration has completed and returns its
     /// `query-migrate` (its `total-time` and so on); fails on
     /// `failed`/`cancelled` or after `timeout`. With `MIGRATION` events
@@ -139,7 +148,7 @@ impl Qmp {
         loop {
             let info = self.execute("query-migrate", json!({}))?;
             match info["status"].as_str() {
-                Some("completed") => return Ok(info),
+                Some("completed") => return Ok(self.with_total_time(info)),
                 Some(s @ ("failed" | "cancelled")) => {
                     return Err(QmpError::Failed {
                         command: "migrate".into(),
@@ -155,6 +164,16 @@ impl Qmp {
         }
     }
 
+    /// QEMU sets `total-time` only after its `completed` event, so the
+    /// query right after the event can read 0: then the time since
+    /// [`Qmp::migrate`], within a QMP round trip of QEMU's own.
+    fn with_total_time(&self, mut info: Value) -> Value {
+        if let (0, Some(sent)) = (info["total-time"].as_u64().unwrap_or(0), self.migrate_sent) {
+            info["total-time"] = json!(sent.elapsed().as_millis() as u64);
+        }
+        info
+    }
+
     /// Reads events until a `MIGRATION` one with an end state (completed,
     /// failed, cancelled), kept or new, or `deadline`. The one found and
     /// the `MIGRATION` events before it are used up; a stale one (a
@@ -166,11 +185,8 @@ impl Qmp {
             is_migration(e) && matches!(e["data"]["status"].as_str(), Some("completed" | "failed" | "cancelled"))
         };
         if let Some(at) = self.events.iter().position(ended) {
-            let mut i = 0;
-            self.events.retain(|e| {
-                i += 1;
-                i > at + 1 || !is_migration(e)
-            });
+            let (used, rest) = self.events.split_at(at + 1);
+            self.events = used.iter().filter(|e| !is_migration(e)).chain(rest).cloned().collect();
             return Ok(());
         }
         // The session's own bound (`connect`'s timeout) for each read, so
@@ -208,10 +224,16 @@ mod tests {
     use super::*;
 
     /// A QEMU that answers the session's set-up, `migrate` and
-    /// `query-migrate`, sends `events` (after `delay`, following the
-    /// reply to `migrate`, or before it with `early`), and returns how
-    /// many `query-migrate`s it was asked.
-    fn fake_qemu(listener: UnixListener, events: &'static [&'static str], delay: Duration, early: bool) -> usize {
+    /// `query-migrate` (completed, `total_time`), sends `events` (after
+    /// `delay`, following the reply to `migrate`, or before it with
+    /// `early`), and returns how many `query-migrate`s it was asked.
+    fn fake_qemu(
+        listener: UnixListener,
+        events: &'static [&'static str],
+        delay: Duration,
+        early: bool,
+        total_time: u64,
+    ) -> usize {
         let (stream, _) = listener.accept().unwrap();
         let mut out = stream.try_clone().unwrap();
         let mut say = |v: Value| writeln!(out, "{v}").unwrap();
@@ -236,7 +258,7 @@ mod tests {
                 }
                 "query-migrate" => {
                     queries += 1;
-                    say(json!({"return": {"status": "completed", "total-time": 42}}));
+                    say(json!({"return": {"status": "completed", "total-time": total_time}}));
                 }
                 _ => say(json!({"return": {}})),
             }
@@ -244,7 +266,12 @@ mod tests {
         queries
     }
 
-    fn session(events: &'static [&'static str], delay: Duration, early: bool) -> (Qmp, thread::JoinHandle<usize>) {
+    fn session(
+        events: &'static [&'static str],
+        delay: Duration,
+        early: bool,
+        total_time: u64,
+    ) -> (Qmp, thread::JoinHandle<usize>) {
         static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("vmbeam-qmp-{}", std::process::id()));
@@ -252,7 +279,7 @@ mod tests {
         let path = dir.join(format!("{n}.sock"));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
-        let qemu = thread::spawn(move || fake_qemu(listener, events, delay, early));
+        let qemu = thread::spawn(move || fake_qemu(listener, events, delay, early, total_time));
         let mut qmp = Qmp::connect(&path, Duration::from_millis(100)).unwrap();
         qmp.set_migration_capabilities(&["x-ignore-shared", "events"]).unwrap();
         (qmp, qemu)
@@ -261,8 +288,8 @@ mod tests {
     #[test]
     fn with_events_a_migration_is_waited_for_not_polled() {
         // Longer than the session's 100 ms read bound: the wait reads on.
-        let (mut qmp, qemu) = session(&["setup", "active", "completed"], Duration::from_millis(350), false);
-        qmp.execute("migrate", json!({"uri": "unix:/nowhere"})).unwrap();
+        let (mut qmp, qemu) = session(&["setup", "active", "completed"], Duration::from_millis(350), false, 42);
+        qmp.migrate("unix:/nowhere").unwrap();
         let t = Instant::now();
         let info = qmp.wait_migration(Duration::from_secs(5)).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(300), "returned before the event: {:?}", t.elapsed());
@@ -272,9 +299,20 @@ mod tests {
     }
 
     #[test]
+    fn a_total_time_qemu_has_not_set_yet_is_the_time_since_migrate() {
+        let (mut qmp, qemu) = session(&["completed"], Duration::from_millis(200), false, 0);
+        qmp.migrate("unix:/nowhere").unwrap();
+        let info = qmp.wait_migration(Duration::from_secs(5)).unwrap();
+        let ms = info["total-time"].as_u64().unwrap();
+        assert!((200..5000).contains(&ms), "total-time {ms} ms");
+        drop(qmp);
+        assert_eq!(qemu.join().unwrap(), 1);
+    }
+
+    #[test]
     fn an_event_that_came_with_a_reply_is_not_waited_for_again() {
-        let (mut qmp, qemu) = session(&["active", "completed"], Duration::ZERO, true);
-        qmp.execute("migrate", json!({"uri": "unix:/nowhere"})).unwrap();
+        let (mut qmp, qemu) = session(&["active", "completed"], Duration::ZERO, true, 42);
+        qmp.migrate("unix:/nowhere").unwrap();
         assert_eq!(qmp.events.len(), 2, "kept while waiting for the reply");
         qmp.wait_migration(Duration::from_secs(5)).unwrap();
         assert!(qmp.events.is_empty(), "the migration's events are used up: {:?}", qmp.events);
@@ -284,8 +322,8 @@ mod tests {
 
     #[test]
     fn no_end_event_is_a_timeout_not_a_hang() {
-        let (mut qmp, qemu) = session(&["active"], Duration::ZERO, false);
-        qmp.execute("migrate", json!({"uri": "unix:/nowhere"})).unwrap();
+        let (mut qmp, qemu) = session(&["active"], Duration::ZERO, false, 42);
+        qmp.migrate("unix:/nowhere").unwrap();
         let t = Instant::now();
         let err = qmp.wait_migration(Duration::from_millis(250)).unwrap_err();
         assert!(matches!(err, QmpError::Timeout { .. }), "{err}");

@@ -329,9 +329,9 @@ pub struct Saved {
     /// The workload as the stop left it.
     pub workload: Option<Workload>,
     /// Of `stopped_us_ago`, QEMU's own migration (its `total-time`, or,
-    /// where QEMU has not set that yet at its `completed` event, the
-    /// agent's time from `migrate` to that event): the rest is the agent's
-    /// wait for `save-l2` and the state's encoding.
+    /// where QEMU has not set that yet at its `completed` event, the time
+    /// from `migrate` to that event: `Qmp::wait_migration`): the rest is
+    /// the agent's wait for `save-l2` and the state's encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_save_ms: Option<u64>,
 }
